@@ -1,0 +1,51 @@
+"""ppt_fast: Pivotal Parameters Tuning for text-to-music models, with fused kernels.
+
+Importing this package never imports audiocraft, triton or the compiled extension; those load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .ops import select_pivots, sensitivity_accumulate, sparse_adamw_step
+from .pivots import PivotSet
+
+__version__ = "0.1.0"
+
+# Public names that live in modules with heavier imports, resolved on first access (PEP 562).
+_LAZY = {
+    "SparseAdamW": "ppt_fast.optim",
+    "DenseMaskedAdamW": "ppt_fast.optim",
+    "freeze_unpivoted": "ppt_fast.optim",
+    "SensitivityAccumulator": "ppt_fast.sensitivity",
+    "Scope": "ppt_fast.scope",
+    "Concept": "ppt_fast.concept",
+    "ConceptDelta": "ppt_fast.concept",
+    "tune": "ppt_fast.musicgen",
+    "generate": "ppt_fast.musicgen",
+    "load_model": "ppt_fast.musicgen",
+    "write_wav": "ppt_fast.audio",
+}
+
+__all__ = [
+    "PivotSet",
+    "__version__",
+    "select_pivots",
+    "sensitivity_accumulate",
+    "sparse_adamw_step",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ppt_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
