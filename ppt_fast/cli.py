@@ -1,0 +1,259 @@
+"""`ppt-fast`: the command line (tune | generate | demo, plus dataset | eval when ppt_fast.eval provides them).
+
+Exit codes: 0 success; 2 bad input or usage (the message says what to fix; no traceback); 1 an unexpected failure
+(traceback printed, please report it); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+EPILOG = """examples:
+  ppt-fast demo --out out/demo
+  ppt-fast tune reference.wav --identifier "<v1>" --out concept.ppt
+  ppt-fast generate "<v1>, funky jazz" --concept concept.ppt --out out.wav
+"""
+
+
+class UsageError(Exception):
+    """A problem with the user's input: printed as `ppt-fast: error: ...` with exit code 2."""
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from .audio import AudioError
+
+    types: list[type[BaseException]] = [UsageError, AudioError, FileNotFoundError, ImportError]
+    try:
+        from .musicgen.tune import TuneError
+
+        types.append(TuneError)
+    except ImportError:  # pragma: no cover - tune imports only ppt_fast modules
+        pass
+    return tuple(types)
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="teach a model a concept from a reference recording; write a concept file",
+        description="Teach MusicGen the concept in REF under an identifier (Pivotal Parameters Tuning) and write "
+        "the concept file (pivot indices + values + identifier embeddings; apply it to the same base model).",
+    )
+    p.add_argument("reference", metavar="REF", help="reference audio (any format soundfile reads; ~2 min is best)")
+    p.add_argument("--identifier", default="<v1>", help="the word that names the concept in prompts (default <v1>)")
+    p.add_argument("--out", required=True, help="concept file to write, e.g. concept.ppt")
+    p.add_argument("--model", default="tiny", help="tiny (default), a checkpoint dir or e.g. facebook/musicgen-small")
+    p.add_argument("--preset", default="ppt", choices=("ppt", "dreamstyler", "full", "tokens"), help="what is trained")
+    p.add_argument("--ratio", type=float, default=0.01, help="pivots as a fraction of the entries in scope (0.01)")
+    p.add_argument("--count", type=int, default=None, help="a fixed number of pivots instead of --ratio")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: 150 tiny, 500 otherwise)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the pivots")
+    p.add_argument("--tokens", type=int, default=3, dest="n_tokens", help="identifier token embeddings (3)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        dest="templates",
+        metavar="TEMPLATE",
+        help="training prompt template, {} marks the identifier (repeatable; default 'a piece of music, {}')",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate music for a prompt, with concepts applied; write a WAV",
+        description="Generate music for PROMPT (which may name identifiers: '<v1>, <v2>, electronic dance music').",
+    )
+    p.add_argument("prompt", help="text prompt; identifiers may appear anywhere")
+    p.add_argument("--concept", action="append", default=[], help="concept file to apply (repeatable)")
+    p.add_argument("--out", required=True, help="WAV file to write")
+    p.add_argument("--model", default="tiny", help="the base model the concepts were tuned on (default tiny)")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    p.add_argument("--top-k", type=int, default=250)
+    p.add_argument("--scale", type=float, default=1.0, help="concept strength (default 1)")
+    p.set_defaults(func=_cmd_generate)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="end to end on the tiny model: reference -> concept -> generations + loss plot",
+        description="Make a synthetic reference clip, tune the tiny built-in model on it, generate with and without "
+        "the concept, and write the reference, the concept file, both generations and a loss-curve PNG.",
+    )
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppt-fast",
+        description="Pivotal Parameters Tuning for MusicGen: teach a model a musical concept from a short "
+        "recording by tuning only its most sensitive parameters, then generate with it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_tune(sub)
+    _add_generate(sub)
+    _add_demo(sub)
+    try:
+        import importlib
+
+        importlib.import_module("ppt_fast.eval.cli").register(sub)
+    except ModuleNotFoundError as e:
+        if e.name not in ("ppt_fast.eval.cli", "ppt_fast.eval"):
+            raise
+    return parser
+
+
+def _cmd_tune(args) -> int:
+    from .musicgen.tune import tune
+
+    if not os.path.exists(args.reference):
+        raise UsageError(f"reference {args.reference!r} does not exist")
+    kwargs = dict(n_tokens=args.n_tokens)
+    if args.count is not None:
+        kwargs["count"] = args.count
+    if args.lr is not None:
+        kwargs["lr"] = args.lr
+    if args.templates:
+        kwargs["templates"] = args.templates
+    t0 = time.perf_counter()
+    tune(
+        args.reference, model=args.model, identifier=args.identifier, preset=args.preset, ratio=args.ratio,
+        steps=args.steps, out=args.out, seed=args.seed, verbose=not args.quiet, **kwargs,
+    )  # fmt: skip
+    size = os.path.getsize(args.out)
+    print(f"wrote {args.out} ({size / 1024:.1f} KiB, identifier {args.identifier}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .audio import write_wav
+    from .musicgen.generate import generate
+    from .musicgen.models import load_model
+
+    for c in args.concept:
+        if not os.path.isfile(c):
+            raise UsageError(f"concept file {c!r} does not exist")
+    model = load_model(args.model)
+    audio = generate(
+        [args.prompt], model=model, concepts=args.concept, duration=args.duration, seed=args.seed,
+        cfg_coef=args.cfg_coef, top_k=args.top_k, scale=args.scale,
+    )  # fmt: skip
+    write_wav(args.out, audio[0], model.sample_rate)
+    print(f"wrote {args.out} ({audio.shape[-1] / model.sample_rate:.1f} s at {model.sample_rate} Hz)")
+    return 0
+
+
+def _plot_losses(losses: Sequence[float], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="loss per step")
+    w = max(1, len(losses) // 15)
+    if len(losses) >= w:
+        smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
+                  for i in range(len(losses))]  # fmt: skip
+        ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"moving mean ({w})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (MusicGen training loss)")
+    ax.set_title("ppt-fast demo: tuning on the reference")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _cmd_demo(args) -> int:
+    from .audio import synth_reference, write_wav
+    from .musicgen.generate import generate
+    from .musicgen.models import load_model
+    from .musicgen.tune import _capture, tune_model
+
+    t0 = time.perf_counter()
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    sr = 16000
+    ref_path = os.path.join(out, "reference.wav")
+    write_wav(ref_path, synth_reference(12.0, sr, seed=args.seed, timbre="pluck"), sr)
+    print(f"[1/4] wrote a 12 s synthetic reference clip (plucked-string melody): {ref_path}")
+
+    ident = "<v1>"
+    result = tune_model(ref_path, model="tiny", identifier=ident, steps=args.steps, seed=args.seed,
+                        verbose=not args.quiet)  # fmt: skip
+    losses = result.losses
+    piv = result.pivots[ident]
+    print(
+        f"[2/4] tuned the tiny model on it: {piv.count} pivots ({100 * piv.density():.2f}% of the model), "
+        f"{len(losses)} steps in {result.train_seconds:.1f} s, loss {losses[0]:.3f} -> "
+        f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)"
+    )
+    png = os.path.join(out, "loss.png")
+    _plot_losses(losses, png)
+    concept_path = os.path.join(out, "concept.ppt")
+    concept = None
+    try:
+        concept = _capture(result)[0]
+        concept.save(concept_path)
+        print(f"[3/4] wrote the concept file {concept_path} ({os.path.getsize(concept_path) / 1024:.1f} KiB) "
+              f"and the loss curve {png}")  # fmt: skip
+    except ImportError as e:
+        print(f"[3/4] wrote the loss curve {png}; concept file skipped ({e})")
+
+    prompt = f"a piece of music, {ident}"
+    base = load_model("tiny", seed=args.seed)
+    with_path = os.path.join(out, "with_concept.wav")
+    without_path = os.path.join(out, "without_concept.wav")
+    if concept is not None:
+        a = generate([prompt], model=base, concepts=[concept_path], duration=4.0, seed=args.seed, top_k=32)
+    else:
+        a = generate([prompt], model=result.model, duration=4.0, seed=args.seed, top_k=32)
+    b = generate(["a piece of music"], model=base, duration=4.0, seed=args.seed, top_k=32)
+    write_wav(with_path, a[0], base.sample_rate)
+    write_wav(without_path, b[0], base.sample_rate)
+    diff = float((a - b).abs().mean())
+    print(f"[4/4] generated 4 s with the concept ('{prompt}'): {with_path}")
+    print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")
+    print(f"done in {time.perf_counter() - t0:.1f} s; everything is in {os.path.abspath(out)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `ppt-fast`; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("ppt-fast: interrupted", file=sys.stderr)
+        return 130
+    except _bad_input_types() as e:
+        print(f"ppt-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,565 @@
+"""`tune()`: teach a MusicGen a concept from reference audio with Pivotal Parameters Tuning.
+
+Phases (DESIGN §2, §6):
+1. Sensitivity: S batches of (reference codes, training prompt naming the identifier) in `eval()` mode; backward;
+   a post-accumulate-grad hook on every in-scope tensor adds `f(grad)` of the in-scope rows to a score buffer and
+   frees the gradient at once (no full gradient set ever lives).
+2. Selection: a global top-k over all scores (`select_pivots`, ratio or count of the entries in scope); indices
+   are mapped to flat indices of the whole parameter.
+3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
+   (state only for pivots; gradients gathered at the pivots inside backward hooks and freed), cross-entropy
+   exactly as `MusicGenSolver._compute_cross_entropy` (called, not copied), gradient-norm clipping over what is
+   trained, fp32 on CPU and bf16 autocast on GPU.
+
+Recipes (`preset=`):
+- `ppt` (default): pivots chosen globally over self-attention V rows and cross-attention K/V rows; tokens.
+- `dreamstyler`: sparse self-attention V; cross-attention K/V rows trained in full; tokens.
+- `full`: every LM parameter trained densely (torch AdamW); tokens. The overfitting baseline.
+- `tokens`: identifier embeddings only (textual inversion).
+
+Several concepts: `tune({"<v1>": a, "<v2>": b})` runs one sensitivity pass and one pivot set per concept, trains
+on the union of the pivot sets with batches that name single identifiers (target: that concept's segments) and
+combinations (target: the mix of one segment of each named concept, encoded once), and returns one Concept each.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..pivots import PivotSet
+from . import identifiers as ident_mod
+from .models import TINY_NAMES, fingerprint, load_model
+
+logger = logging.getLogger(__name__)
+
+PRESETS = ("ppt", "dreamstyler", "full", "tokens")
+DEFAULT_TEMPLATES = ("a piece of music, {}",)
+COMBO_TEMPLATES = ("a piece of music, {}",)
+
+
+class TuneError(ValueError):
+    """Bad input to tune(), raised before any training; the message names the argument and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scopes of the recipes (row slices of MusicGen's packed in_proj [3d, d]: Q rows [0:d], K [d:2d], V [2d:3d]).
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ScopeEntry:
+    name: str
+    param: torch.nn.Parameter
+    rows: tuple[int, int]  # [lo, hi) rows of dim 0 that may hold pivots
+
+
+def _rows(param: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
+    return (lo, min(hi, param.shape[0]))
+
+
+def recipe_scopes(lm: torch.nn.Module, preset: str) -> tuple[list[ScopeEntry], list[ScopeEntry]]:
+    """(sparse scope, dense rows) of a recipe on an audiocraft LMModel."""
+    d = lm.dim
+    sparse: list[ScopeEntry] = []
+    dense: list[ScopeEntry] = []
+    for name, p in lm.named_parameters():
+        if fnmatch.fnmatch(name, "*.self_attn.in_proj_weight"):
+            if preset in ("ppt", "dreamstyler"):
+                sparse.append(ScopeEntry(name, p, _rows(p, 2 * d, 3 * d)))
+        elif fnmatch.fnmatch(name, "*.cross_attention.in_proj_weight"):
+            if preset == "ppt":
+                sparse.append(ScopeEntry(name, p, _rows(p, d, 3 * d)))
+            elif preset == "dreamstyler":
+                dense.append(ScopeEntry(name, p, _rows(p, d, 3 * d)))
+    if preset in ("ppt", "dreamstyler") and not sparse:
+        raise TuneError(
+            f"preset {preset!r} found no '*.self_attn.in_proj_weight' in the LM: is this an audiocraft MusicGen LM "
+            "built with custom/memory-efficient attention?"
+        )
+    if preset == "full":
+        dense = [ScopeEntry(n, p, (0, p.shape[0] if p.dim() else 1)) for n, p in lm.named_parameters()]
+    return sparse, dense
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: batches of (codes, prompts)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Pool:
+    identifiers: list[str]  # identifiers named by the prompt
+    codes: torch.Tensor  # [N, K, F]
+
+
+def _prompts(templates: Sequence[str], idents: Sequence[str]) -> list[str]:
+    joined = ", ".join(idents)
+    return [t.format(joined) if "{}" in t else f"{t}, {joined}" for t in templates]
+
+
+def _make_batch(pool: _Pool, templates: Sequence[str], batch_size: int, g: torch.Generator):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    n = pool.codes.shape[0]
+    pick = torch.randint(0, n, (batch_size,), generator=g)
+    codes = pool.codes[pick]
+    texts = _prompts(templates, pool.identifiers)
+    tsel = torch.randint(0, len(texts), (batch_size,), generator=g).tolist()
+    attrs = [ConditioningAttributes(text={"description": texts[i]}) for i in tsel]
+    return codes, attrs
+
+
+def _cross_entropy():
+    """MusicGenSolver._compute_cross_entropy itself (it does not use `self`)."""
+    from audiocraft.solvers.musicgen import MusicGenSolver
+
+    fn = MusicGenSolver._compute_cross_entropy
+    return lambda logits, targets, mask: fn(None, logits, targets, mask)
+
+
+def _loss(lm, codes: torch.Tensor, attrs, ce_fn, autocast) -> torch.Tensor:
+    """The MusicGenSolver training loss: compute_predictions with precomputed condition tensors, CE on the mask."""
+    provider = lm.condition_provider
+    tokenized = provider.tokenize(attrs)
+    with autocast():
+        condition_tensors = provider(tokenized)
+        out = lm.compute_predictions(codes, [], condition_tensors)
+        padding_mask = torch.ones_like(codes, dtype=torch.bool)
+        ce, _ = ce_fn(out.logits, codes, padding_mask & out.mask)
+    return ce
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    """What a tune run produced: the tuned model (in place), the pivots, tokens, and the loss history."""
+
+    model: Any
+    identifiers: list[str]
+    pivots: dict[str, PivotSet]  # per identifier (empty PivotSet for preset 'tokens')
+    trained: PivotSet  # union of all pivots and dense rows (as pivots): every LM entry that was trained
+    dense_rows: dict[str, tuple[int, int]]  # name -> rows trained in full (dreamstyler / full)
+    tokens: dict[str, torch.Tensor]  # identifier -> [n_tokens, dim] fp32
+    losses: list[float]
+    sensitivity_seconds: float
+    train_seconds: float
+    base_fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    concepts: list[Any] = field(default_factory=list)
+
+
+def _merge(sets: Sequence[PivotSet]) -> PivotSet:
+    """Union of PivotSets over the same layout (sorted unique indices per tensor)."""
+    base = sets[0]
+    parts, offsets = [], [0]
+    for i in range(len(base.names)):
+        idx = torch.cat([s.indices_of(i) for s in sets])
+        idx = torch.unique(idx.long()).to(torch.int32) if len(sets) > 1 else idx
+        parts.append(idx)
+        offsets.append(offsets[-1] + idx.numel())
+    return PivotSet(base.names, base.shapes, offsets, torch.cat(parts) if parts else base.indices)
+
+
+def _init_tokens(lm, text: str, n_tokens: int, g: torch.Generator) -> torch.Tensor:
+    """Initial identifier embeddings: the text conditioner's output for `text`, averaged, plus small noise."""
+    bank = ident_mod.get_bank(lm)
+    cond = lm.condition_provider.conditioners[bank.attribute]
+    with torch.no_grad():
+        emb, mask = cond(cond.tokenize([text]))
+        m = mask.to(emb.dtype).unsqueeze(-1)
+        mean = (emb * m).sum(1) / m.sum(1).clamp_min(1)  # [1, D]
+    scale = float(mean.float().std()) or 1.0
+    noise = torch.randn(n_tokens, mean.shape[-1], generator=g) * 0.1 * scale
+    return (mean.float().cpu() + noise).contiguous()
+
+
+def _resolve_defaults(model_name: Any, steps, lr, token_lr, batch_size, segment_seconds):
+    tiny = isinstance(model_name, str) and model_name in TINY_NAMES
+    return (
+        steps if steps is not None else (150 if tiny else 500),
+        lr if lr is not None else (3e-3 if tiny else 1e-4),
+        token_lr if token_lr is not None else (2e-2 if tiny else 5e-3),
+        batch_size if batch_size is not None else 4,
+        segment_seconds if segment_seconds is not None else (2.0 if tiny else 10.0),
+    )
+
+
+def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens) -> None:
+    if preset not in PRESETS:
+        raise TuneError(f"preset={preset!r} is not one of {', '.join(PRESETS)}")
+    if ratio is not None and count is not None:
+        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
+    if count is None and (ratio is None or not 0 < ratio <= 1):
+        raise TuneError(f"ratio={ratio!r} must lie in (0, 1] (a fraction of the entries in scope, e.g. 0.01)")
+    if count is not None and count < 1:
+        raise TuneError(f"count={count!r} must be >= 1")
+    if n_tokens < 1:
+        raise TuneError(f"n_tokens={n_tokens} must be >= 1 (3 separates concepts best)")
+    if not refs:
+        raise TuneError("no reference given")
+    if not templates:
+        raise TuneError("templates= is empty; give at least one, e.g. 'a piece of music, {}'")
+    for ident in refs:
+        try:
+            ident_mod.check_identifier(ident)
+        except ValueError as e:
+            raise TuneError(str(e)) from None
+        clash = ident_mod.find_collisions(ident, templates)
+        if clash:
+            raise TuneError(
+                f"identifier {ident!r} collides with a word the prompts use ({clash[0]!r}); pick an identifier "
+                "that is no ordinary word, e.g. '<v1>' with a word not in the prompts"
+            )
+    idents = list(refs)
+    for a in idents:
+        for b in idents:
+            if a != b and a in b:
+                raise TuneError(f"identifier {a!r} is part of {b!r}; make them distinct (e.g. '<v1>', '<v2>')")
+
+
+def tune_model(
+    reference: Any,
+    *,
+    model: Any = "tiny",
+    identifier: str = "<v1>",
+    preset: str = "ppt",
+    ratio: float | None = 0.01,
+    count: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    token_lr: float | None = None,
+    batch_size: int | None = None,
+    sensitivity_batches: int = 8,
+    criterion: str = "grad_sq",
+    n_tokens: int = 3,
+    init_text: str = "music",
+    templates: Sequence[str] | None = None,
+    segment_seconds: float | None = None,
+    max_norm: float = 1.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+    verbose: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> TuneResult:
+    """tune() returning the tuned model and the run's details (see `tune` for the arguments)."""
+    from tqdm.auto import tqdm
+
+    from ..ops import select_pivots, sensitivity_accumulate, sparse_adamw_step
+    from . import data
+
+    refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {identifier: reference}
+    templates = tuple(templates) if templates is not None else DEFAULT_TEMPLATES
+    _check_inputs(refs, templates, preset, ratio if count is None else None, count, n_tokens)
+    steps, lr, token_lr, batch_size, segment_seconds = _resolve_defaults(
+        model, steps, lr, token_lr, batch_size, segment_seconds
+    )
+    if steps < 0 or batch_size < 1 or sensitivity_batches < 0:
+        raise TuneError(f"steps={steps}, batch_size={batch_size}, sensitivity_batches={sensitivity_batches}: bad")
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mg = load_model(model, device=device, seed=seed)
+    lm = mg.lm
+    dev = next(lm.parameters()).device
+    bank = ident_mod.get_bank(lm)
+    for ident in refs:
+        if bank.has(ident):
+            raise TuneError(
+                f"identifier {ident!r} is already registered on this model (a concept applied?); remove it first"
+            )
+
+    # ---- data (all checks before any training) ---------------------------------------------------------------------
+    codec_fp = fingerprint(mg.compression_model)
+    encoded = {
+        ident: data.encode_reference(
+            mg, ref, segment_seconds=segment_seconds, codec_fingerprint=codec_fp, use_cache=use_cache
+        )
+        for ident, ref in refs.items()
+    }
+    base_fp = fingerprint(lm)
+    pools = {ident: _Pool([ident], enc.codes.to(dev)) for ident, enc in encoded.items()}
+    combos: list[_Pool] = []
+    if len(refs) > 1:
+        combos.append(_combo_pool(mg, refs, segment_seconds, g, dev))
+
+    ce_fn = _cross_entropy()
+    if dev.type == "cuda":
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    else:
+        amp = None
+
+    def autocast():
+        if amp is None:
+            return torch.autocast(device_type=dev.type, enabled=False)
+        return torch.autocast(device_type=dev.type, dtype=amp)
+
+    # ---- identifier tokens -----------------------------------------------------------------------------------------
+    tokens: dict[str, torch.nn.Parameter] = {}
+    for ident in refs:
+        t = torch.nn.Parameter(_init_tokens(lm, init_text, n_tokens, g).to(dev))
+        tokens[ident] = t
+        bank.add(ident, t)
+
+    lm.eval()  # deterministic: no CFG / attribute dropout (they only act when conditions are passed raw)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+
+    sparse, dense = recipe_scopes(lm, preset)
+    names = [n for n, _ in lm.named_parameters()]
+    params = dict(lm.named_parameters())
+
+    # ---- phase 1: sensitivity ------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    pivots: dict[str, PivotSet] = {}
+    if sparse:
+        for ident in refs:
+            scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=dev) for e in sparse]
+            handles = []
+            for e, s in zip(sparse, scores):
+                e.param.requires_grad_(True)
+
+                def hook(p, e=e, s=s):
+                    sensitivity_accumulate(
+                        [s], [p.grad[e.rows[0] : e.rows[1]]], params=[p.data[e.rows[0] : e.rows[1]]], mode=criterion
+                    )
+                    p.grad = None
+
+                handles.append(e.param.register_post_accumulate_grad_hook(hook))
+            bar = tqdm(range(sensitivity_batches), desc=f"sensitivity {ident}", disable=not verbose, leave=False)
+            for _ in bar:
+                codes, attrs = _make_batch(pools[ident], templates, batch_size, g)
+                loss = _loss(lm, codes, attrs, ce_fn, autocast)
+                loss.backward()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            for h in handles:
+                h.remove()
+            for e in sparse:
+                e.param.requires_grad_(False)
+                e.param.grad = None
+            for t in tokens.values():
+                t.grad = None
+            # ---- phase 2: selection ----------------------------------------------------------------------------
+            sel = select_pivots(scores, ratio=None if count is not None else ratio, count=count)
+            whole = []
+            for i, e in enumerate(sparse):
+                cols = e.param[0].numel()
+                whole.append(sel.indices_of(i) + e.rows[0] * cols)
+            piv = _on_layout(names, params, {e.name: w for e, w in zip(sparse, whole)}, dev)
+            pivots[ident] = piv
+            logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, sel.total)
+    for ident in refs:
+        pivots.setdefault(ident, PivotSet.empty(names, [params[n].shape for n in names], dev))
+    sens_seconds = time.perf_counter() - t0
+
+    # ---- phase 3: training ---------------------------------------------------------------------------------------
+    dense_rows = {e.name: e.rows for e in dense}
+    dense_sets = []
+    if preset == "dreamstyler":
+        idx = {}
+        for e in dense:
+            cols = e.param[0].numel()
+            idx[e.name] = torch.arange(e.rows[0] * cols, e.rows[1] * cols, dtype=torch.int32, device=dev)
+        dense_sets.append(_on_layout(names, params, idx, dev))
+    trained = _merge([*pivots.values(), *dense_sets])
+    train_t = [i for i, c in enumerate(trained.counts()) if c > 0]
+    t_params = [params[trained.names[i]] for i in train_t]
+    t_offsets = [0]
+    for i in train_t:
+        t_offsets.append(t_offsets[-1] + trained.counts()[i])
+    t_indices = torch.cat([trained.indices_of(i) for i in train_t]) if train_t else trained.indices
+    k = t_offsets[-1]
+    exp_avg = torch.zeros(k, device=dev)
+    exp_avg_sq = torch.zeros(k, device=dev)
+    low = any(p.dtype != torch.float32 for p in t_params)
+    master = torch.cat([p.detach().view(-1)[t_indices[a:b].long()].float() for p, a, b in
+                        zip(t_params, t_offsets, t_offsets[1:])]) if low and k else None  # fmt: skip
+    pivot_grads = torch.zeros(k, device=dev)
+    handles = []
+    for j, p in enumerate(t_params):
+        p.requires_grad_(True)
+        a, b = t_offsets[j], t_offsets[j + 1]
+
+        def gather(p, a=a, b=b):
+            pivot_grads[a:b] = p.grad.view(-1)[t_indices[a:b].long()].float()
+            p.grad = None
+
+        handles.append(p.register_post_accumulate_grad_hook(gather))
+    dense_params = [params[n] for n in dense_rows] if preset == "full" else []
+    for p in dense_params:
+        p.requires_grad_(True)
+    dense_opt = (
+        torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay, foreach=False) if dense_params else None
+    )
+    token_opt = torch.optim.AdamW(list(tokens.values()), lr=token_lr, weight_decay=0.0, foreach=False)
+    token_list = list(tokens.values())
+
+    all_pools = list(pools.values()) + combos
+    losses: list[float] = []
+    t1 = time.perf_counter()
+    bar = tqdm(range(steps), desc="tune", disable=not verbose, dynamic_ncols=True)
+    try:
+        for step in bar:
+            # Single-concept batches, and a combination batch every 4th step when several concepts train together.
+            if combos and step % 4 == 3:
+                pool = combos[(step // 4) % len(combos)]
+            else:
+                pool = all_pools[step % len(pools)] if len(pools) > 1 else all_pools[0]
+            codes, attrs = _make_batch(pool, COMBO_TEMPLATES if pool in combos else templates, batch_size, g)
+            pivot_grads.zero_()
+            loss = _loss(lm, codes, attrs, ce_fn, autocast)
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or token_lr")
+            loss.backward()
+            # Clip the norm of what is trained (pivots, tokens, dense tensors), as clip_grad_norm_ would.
+            sq = pivot_grads.pow(2).sum()
+            for t in token_list + dense_params:
+                if t.grad is not None:
+                    sq = sq + t.grad.float().pow(2).sum()
+            coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0) if max_norm else None
+            if coef is not None:
+                pivot_grads.mul_(coef)
+                for t in token_list + dense_params:
+                    if t.grad is not None:
+                        t.grad.mul_(coef.to(t.grad.dtype))
+            if k:
+                sparse_adamw_step(
+                    t_params, None, t_offsets, t_indices, exp_avg, exp_avg_sq, master,
+                    step=step + 1, lr=lr, weight_decay=weight_decay, pivot_grads=pivot_grads,
+                )  # fmt: skip
+            if dense_opt is not None:
+                dense_opt.step()
+                dense_opt.zero_grad(set_to_none=True)
+            token_opt.step()
+            token_opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.item()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if callback is not None:
+                callback(step, losses[-1])
+    finally:
+        for h in handles:
+            h.remove()
+        for p in lm.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    train_seconds = time.perf_counter() - t1
+    bar.close()
+    out_tokens = {ident: t.detach().float().cpu().clone() for ident, t in tokens.items()}
+    for ident, t in out_tokens.items():
+        bank.add(ident, t.to(dev))
+    if verbose and steps:
+        logger.info("tuned %d steps in %.1f s (%.2f steps/s), loss %.3f -> %.3f", steps, train_seconds,
+                    steps / max(train_seconds, 1e-9), losses[0], losses[-1])  # fmt: skip
+    return TuneResult(
+        model=mg, identifiers=list(refs), pivots=pivots, trained=trained, dense_rows=dense_rows, tokens=out_tokens,
+        losses=losses, sensitivity_seconds=sens_seconds, train_seconds=train_seconds, base_fingerprint=base_fp,
+        settings=dict(
+            preset=preset, ratio=ratio, count=count, steps=steps, lr=lr, token_lr=token_lr, batch_size=batch_size,
+            sensitivity_batches=sensitivity_batches, criterion=criterion, n_tokens=n_tokens, templates=list(templates),
+            segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay, seed=seed,
+            model=model if isinstance(model, str) else getattr(model, "name", "object"),
+        ),
+    )  # fmt: skip
+
+
+def _on_layout(names: list[str], params: dict, idx: dict[str, torch.Tensor], dev) -> PivotSet:
+    parts, offsets = [], [0]
+    for n in names:
+        i = idx.get(n)
+        i = torch.empty(0, dtype=torch.int32, device=dev) if i is None else i.to(torch.int32)
+        parts.append(i)
+        offsets.append(offsets[-1] + i.numel())
+    return PivotSet(names, [params[n].shape for n in names], offsets, torch.cat(parts))
+
+
+def _combo_pool(mg, refs: Mapping[str, Any], segment_seconds: float, g: torch.Generator, dev) -> _Pool:
+    """Targets for prompts naming all identifiers: mixes of one segment of each reference, encoded once."""
+    from . import data
+
+    auds = []
+    for ref in refs.values():
+        audio, _, _ = data.load_reference(ref, mg.sample_rate, mg.audio_channels)
+        auds.append(data.segments(audio, mg.sample_rate, segment_seconds))
+    n = min(a.shape[0] for a in auds)
+    size = min(a.shape[-1] for a in auds)
+    mixes = []
+    for _ in range(max(n, 2)):
+        picks = [a[int(torch.randint(0, a.shape[0], (1,), generator=g))][..., :size] for a in auds]
+        mixes.append(sum(picks) / len(picks))
+    with torch.no_grad():
+        codes, _ = mg.compression_model.encode(torch.stack(mixes).to(next(mg.compression_model.parameters()).device))
+    return _Pool(list(refs), codes.long().to(dev))
+
+
+def _capture(result: TuneResult) -> list[Any]:
+    """One Concept per identifier from a finished run (needs ppt_fast.concept)."""
+    try:
+        from ..concept import Concept
+    except ImportError as e:
+        raise ImportError(f"ppt_fast.concept is not available ({e}); use tune_model() for the raw result") from e
+    out = []
+    for ident in result.identifiers:
+        out.append(Concept.capture(result, ident))
+    return out
+
+
+def tune(
+    reference: Any,
+    *,
+    model: Any = "tiny",
+    identifier: str = "<v1>",
+    preset: str = "ppt",
+    ratio: float | None = 0.01,
+    steps: int | None = None,
+    out: str | os.PathLike | None = None,
+    seed: int = 0,
+    verbose: bool = True,
+    **kwargs: Any,
+):
+    """Teach `model` the concept in `reference` under `identifier`; return a Concept (or a list for several).
+
+    Args:
+        reference: an audio file (anything soundfile reads; any rate/channels), a `(tensor [C, T], sample_rate)`
+            pair, or `{identifier: reference, ...}` for several concepts trained together (returns a list).
+        model: `"tiny"` (default, built in code), a `load_model` name/path/id, or an audiocraft MusicGen object
+            (tuned in place: its weights carry the concept afterwards; `concept.remove(model)` restores them).
+        identifier: the word that names the concept in prompts, e.g. `"<v1>"`.
+        preset: the recipe: `ppt` | `dreamstyler` | `full` | `tokens` (module docstring).
+        ratio / count=: pivots as a fraction of the entries in scope, or a fixed number (count= wins over ratio).
+        steps: training steps (default 150 on the tiny model, 500 otherwise).
+        out: write the concept file here (for several concepts: a directory; one `<identifier>.ppt` each).
+        seed: everything random (token init, batches) derives from it; on CPU a fixed seed gives the same file.
+        verbose: a tqdm bar per phase (phase, step, loss, steps/s); False silences it.
+        **kwargs: lr, token_lr, batch_size, sensitivity_batches, criterion, n_tokens, init_text, templates,
+            segment_seconds, max_norm, weight_decay, device, use_cache, callback (see `tune_model`).
+    """
+    count = kwargs.pop("count", None)
+    result = tune_model(
+        reference, model=model, identifier=identifier, preset=preset, ratio=None if count is not None else ratio,
+        count=count, steps=steps, seed=seed, verbose=verbose, **kwargs,
+    )  # fmt: skip
+    concepts = _capture(result)
+    if out is not None:
+        out = os.fspath(out)
+        if len(concepts) == 1 and not isinstance(reference, Mapping):
+            concepts[0].save(out)
+        else:
+            os.makedirs(out, exist_ok=True)
+            for ident, c in zip(result.identifiers, concepts):
+                c.save(os.path.join(out, _safe(ident) + ".ppt"))
+    return concepts if isinstance(reference, Mapping) else concepts[0]
+
+
+def _safe(ident: str) -> str:
+    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in ident).strip("_")
+    return s or "concept"
+
+
+__all__ = ["PRESETS", "TuneError", "TuneResult", "recipe_scopes", "tune", "tune_model"]
