@@ -1,0 +1,389 @@
+"""The Triton backend of the three ops against their pure-torch references.
+
+Run under the interpreter on CPU tensors (fp32 / fp16, tiny grids):
+    TRITON_INTERPRET=1 python -m pytest -m interpreter tests/test_triton_kernels.py
+On a machine with an NVIDIA GPU (no TRITON_INTERPRET) the same tests run compiled on CUDA tensors, plus the bf16 ones.
+Small `tile` / `block` overrides make the tiny test tensors span several programs, so tile edges, tensors that end
+mid-tile and the in-program step loop are all exercised.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from tolerances import ADAMW_FP32, tol  # tests/ is on sys.path under pytest
+
+import ppt_fast
+from ppt_fast import _backend
+from ppt_fast.ops.select_pivots import NAN_MESSAGE, _select_pivots_ref
+from ppt_fast.ops.sensitivity_accumulate import MODES, _sensitivity_accumulate_ref
+from ppt_fast.ops.sparse_adamw_step import _sparse_adamw_step_ref
+
+pytestmark = pytest.mark.interpreter
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
+# bf16 arithmetic is not IEEE in the interpreter: bf16 cases run compiled on a GPU only.
+FLOATS = [torch.float32, torch.float16] + ([] if DEVICE.type == "cpu" else [torch.bfloat16])
+needs_gpu = pytest.mark.skipif(
+    DEVICE.type == "cpu", reason="bf16 kernels are checked on a GPU (interpreter bf16 is wrong)"
+)
+
+# Awkward sizes: 1 entry, primes, an empty tensor, one that ends mid-tile, a 2-D one.
+SHAPES = [(1,), (7, 13), (1031,), (0,), (257,), (3, 5)]
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    pytest.importorskip("triton")
+    from ppt_fast.kernels.triton import _utils
+
+    _utils.clear_caches()
+    yield
+
+
+def _rand(shape, dtype, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float32) * scale).to(dtype).to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sensitivity_accumulate
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("grad_dtype", FLOATS)
+def test_sensitivity_accumulate_matches_reference(mode, grad_dtype):
+    from ppt_fast.kernels.triton.sensitivity_accumulate import sensitivity_accumulate_triton
+
+    score_dtype = torch.bfloat16 if grad_dtype == torch.bfloat16 else torch.float32
+    scores = [_rand(s, score_dtype).abs() for s in SHAPES]
+    expected = [s.clone() for s in scores]
+    for _ in range(2):  # accumulate twice: the second pass reads what the first wrote
+        grads = [_rand(s, grad_dtype) for s in SHAPES]
+        params = [_rand(s, grad_dtype) for s in SHAPES]
+        sensitivity_accumulate_triton(scores, grads, params, MODES[mode], tile=64)
+        _sensitivity_accumulate_ref(expected, grads, params, mode)
+    for got, want in zip(scores, expected):
+        torch.testing.assert_close(got, want, **tol(score_dtype))
+    assert any(not torch.equal(s, torch.zeros_like(s)) for s in scores)
+
+
+def test_sensitivity_accumulate_mixed_dtypes_and_public_op():
+    """fp32 and fp16 gradients in one call (two dtype groups), a strided gradient, through the public op."""
+    shapes = [(33,), (1000,), (2, 9), (1,)]
+    dtypes = [torch.float16, torch.float32, torch.float16, torch.float32]
+    scores = [_rand(s, torch.float32) for s in shapes]
+    grads = [_rand(s, d) for s, d in zip(shapes, dtypes)]
+    grads[2] = _rand((9, 2), torch.float16).t()  # non-contiguous view: the op copies it
+    params = [_rand(s, d) for s, d in zip(shapes, dtypes)]
+    expected = [s.clone() for s in scores]
+    with _backend.force("triton"):
+        ppt_fast.sensitivity_accumulate(scores, grads, params=params, mode="taylor")
+    _sensitivity_accumulate_ref(expected, grads, params, "taylor")
+    for got, want in zip(scores, expected):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_sensitivity_accumulate_fresh_gradient_tensors():
+    """New gradient tensors every step (zero_grad(set_to_none=True)) must not hit a stale pointer table."""
+    from ppt_fast.kernels.triton.sensitivity_accumulate import sensitivity_accumulate_triton
+
+    scores = [torch.zeros(s, device=DEVICE) for s in SHAPES]
+    expected = [s.clone() for s in scores]
+    for _ in range(3):
+        grads = [_rand(s, torch.float32) for s in SHAPES]
+        sensitivity_accumulate_triton(scores, grads, None, MODES["grad_sq"])
+        _sensitivity_accumulate_ref(expected, grads, None, "grad_sq")
+    for got, want in zip(scores, expected):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@needs_gpu
+def test_sensitivity_accumulate_large_offsets():
+    """A tensor past 2**31 bytes: tile starts need int64 pointer arithmetic."""
+    from ppt_fast.kernels.triton.sensitivity_accumulate import sensitivity_accumulate_triton
+
+    n = (1 << 29) + 17  # 2 GiB of fp32 + a ragged tail
+    if torch.cuda.get_device_properties(DEVICE).total_memory < 16 * n:
+        pytest.skip("not enough GPU memory")
+    score = torch.zeros(n, device=DEVICE)
+    grad = torch.ones(n, device=DEVICE)
+    grad[-5:] = 3.0
+    sensitivity_accumulate_triton([score], [grad], None, MODES["grad_sq"])
+    assert score[:-5].eq(1.0).all() and score[-5:].eq(9.0).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# select_pivots
+
+
+def _check_selection(scores, k, **kw):
+    from ppt_fast.kernels.triton.select_pivots import select_pivots_triton
+
+    counts, indices = select_pivots_triton(scores, k, **kw)
+    ref_counts, ref_indices = _select_pivots_ref(scores, k)
+    assert counts.dtype == torch.int64 and indices.dtype == torch.int32 and indices.shape == (k,)
+    assert torch.equal(counts.cpu(), ref_counts.cpu())
+    assert torch.equal(indices.cpu(), ref_indices.cpu())
+    # torch.topk as an independent oracle for the selected magnitudes (ties make the index sets ambiguous).
+    flat = torch.cat([s.detach().float().abs().reshape(-1).cpu() for s in scores])
+    base = torch.cumsum(torch.tensor([0] + [s.numel() for s in scores[:-1]]), 0)
+    owner = torch.repeat_interleave(torch.arange(len(scores)), counts.cpu())
+    global_idx = base[owner] + indices.cpu().long()
+    picked = flat[global_idx].sort(descending=True).values
+    torch.testing.assert_close(picked, torch.topk(flat, k).values, rtol=0, atol=0)
+    for i in range(len(scores)):  # sorted within each tensor
+        local = indices.cpu()[owner == i]
+        assert bool((local[1:] > local[:-1]).all())
+    return counts, indices
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("k", [1, 5, 300, 1395])  # 1395 = N: everything
+def test_select_pivots_matches_reference(dtype, k):
+    scores = [_rand(s, dtype) for s in SHAPES]
+    scores[0] = scores[0] * 1e-3  # a tensor that gets no pivot at small k
+    _check_selection(scores, k, block=64, steps=2)
+
+
+def test_select_pivots_ties_in_global_order():
+    """Few distinct values: the threshold bin is full of ties, handed out across tiles and tensors in order."""
+    scores = [torch.randint(-3, 4, s, device=DEVICE).float() for s in SHAPES]
+    total = sum(s.numel() for s in scores)
+    for k in (3, 777, total - 1):
+        _check_selection(scores, k, block=64, steps=3)
+    every_tie = [torch.full(s, -2.5, device=DEVICE) for s in SHAPES]
+    counts, indices = _check_selection(every_tie, 100, block=64, steps=2)
+    assert counts.tolist()[:3] == [1, 91, 8]
+
+
+def test_select_pivots_edge_values_and_k_bounds():
+    """±0, subnormals, ±inf, negative scores (signed sgd_delta buffers); k = 0 and k = N."""
+    s = _rand((500,), torch.float32)
+    s[:6] = torch.tensor([0.0, -0.0, 1e-45, -3e-39, float("inf"), -float("inf")])
+    scores = [s, _rand((77,), torch.float32) * 1e-40]
+    total = 577
+    for k in (1, 3, 250, total):
+        _check_selection(scores, k, block=128, steps=1)
+    from ppt_fast.kernels.triton.select_pivots import select_pivots_triton
+
+    counts, indices = select_pivots_triton(scores, 0)
+    assert counts.tolist() == [0, 0] and indices.numel() == 0
+
+
+def test_select_pivots_mixed_dtypes_default_config():
+    """fp16 and fp32 score tensors together (two dtype groups writing into one output), default tile config."""
+    scores = [_rand((700,), torch.float16), _rand((300,), torch.float32), _rand((1200,), torch.float16)]
+    _check_selection(scores, 123)
+
+
+def test_select_pivots_nan_raises():
+    from ppt_fast.kernels.triton.select_pivots import select_pivots_triton
+
+    scores = [_rand((40,), torch.float32), _rand((300,), torch.float16)]
+    scores[1][257] = float("nan")
+    with pytest.raises(ValueError, match=NAN_MESSAGE):
+        select_pivots_triton(scores, 5, block=64)
+    with _backend.force("triton"), pytest.raises(ValueError, match=r"NaN scores in tensor\(s\) \['b'\]"):
+        ppt_fast.select_pivots(scores, count=5, names=["a", "b"])
+
+
+def test_select_pivots_public_op():
+    scores = {"w": _rand((64, 17), torch.float32), "v": _rand((5,), torch.float32), "u": _rand((300,), torch.float32)}
+    with _backend.force("triton"):
+        got = ppt_fast.select_pivots(scores, ratio=0.05)
+    want = ppt_fast.select_pivots({n: s.cpu() for n, s in scores.items()}, ratio=0.05)
+    assert got.names == want.names and torch.equal(got.offsets, want.offsets)
+    assert torch.equal(got.indices.cpu(), want.indices)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sparse_adamw_step
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+
+def _pivot_problem(param_dtypes, counts, shapes=None):
+    shapes = shapes or [(1,), (7, 13), (1031,), (50,)][: len(counts)]
+    assert all(c <= math.prod(s) for c, s in zip(counts, shapes)), "more pivots than entries"
+    params = [_rand(s, d) for s, d in zip(shapes, param_dtypes)]
+    grads = [_rand(s, d) for s, d in zip(shapes, param_dtypes)]
+    idx = [torch.randperm(p.numel())[:c].sort().values.to(torch.int32) for p, c in zip(params, counts)]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    indices = torch.cat(idx).to(DEVICE)
+    k = offsets[-1]
+    exp_avg = _rand((k,), torch.float32, 0.1)
+    exp_avg_sq = _rand((k,), torch.float32, 0.1).square()
+    low = any(d != torch.float32 for d in param_dtypes)
+    master = torch.cat([p.reshape(-1)[i.long().to(DEVICE)].float() for p, i in zip(params, idx)]) if low else None
+    if master is not None:
+        master += _rand((k,), torch.float32, 1e-3)  # master is authoritative: make it differ from the params
+    return params, grads, offsets, indices, exp_avg, exp_avg_sq, master
+
+
+def _clone(xs):
+    return [None if x is None else [t.clone() for t in x] if isinstance(x, list) else x.clone() for x in xs]
+
+
+def _pivot_mask(params, offsets, indices):
+    masks = []
+    for i, p in enumerate(params):
+        m = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        m[indices[offsets[i] : offsets[i + 1]].long()] = True
+        masks.append(m)
+    return masks
+
+
+@pytest.mark.parametrize(
+    "dtypes,variant",
+    [
+        ((torch.float32,) * 4, "dense"),
+        ((torch.float32,) * 4, "pivot_grads"),
+        ((torch.float32,) * 4, "grad_scale"),
+        ((torch.float16, torch.float32, torch.float16, torch.float16), "dense"),  # fp16 + master, two dtype groups
+        ((torch.float16,) * 4, "pivot_grads"),
+        pytest.param((torch.bfloat16,) * 4, "dense", marks=needs_gpu),
+        pytest.param((torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16), "grad_scale", marks=needs_gpu),
+    ],
+)
+def test_sparse_adamw_step_matches_reference(dtypes, variant):
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    counts = [1, 20, 0, 50]  # tensor 2 holds no pivot
+    params, grads, offsets, indices, m, v, master = _pivot_problem(dtypes, counts)
+    pivot_grads = None
+    grad_list = grads
+    if variant == "pivot_grads":
+        pivot_grads = torch.cat([g.reshape(-1)[indices[a:b].long()] for g, a, b in zip(grads, offsets, offsets[1:])])
+        grad_list = []
+    grad_scale = torch.tensor([1024.0], device=DEVICE) if variant == "grad_scale" else None
+    found_inf = torch.zeros(1, device=DEVICE) if variant == "grad_scale" else None
+    before = [p.clone() for p in params]
+    mine = _clone([params, m, v, master])
+    ref = _clone([params, m, v, master])
+    for step in (1, 2, 3):
+        args = (offsets, indices)
+        tail = (pivot_grads, grad_scale, found_inf, *HYPER.values(), step)
+        sparse_adamw_step_triton(mine[0], grad_list, *args, mine[1], mine[2], mine[3], *tail, tile=16)
+        _sparse_adamw_step_ref(ref[0], grad_list, *args, ref[1], ref[2], ref[3], *tail)
+    for got, want, p0, pivot in zip(mine[0], ref[0], before, _pivot_mask(params, offsets, indices)):
+        # One ulp of the stored dtype where the two round a value that sits on a rounding boundary differently.
+        torch.testing.assert_close(got, want, **tol(got.dtype))
+        assert torch.equal(got.reshape(-1)[~pivot], p0.reshape(-1)[~pivot]), "a non-pivot entry changed"
+        assert not torch.equal(got.reshape(-1)[pivot], p0.reshape(-1)[pivot]) or not pivot.any()
+    for got, want in zip(mine[1:], ref[1:]):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_sparse_adamw_step_several_steps_vs_fp64_adamw():
+    """Five steps against torch.optim.AdamW in fp64 on the pivot values (fp16 params with an fp32 master)."""
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    dtypes = (torch.float16, torch.float16, torch.float16)
+    params, _, offsets, indices, _, _, master = _pivot_problem(dtypes, [1, 40, 33])
+    k = offsets[-1]
+    m, v = torch.zeros(k, device=DEVICE), torch.zeros(k, device=DEVICE)
+    theta64 = master.double().cpu().clone().requires_grad_(True)
+    opt = torch.optim.AdamW([theta64], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                            weight_decay=HYPER["weight_decay"])  # fmt: skip
+    for step in range(1, 6):
+        pivot_grads = _rand((k,), torch.float32)
+        sparse_adamw_step_triton(
+            params, [], offsets, indices, m, v, master, pivot_grads, None, None, *HYPER.values(), step, tile=32
+        )
+        theta64.grad = pivot_grads.double().cpu()
+        opt.step()
+    state = opt.state[theta64]
+    torch.testing.assert_close(master.double().cpu(), theta64.detach(), rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    torch.testing.assert_close(m.double().cpu(), state["exp_avg"], rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    torch.testing.assert_close(v.double().cpu(), state["exp_avg_sq"], rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    # the fp16 params hold the master rounded once
+    for i, p in enumerate(params):
+        sel = indices[offsets[i] : offsets[i + 1]].long()
+        assert torch.equal(p.reshape(-1)[sel], master[offsets[i] : offsets[i + 1]].to(p.dtype))
+
+
+def test_sparse_adamw_step_small_beta1_uses_lerp_from_end():
+    """beta1 < 0.5 makes lerp's weight >= 0.5, where torch.lerp switches formula; the kernel must follow."""
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 60])
+    hyper = dict(HYPER, beta1=0.2)
+    ref = _clone([params, m, v])
+    sparse_adamw_step_triton(params, grads, offsets, indices, m, v, None, None, None, None, *hyper.values(), 2)
+    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None, *hyper.values(), 2)
+    for got, want in zip(params + [m, v], ref[0] + ref[1:]):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_sparse_adamw_step_found_inf_skips_everything():
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    params, grads, offsets, indices, m, v, master = _pivot_problem((torch.float16, torch.float32), [1, 30])
+    before = _clone([params, m, v, master])
+    found_inf = torch.ones(1, device=DEVICE)
+    grad_scale = torch.full((1,), 65536.0, device=DEVICE)
+    sparse_adamw_step_triton(
+        params, grads, offsets, indices, m, v, master, None, grad_scale, found_inf, *HYPER.values(), 1, tile=16
+    )
+    for got, want in zip(params + [m, v, master], before[0] + before[1:]):
+        assert torch.equal(got, want)
+
+
+def test_sparse_adamw_step_public_op():
+    params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 3, [1, 17, 300])
+    ref = _clone([params, m, v])
+    with _backend.force("triton"):
+        ppt_fast.sparse_adamw_step(params, grads, offsets, indices, m, v, step=4, **HYPER)
+    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None, *HYPER.values(), 4)
+    for got, want in zip(params + [m, v], ref[0] + ref[1:]):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_sparse_adamw_step_reuses_tables_across_steps():
+    """The same PivotSet every step: the tile table is built once and served from the cache after."""
+    from ppt_fast.kernels.triton import _utils
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 9])
+    ref = _clone([params, m, v])
+    for step in (1, 2):
+        sparse_adamw_step_triton(params, grads, offsets, indices, m, v, None, None, None, None, *HYPER.values(), step)
+        _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None,
+                               *HYPER.values(), step)  # fmt: skip
+        if step == 1:
+            tables = dict(_utils._block_tables._items)
+    assert dict(_utils._block_tables._items).keys() == tables.keys()
+    assert all(_utils._block_tables._items[key] is value for key, value in tables.items())
+    for got, want in zip(params, ref[0]):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# opcheck: schema, fake tensors, functionalization of the public ops with the Triton backend underneath
+
+
+def test_opcheck_sensitivity_accumulate():
+    scores = [_rand((33,), torch.float32), _rand((4, 5), torch.float32)]
+    grads = [_rand((33,), torch.float32), _rand((4, 5), torch.float32)]
+    with _backend.force("triton"):
+        torch.library.opcheck(torch.ops.ppt_fast.sensitivity_accumulate.default, (scores, grads, [], "grad_abs"))
+
+
+def test_opcheck_select_pivots_packed():
+    scores = [_rand((33,), torch.float32), _rand((4, 5), torch.float32)]
+    with _backend.force("triton"):
+        torch.library.opcheck(torch.ops.ppt_fast.select_pivots_packed.default, (scores, 7))
+
+
+def test_opcheck_sparse_adamw_step():
+    params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 11])
+    args = (params, grads, offsets, indices, m, v, None, None, None, None, *HYPER.values(), 1)
+    with _backend.force("triton"):
+        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, args)
