@@ -101,19 +101,52 @@ def test_sensitivity_accumulate_fresh_gradient_tensors():
         torch.testing.assert_close(got, want, **tol(torch.float32))
 
 
+def _free_gpu_bytes() -> int:
+    return torch.cuda.mem_get_info(DEVICE)[0] if DEVICE.type == "cuda" else 0
+
+
 @needs_gpu
-def test_sensitivity_accumulate_large_offsets():
-    """A tensor past 2**31 bytes: tile starts need int64 pointer arithmetic."""
+def test_sensitivity_accumulate_past_int32_offsets():
+    """One tensor of more than 2**31 entries: tile starts and offsets must be int64 all the way to the address."""
     from ppt_fast.kernels.triton.sensitivity_accumulate import sensitivity_accumulate_triton
 
-    n = (1 << 29) + 17  # 2 GiB of fp32 + a ragged tail
-    if torch.cuda.get_device_properties(DEVICE).total_memory < 16 * n:
-        pytest.skip("not enough GPU memory")
-    score = torch.zeros(n, device=DEVICE)
-    grad = torch.ones(n, device=DEVICE)
-    grad[-5:] = 3.0
+    n = (1 << 31) + 1001  # ends mid-tile
+    if _free_gpu_bytes() < 8 * n:
+        pytest.skip("needs ~17 GB of free GPU memory")
+    score = torch.zeros(n, dtype=torch.bfloat16, device=DEVICE)
+    grad = torch.ones(n, dtype=torch.bfloat16, device=DEVICE)
+    grad[-1003:] = 3.0
     sensitivity_accumulate_triton([score], [grad], None, MODES["grad_sq"])
-    assert score[:-5].eq(1.0).all() and score[-5:].eq(9.0).all()
+    del grad
+    assert bool(score[: n - 1003].eq(1.0).all()) and bool(score[n - 1003 :].eq(9.0).all())
+
+
+@needs_gpu
+def test_select_pivots_past_int32_total():
+    """N > 2**31 over two tensors: output positions and tie ranks are int64; the planted top entries come back."""
+    n = (1 << 30) + 7
+    if _free_gpu_bytes() < 24 * n:
+        pytest.skip("needs ~26 GB of free GPU memory")
+    scores = [torch.rand(n, device=DEVICE).to(torch.bfloat16) for _ in range(2)]
+    scores.append(torch.rand(n, device=DEVICE).to(torch.bfloat16))
+    planted = torch.tensor([0, 5, n - 1], device=DEVICE)
+    scores[2][planted] = -4.0  # magnitude 4 beats every rand() value; also ties among themselves
+    scores[0][n - 1] = 3.0
+    from ppt_fast.kernels.triton.select_pivots import select_pivots_triton
+
+    counts, indices = select_pivots_triton(scores, 4)
+    assert counts.tolist() == [1, 0, 3]
+    assert indices.tolist() == [n - 1, 0, 5, n - 1]
+    counts, indices = select_pivots_triton(scores, 2)  # ties at the threshold: the earliest two
+    assert counts.tolist() == [0, 0, 2] and indices.tolist() == [0, 5]
+    # All but one entry: output positions run past 2**31.
+    for s in scores:
+        s[s == 0] = 0.5
+    scores[1][123] = 0.0
+    counts, indices = select_pivots_triton(scores, 3 * n - 1)
+    assert counts.tolist() == [n, n - 1, n]
+    assert indices[n + 122].item() == 122 and indices[n + 123].item() == 124
+    assert indices[-1].item() == n - 1 and indices[2 * n - 1].item() == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
