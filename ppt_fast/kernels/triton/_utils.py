@@ -25,7 +25,9 @@ DTYPE_CODE: dict[torch.dtype, int] = {torch.float32: FP32, torch.float16: FP16, 
 # (e.g. parameters carved out of a flat buffer). 16 bytes is what a 128-bit vector load needs.
 _VECTOR_ALIGN = 16
 
-_CACHE_SIZE = 32
+# Entries are a few bytes of device memory each. Large enough that hook-driven use (one call per tensor, ~600 tensors
+# per step) keeps every tensor's tables cached instead of rebuilding them each call.
+_CACHE_SIZE = 4096
 
 
 def interpreting() -> bool:
@@ -89,6 +91,14 @@ class LRU:
         self._items.clear()
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table onto the device without a host sync: a pageable host-to-device copy waits for the stream
+    (which would stall every step whose pointers changed), a pinned one is queued like a kernel."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 _pointer_tables = LRU()
 _block_tables = LRU()
 _small_tables = LRU()
@@ -104,13 +114,13 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> torc
     """int64 `[T]` table of the tensors' data pointers, on `device` (cached by the pointers themselves)."""
     ptrs = tuple(t.data_ptr() for t in tensors)
     key = (device, ptrs)
-    return _pointer_tables.get(key, lambda: torch.tensor(ptrs, dtype=torch.int64).to(device))
+    return _pointer_tables.get(key, lambda: to_device(torch.tensor(ptrs, dtype=torch.int64), device))
 
 
 def int64_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     """A small cached int64 tensor (per-tensor sizes, offsets)."""
     values = tuple(int(v) for v in values)
-    return _small_tables.get((device, values), lambda: torch.tensor(values, dtype=torch.int64).to(device))
+    return _small_tables.get((device, values), lambda: to_device(torch.tensor(values, dtype=torch.int64), device))
 
 
 def aligned(tensors: Sequence[torch.Tensor]) -> bool:
@@ -142,6 +152,6 @@ def block_table(
         start = (torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(first, tiles)) * tile
         if base is not None:
             start += torch.tensor(base, dtype=torch.int64)[tid]
-        return tid.to(torch.int32).to(device), start.to(device)
+        return to_device(tid.to(torch.int32), device), to_device(start, device)
 
     return _block_tables.get(key, build)

@@ -185,7 +185,7 @@ def _tile_ids(numels: list[int], members: list[int], tile: int, device: torch.de
         tiles = torch.tensor([-(-n // tile) for n in numels], dtype=torch.int64)
         first = torch.cumsum(tiles, 0) - tiles
         ids = [torch.arange(first[i], first[i] + tiles[i], dtype=torch.int32) for i in members]
-        return torch.cat(ids).to(device)
+        return _utils.to_device(torch.cat(ids), device)
 
     return _tile_id_cache.get((device, tuple(numels), tuple(members), tile), build)
 
@@ -274,7 +274,8 @@ def select_pivots_triton(
                 **consts,
             )
 
-    state = torch.tensor([0, k], dtype=torch.int64).to(device)  # [threshold prefix so far, keys left to place]
+    # [threshold prefix so far, keys left to place]
+    state = _utils.to_device(torch.tensor([0, k], dtype=torch.int64), device)
     hist = torch.empty(2048, dtype=torch.int64, device=device)
     nan_flag = torch.zeros(1, dtype=torch.int32, device=device)
     opts = _utils.gpu_options(num_warps=_WARPS_GPU, enable_fp_fusion=False)
