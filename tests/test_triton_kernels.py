@@ -29,7 +29,7 @@ DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "
 # bf16 arithmetic is not IEEE in the interpreter: bf16 cases run compiled on a GPU only.
 FLOATS = [torch.float32, torch.float16] + ([] if DEVICE.type == "cpu" else [torch.bfloat16])
 needs_gpu = pytest.mark.skipif(
-    DEVICE.type == "cpu", reason="bf16 kernels are checked on a GPU (interpreter bf16 is wrong)"
+    DEVICE.type == "cpu", reason="GPU only: bf16 (not IEEE in the interpreter) or tensors past 2**31 entries"
 )
 
 # Awkward sizes: 1 entry, primes, an empty tensor, one that ends mid-tile, a 2-D one.
