@@ -1,0 +1,172 @@
+import importlib
+
+import pytest
+import soundfile as sf
+import torch
+
+pytest.importorskip("audiocraft")
+
+from ppt_fast.audio import AudioError, synth_reference, write_wav  # noqa: E402
+from ppt_fast.musicgen.models import load_model  # noqa: E402
+
+T = importlib.import_module("ppt_fast.musicgen.tune")
+
+FAST = dict(steps=6, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPT_FAST_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def ref_wav(tmp_path_factory):
+    # 22.05 kHz stereo: exercises resampling and mixing to the tiny model's 16 kHz mono.
+    path = tmp_path_factory.mktemp("ref") / "ref.wav"
+    a = synth_reference(4.0, 22050, seed=5)
+    write_wav(path, torch.cat([a, 0.8 * a]), 22050)
+    return str(path)
+
+
+def _eval_loss(mg, pool_codes, prompt):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    ce = T._cross_entropy()
+    attrs = [ConditioningAttributes(text={"description": prompt}) for _ in range(pool_codes.shape[0])]
+    with torch.no_grad():
+        return float(T._loss(mg.lm, pool_codes, attrs, ce, lambda: torch.autocast("cpu", enabled=False)))
+
+
+def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
+    base = {k: v.clone() for k, v in load_model("tiny").lm.state_dict().items()}
+    r = T.tune_model(ref_wav, steps=30, sensitivity_batches=2, batch_size=4, segment_seconds=1.0, verbose=False)
+    lm = r.model.lm
+    # Loss on the reference (all segments, the training prompt) goes down against the base model + initial tokens.
+    from ppt_fast.musicgen import data
+
+    enc = data.encode_reference(r.model, ref_wav, segment_seconds=1.0, codec_fingerprint="x", use_cache=False)
+    after = _eval_loss(r.model, enc.codes, "a piece of music, <v1>")
+    assert r.losses[0] - after > 0.1, (r.losses[0], after)
+    # Nothing outside the trained pivots changed, bit for bit; and the pivots did move.
+    masks = r.trained.to_masks()
+    changed_any = 0
+    for name, now in lm.state_dict().items():
+        diff = now != base[name]
+        if name in masks:
+            assert not (diff & ~masks[name]).any(), name
+            changed_any += int(diff.sum())
+        else:
+            assert not diff.any(), name
+    assert changed_any > 0.5 * r.trained.count
+    piv = r.pivots["<v1>"]
+    scope = sum((e.rows[1] - e.rows[0]) * e.param.shape[1] for e in T.recipe_scopes(lm, "ppt")[0])
+    assert piv.count == max(1, round(0.01 * scope))
+    for name in piv.names:
+        if piv.indices_of(name).numel():
+            assert "self_attn.in_proj_weight" in name or "cross_attention.in_proj_weight" in name
+    # Self-attention pivots lie in the V rows [2d:3d], cross-attention pivots in K/V [d:3d].
+    d = lm.dim
+    for name, idx in piv:
+        if idx.numel():
+            rows = idx.long() // d
+            lo = 2 * d if "self_attn" in name else d
+            assert rows.min() >= lo and rows.max() < 3 * d
+    assert set(r.tokens) == {"<v1>"} and r.tokens["<v1>"].shape == (3, lm.dim)
+
+
+def test_same_seed_same_result(ref_wav):
+    a = T.tune_model(ref_wav, seed=3, **FAST)
+    b = T.tune_model(ref_wav, seed=3, **FAST)
+    assert a.pivots["<v1>"].equal(b.pivots["<v1>"])
+    assert torch.equal(a.tokens["<v1>"], b.tokens["<v1>"])
+    sa, sb = a.model.lm.state_dict(), b.model.lm.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a.losses == b.losses
+
+
+@pytest.mark.parametrize("preset", ["tokens", "dreamstyler", "full"])
+def test_presets_train_what_they_say(ref_wav, preset):
+    base = load_model("tiny").lm.state_dict()
+    r = T.tune_model(ref_wav, preset=preset, **FAST)
+    now = r.model.lm.state_dict()
+    changed = {k for k in now if not torch.equal(now[k], base[k])}
+    d = r.model.lm.dim
+    if preset == "tokens":
+        assert not changed and r.trained.count == 0
+    elif preset == "dreamstyler":
+        assert changed and all("in_proj_weight" in k for k in changed)
+        for name, (lo, hi) in r.dense_rows.items():
+            assert "cross_attention" in name and (lo, hi) == (d, 3 * d)
+            # Q rows of cross-attention stay frozen; K/V rows are trained in full.
+            assert torch.equal(now[name][:d], base[name][:d])
+            assert (now[name][d:] != base[name][d:]).float().mean() > 0.9
+    else:
+        assert len(changed) > 0.8 * len([k for k, v in base.items() if v.is_floating_point()])
+    assert not torch.equal(
+        r.tokens["<v1>"], T._init_tokens(load_model("tiny").lm, "music", 3, torch.Generator().manual_seed(0))
+    )
+
+
+def test_several_concepts(tmp_path):
+    a = tmp_path / "a.wav"
+    b = tmp_path / "b.wav"
+    write_wav(a, synth_reference(3.0, 16000, seed=1, timbre="pluck"), 16000)
+    write_wav(b, synth_reference(3.0, 16000, seed=2, timbre="organ"), 16000)
+    r = T.tune_model({"<v1>": str(a), "<v2>": str(b)}, **FAST)
+    assert r.identifiers == ["<v1>", "<v2>"]
+    p1, p2 = r.pivots["<v1>"], r.pivots["<v2>"]
+    assert p1.count == p2.count > 0 and not p1.equal(p2)
+    m1, m2, mu = p1.to_masks(), p2.to_masks(), r.trained.to_masks()
+    for n in mu:
+        assert torch.equal(mu[n], m1[n] | m2[n])
+    bank = r.model.lm._ppt_fast_identifier_bank
+    assert bank.identifiers() == ["<v1>", "<v2>"]
+
+
+def _bad(tmp_path, name, audio, sr=16000):
+    p = tmp_path / name
+    sf.write(str(p), audio.T.numpy(), sr, subtype="FLOAT")
+    return str(p)
+
+
+def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(T, "_make_batch", lambda *a, **k: calls.append(1))
+    with pytest.raises(AudioError, match="does not exist"):
+        T.tune_model(str(tmp_path / "nope.wav"), **FAST)
+    with pytest.raises(AudioError, match="silent"):
+        T.tune_model(_bad(tmp_path, "s.wav", torch.zeros(1, 32000)), **FAST)
+    with pytest.raises(AudioError, match=r"minimum is 1 s"):
+        T.tune_model(_bad(tmp_path, "short.wav", synth_reference(0.5, 16000)), **FAST)
+    nan = synth_reference(2.0, 16000)
+    nan[0, 100] = float("nan")
+    with pytest.raises(AudioError, match="NaN"):
+        T.tune_model(_bad(tmp_path, "nan.wav", nan), **FAST)
+    bad = tmp_path / "bad.wav"
+    bad.write_text("hello")
+    with pytest.raises(AudioError, match="cannot read"):
+        T.tune_model(str(bad), **FAST)
+    ok = _bad(tmp_path, "ok.wav", synth_reference(2.0, 16000))
+    with pytest.raises(T.TuneError, match="collides"):
+        T.tune_model(ok, identifier="<music>", **FAST)
+    with pytest.raises(T.TuneError, match="one non-empty word"):
+        T.tune_model(ok, identifier="my concept", **FAST)
+    with pytest.raises(T.TuneError, match="preset"):
+        T.tune_model(ok, preset="lora", **FAST)
+    with pytest.raises(T.TuneError, match="ratio"):
+        T.tune_model(ok, ratio=1.5, **FAST)
+    assert not calls
+
+
+def test_reference_cache(ref_wav, tmp_path):
+    from ppt_fast.musicgen import data
+
+    mg = load_model("tiny")
+    a = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")
+    assert a.cache_path and a.codes.dtype == torch.int64 and a.codes.shape[1:] == (4, 50)
+    b = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")
+    assert b.cache_path == a.cache_path and torch.equal(a.codes, b.codes)
+    c = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="other")
+    assert c.cache_path != a.cache_path
+    # 4 s at 1 s windows with 50 % hop -> 7 windows.
+    assert a.codes.shape[0] == 7
