@@ -3,11 +3,13 @@
 See `ppt_fast.ops.select_pivots` for the contract. No sort over N and no int64 copy of N:
 
 1. Radix select on the key `bits(|x|)` (the fp32 bit pattern with the sign cleared; its integer order is the order of
-   |x|, and it has 31 significant bits). Three histogram passes over the digits `key[30:20]` (2048 bins), `key[19:10]`
-   and `key[9:0]` (1024 bins each), each restricted to the keys whose higher digits equal the prefix found so far.
-   Each program histograms its tile in registers (`tl.histogram`) and adds only its non-empty bins to the global
-   int64 histogram, so atomics scale with tiles, not entries. The bin holding the k-th largest key is found with a
-   few tiny torch ops on the device (a reversed cumsum over <= 2048 bins); nothing but the NaN check waits on the host.
+   |x|, and it has 31 significant bits). Four histogram passes over the digits `key[30:23]`, `key[22:15]`,
+   `key[14:7]` (256 bins) and `key[6:0]` (128 bins), each restricted to the keys whose higher digits equal the prefix
+   found so far. Each program histograms its tile in registers (`tl.histogram`) and adds only its non-empty bins to
+   the global int64 histogram, so atomics scale with tiles, not entries. Small digits because `tl.histogram` costs
+   ~(bins / 32) · log2(bins) instructions per key on a GPU: 2048 bins would make a pass ~10x compute-bound, 256 bins
+   keep it near the bandwidth of streaming the keys. The bin holding the k-th largest key is found with a few tiny
+   torch ops on the device (a reversed cumsum over <= 256 bins); nothing but the NaN check waits on the host.
 2. A count pass: per tile, how many keys are above the threshold and how many equal it.
 3. Device scans over the per-tile counts (N / tile entries) hand out the ties in global order and give each tile its
    output position; a compaction pass writes the local int32 indices there, in (tensor, flat index) order.
@@ -25,7 +27,8 @@ from . import _utils
 _NAN_KEY = 0x7F800000  # keys above +inf's bit pattern are NaN
 _INT32_MAX = 2**31 - 1
 # (shift of the digit, bins, shift that isolates the prefix the keys must match; -1: none)
-_PASSES = ((20, 2048, -1), (10, 1024, 20), (0, 1024, 10))
+_PASSES = ((23, 256, -1), (15, 256, 23), (7, 256, 15), (0, 128, 7))
+_MAX_BINS = 256
 
 # GPU: 2048 keys per step across 8 warps (8 per thread) and 8 steps per program, so each program adds its histogram
 # to the global one once per 16384 keys: few enough atomics that contention on the hot bins (scores crowd into a few
@@ -276,7 +279,7 @@ def select_pivots_triton(
 
     # [threshold prefix so far, keys left to place]
     state = _utils.to_device(torch.tensor([0, k], dtype=torch.int64), device)
-    hist = torch.empty(2048, dtype=torch.int64, device=device)
+    hist = torch.empty(_MAX_BINS, dtype=torch.int64, device=device)
     nan_flag = torch.zeros(1, dtype=torch.int32, device=device)
     opts = _utils.gpu_options(num_warps=_WARPS_GPU, enable_fp_fusion=False)
     with _utils.on_device(device):
