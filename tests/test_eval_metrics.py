@@ -20,9 +20,9 @@ SUBSET = ["piano", "violin", "trumpet", "drums", "nylon_guitar"]
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    """5 concepts, 12-s references, 2 held-out 4-s clips each (≈3 s to render)."""
+    """5 concepts, 8-s references, 2 held-out 4-s clips each (≈2 s to render)."""
     out = tmp_path_factory.mktemp("concepts")
-    path = dataset.build(str(out), concepts=SUBSET, seconds=12.0, heldout=2, heldout_seconds=4.0, sample_rate=SR)
+    path = dataset.build(str(out), concepts=SUBSET, seconds=8.0, heldout=2, heldout_seconds=4.0, sample_rate=SR)
     return dataset.load_manifest(path)
 
 

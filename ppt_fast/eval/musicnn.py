@@ -17,7 +17,9 @@ Upstream ``musicnn.extractor()`` returns the *first* patch's ``penultimate`` (an
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import importlib.util
 import logging
 import math
@@ -216,8 +218,8 @@ def mel_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT, n_mels: i
     return torch.from_numpy(weights.astype(np.float32))
 
 
-def mel_power(audio: torch.Tensor, *, pad_mode: str = "reflect") -> torch.Tensor:
-    """Mel power spectrogram of 16-kHz mono audio ``[..., T]`` -> float32 ``[..., frames, 96]``, frames = 1 + T//256.
+def mel_power(audio: torch.Tensor, *, pad_mode: str = "reflect", hop: int = HOP) -> torch.Tensor:
+    """Mel power spectrogram of 16-kHz mono audio ``[..., T]`` -> float32 ``[..., frames, 96]``, frames = 1 + T//hop.
 
     Matches ``librosa.feature.melspectrogram(y, sr=16000, n_fft=512, hop_length=256, n_mels=96, pad_mode=pad_mode)``
     (centred frames, periodic Hann window, power 2). ``reflect`` is what librosa used when musicnn was trained.
@@ -228,7 +230,7 @@ def mel_power(audio: torch.Tensor, *, pad_mode: str = "reflect") -> torch.Tensor
     spec = torch.stft(
         x,
         n_fft=N_FFT,
-        hop_length=HOP,
+        hop_length=hop,
         window=torch.hann_window(N_FFT, periodic=True, dtype=torch.float32, device=x.device),
         center=True,
         pad_mode=pad_mode,
@@ -239,9 +241,9 @@ def mel_power(audio: torch.Tensor, *, pad_mode: str = "reflect") -> torch.Tensor
     return mel.transpose(1, 2).reshape(*lead, -1, N_MELS)
 
 
-def log_mel(audio: torch.Tensor) -> torch.Tensor:
+def log_mel(audio: torch.Tensor, hop: int = HOP) -> torch.Tensor:
     """musicnn's input representation: ``log10(10000 * mel + 1)`` in float32, ``[..., frames, 96]``."""
-    return torch.log10(10000.0 * mel_power(audio) + 1.0)
+    return torch.log10(10000.0 * mel_power(audio, hop=hop) + 1.0)
 
 
 def patches(logmel: torch.Tensor, hop_frames: int = PATCH_FRAMES) -> torch.Tensor:
@@ -383,9 +385,26 @@ def is_available() -> bool:
     return True
 
 
+_CACHE: collections.OrderedDict[tuple[str, int], MusicnnOutput] = collections.OrderedDict()
+_CACHE_SIZE = 64
+
+
 @torch.no_grad()
 def embed_patches(audio_16k: torch.Tensor, *, hop_frames: int = PATCH_FRAMES) -> MusicnnOutput:
-    """Run the tagger over 3-s patches of one mono 16-kHz clip ``[T]`` (T >= 47616 samples)."""
+    """Run the tagger over 3-s patches of one mono 16-kHz clip ``[T]`` (T >= 47616 samples).
+
+    The last 64 results are cached by the audio's bytes, so the metrics that score the same clips (alignment,
+    diversity, tag proxy) run the network once per clip.
+    """
     if audio_16k.dim() != 1:
         raise ValueError(f"embed_patches takes one mono clip [T], got {tuple(audio_16k.shape)}")
-    return load_musicnn()(patches(log_mel(audio_16k), hop_frames))
+    x = audio_16k.detach().to("cpu", torch.float32).contiguous()
+    key = (hashlib.sha1(x.numpy().tobytes()).hexdigest(), hop_frames)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    out = load_musicnn()(patches(log_mel(x), hop_frames))
+    _CACHE[key] = out
+    if len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return out
