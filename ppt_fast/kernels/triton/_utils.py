@@ -42,6 +42,13 @@ def dtype_code(t: torch.Tensor, arg: str) -> int:
         raise TypeError(f"{arg} has dtype {t.dtype}; the Triton kernels take float32, float16 or bfloat16") from None
 
 
+def check_tile(tile: int, arg: str = "tile") -> int:
+    """Tile sizes feed `tl.arange`, which needs a power of 2."""
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"{arg}={tile} must be a power of 2 >= 16")
+    return tile
+
+
 def gpu_options(**opts) -> dict:
     """Launch options that only mean something to a compiled kernel; the interpreter gets none of them."""
     return {} if interpreting() else opts

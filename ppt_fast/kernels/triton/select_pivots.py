@@ -238,8 +238,7 @@ def select_pivots_triton(
     interp = _utils.interpreting()
     block = block or (_BLOCK_INTERPRETER if interp else _BLOCK_GPU)
     steps = steps or (_STEPS_INTERPRETER if interp else _STEPS_GPU)
-    if block & (block - 1) or block < 16:
-        raise ValueError(f"block={block} must be a power of 2 >= 16")
+    _utils.check_tile(block, "block")
 
     # One tile table over all tensors in order, so tile b's output position follows from a scan over tiles < b;
     # each dtype group launches over its own list of tile ids (all of them in the usual one-dtype case).

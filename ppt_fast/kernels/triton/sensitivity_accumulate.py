@@ -138,7 +138,7 @@ def sensitivity_accumulate_triton(
         groups.setdefault(key, []).append(i)
     if not groups:
         return
-    tile = tile or (_TILE_INTERPRETER if _utils.interpreting() else _TILE_GPU)
+    tile = _utils.check_tile(tile or (_TILE_INTERPRETER if _utils.interpreting() else _TILE_GPU))
     numels = [s.numel() for s in scores]
     score_tab = _utils.pointer_table(scores, device)
     grad_tab = _utils.pointer_table(grads, device)

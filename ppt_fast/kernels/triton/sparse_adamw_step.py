@@ -140,7 +140,7 @@ def sparse_adamw_step_triton(
         _utils.dtype_code(p, f"params[{i}]")
         groups.setdefault((p.dtype, None if use_pivot_grads else grads[i].dtype), []).append(i)
 
-    tile = tile or (_TILE_INTERPRETER if _utils.interpreting() else _TILE_GPU)
+    tile = _utils.check_tile(tile or (_TILE_INTERPRETER if _utils.interpreting() else _TILE_GPU))
     lengths = [offsets[i + 1] - offsets[i] for i in range(len(params))]
     param_tab = _utils.pointer_table(params, device)
     grad_tab = param_tab if use_pivot_grads else _utils.pointer_table(grads, device)
