@@ -10,8 +10,12 @@ Layout (what every kernel reads):
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -155,6 +159,116 @@ class PivotSet:
         cls, names: Sequence[str], shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu"
     ) -> PivotSet:
         return cls(names, shapes, [0] * (len(names) + 1), torch.empty(0, dtype=torch.int32, device=device))
+
+    # ---- set algebra ---------------------------------------------------------------------------------------------
+    def _keys(self) -> torch.Tensor:
+        """int64 global keys (tensor base + local index), increasing: one number per pivot over all tensors."""
+        bases = torch.tensor([0] + self.numels, dtype=torch.int64).cumsum(0)[:-1].to(self.device)
+        per = torch.repeat_interleave(bases, torch.tensor(self.counts(), dtype=torch.int64).to(self.device))
+        return per + self.indices.to(torch.int64)
+
+    def _from_keys(self, keys: torch.Tensor) -> PivotSet:
+        bounds = torch.tensor([0] + self.numels, dtype=torch.int64).cumsum(0)
+        ends = torch.searchsorted(keys.cpu(), bounds, right=False)  # pivots with key < bound
+        offsets = ends - ends[0]
+        tensor_of = torch.repeat_interleave(torch.arange(len(self.names)), offsets[1:] - offsets[:-1]).to(keys.device)
+        local = keys - bounds[:-1].to(keys.device)[tensor_of]
+        return PivotSet(self.names, self.shapes, offsets, local.to(torch.int32))
+
+    def _check_layout(self, other: PivotSet, op: str) -> None:
+        if not isinstance(other, PivotSet):
+            raise TypeError(f"PivotSet.{op}: expected a PivotSet, got {type(other).__name__}")
+        if not self.same_layout(other):
+            diff = [
+                f"{a!r}{tuple(sa)} vs {b!r}{tuple(sb)}"
+                for a, sa, b, sb in zip(self.names, self.shapes, other.names, other.shapes)
+                if a != b or sa != sb
+            ]
+            raise ValueError(
+                f"PivotSet.{op}: the sets cover different tensors ({len(self.names)} vs {len(other.names)} tensors"
+                f"{'; first difference: ' + diff[0] if diff else ''}); both must list the same names and shapes in "
+                "the same order (re-express one with PivotSet.relayout)"
+            )
+        if other.device != self.device:
+            raise ValueError(f"PivotSet.{op}: sets on {self.device} and {other.device}; move one with .to()")
+
+    def union(self, other: PivotSet) -> PivotSet:
+        """Entries pivotal in either set (same layout required)."""
+        self._check_layout(other, "union")
+        return self._from_keys(torch.unique(torch.cat([self._keys(), other._keys()]), sorted=True))
+
+    def intersection(self, other: PivotSet) -> PivotSet:
+        """Entries pivotal in both sets (same layout required)."""
+        self._check_layout(other, "intersection")
+        a = self._keys()
+        return self._from_keys(a[torch.isin(a, other._keys())])
+
+    def difference(self, other: PivotSet) -> PivotSet:
+        """Entries pivotal in this set and not in `other` (same layout required)."""
+        self._check_layout(other, "difference")
+        a = self._keys()
+        return self._from_keys(a[~torch.isin(a, other._keys())])
+
+    __or__ = union
+    __and__ = intersection
+    __sub__ = difference
+
+    def relayout(self, names: Sequence[str], shapes: Sequence[Sequence[int]]) -> PivotSet:
+        """The same pivots over another tensor list: tensors this set lacks get no pivots; a tensor of this set with
+        pivots that the new layout lacks, or with another shape, is an error."""
+        names = [str(n) for n in names]
+        shapes = [torch.Size(s) for s in shapes]
+        pos = {n: i for i, n in enumerate(self.names)}
+        new_names = set(names)
+        lost = [n for n, c in zip(self.names, self.counts()) if c and n not in new_names]
+        if lost:
+            raise ValueError(f"PivotSet.relayout: the new layout drops tensors that hold pivots: {lost[:3]}")
+        parts, offsets = [], [0]
+        for n, s in zip(names, shapes):
+            if n in pos:
+                if self.shapes[pos[n]] != s:
+                    raise ValueError(f"PivotSet.relayout: {n!r} has shape {tuple(self.shapes[pos[n]])}, not {tuple(s)}")
+                parts.append(self.indices_of(pos[n]))
+            offsets.append(offsets[-1] + (parts[-1].numel() if n in pos else 0))
+        idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32, device=self.device)
+        return PivotSet(names, shapes, offsets, idx)
+
+    # ---- save / load -------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file (``indices`` int32 [k], ``offsets`` int64 [T+1]) with the names and shapes as
+        JSON metadata. The write is atomic: a temporary file in the same folder, then `os.replace`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        meta = {
+            "format": "ppt_fast.PivotSet/1",
+            "layout": json.dumps({"names": self.names, "shapes": [list(s) for s in self.shapes]}),
+        }
+        tensors = {"indices": self.indices.detach().cpu().contiguous(), "offsets": self.offsets.contiguous()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> PivotSet:
+        """Read a file written by `save`; indices go to `device`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "ppt_fast.PivotSet/1":
+                raise ValueError(f"{path} is not a PivotSet file (metadata format {meta.get('format')!r})")
+            layout = json.loads(meta["layout"])
+            indices = f.get_tensor("indices")
+            offsets = f.get_tensor("offsets")
+        return cls(layout["names"], layout["shapes"], offsets, indices.to(device))
 
     # ---- comparison / display ----------------------------------------------------------------------------------
     def same_layout(self, other: PivotSet) -> bool:

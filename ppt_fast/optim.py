@@ -1,0 +1,674 @@
+"""SparseAdamW: AdamW on the pivots only (state for the k pivots), and the DenseMaskedAdamW baseline.
+
+`SparseAdamW` is a real `torch.optim.Optimizer`: LR schedulers, `torch.amp.GradScaler`, Hugging Face `Trainer`
+(``optimizers=(opt, None)``), DDP and audiocraft's optimizer seam work with it. Per param group it holds fp32
+``exp_avg``/``exp_avg_sq`` of shape ``[k_group]`` (and an fp32 master copy of the pivots when any pivoted parameter
+is fp16/bf16) and runs one `ppt_fast.sparse_adamw_step` launch per group per step. Every non-pivot entry of every
+parameter stays bitwise unchanged; parameters without pivots are ignored.
+
+Names: the PivotSet names tensors; the optimizer must know each parameter's name. It takes them from
+- a model (``named_parameters()``), a list of ``(name, param)`` pairs, or param-group dicts whose ``"params"`` are
+  ``(name, param)`` pairs (or carry a ``"param_names"`` list, as torch's named-parameter optimizers store them);
+- or, for plain unnamed tensors / param groups (what audiocraft's ``get_optimizer(params, cfg)`` hands over),
+  ``param_names=``: the model (names are looked up by identity in its ``named_parameters()``) or a mapping
+  ``{param: name}``.
+
+Non-finite gradients at the pivots without a GradScaler: by default (``nonfinite="skip"``) the step is skipped for
+all groups (nothing is written, the step count does not advance), a warning is logged and ``skipped_steps`` grows;
+``nonfinite="raise"`` raises `FloatingPointError`; ``nonfinite="ignore"`` skips the check. The check is one
+``isfinite`` over the gathered pivot gradients of each group and one host sync per step (none per tensor). With a
+GradScaler the scaler's ``found_inf`` decides instead (same single sync).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .ops import sparse_adamw_step
+from .pivots import PivotSet
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = "ppt_fast.SparseAdamW/1"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Param-group normalisation: every group becomes {"params": [tensor, ...], "param_names": [str, ...], **options}.
+# ---------------------------------------------------------------------------------------------------------------------
+def _name_lookup(param_names: Any) -> dict[int, str] | None:
+    if param_names is None:
+        return None
+    if isinstance(param_names, torch.nn.Module):
+        return {id(p): n for n, p in param_names.named_parameters(remove_duplicate=False)}
+    if isinstance(param_names, Mapping):
+        out = {}
+        for k, v in param_names.items():
+            if isinstance(k, torch.Tensor):
+                out[id(k)] = str(v)
+            elif isinstance(v, torch.Tensor):  # {name: param} is accepted too
+                out[id(v)] = str(k)
+            else:
+                raise TypeError("param_names must map parameters to names ({param: name}) or be an nn.Module")
+        return out
+    raise TypeError(f"param_names must be an nn.Module or a {{param: name}} mapping, got {type(param_names).__name__}")
+
+
+def _is_named_pair(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], torch.Tensor)
+
+
+def _named_groups(params: Any, param_names: Any) -> list[dict[str, Any]]:
+    lookup = _name_lookup(param_names)
+    if isinstance(params, torch.nn.Module):
+        named = list(params.named_parameters())
+        return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be a model, a list of (name, param) pairs or param groups, not a single tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("params is empty: give the model, its named_parameters() or param groups")
+    raw_groups = items if all(isinstance(x, dict) for x in items) else [{"params": items}]
+    groups = []
+    for gi, g in enumerate(raw_groups):
+        if not isinstance(g, dict):
+            raise TypeError("params mixes param-group dicts and other items; give one kind")
+        g = dict(g)
+        ps = g["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        if ps and all(_is_named_pair(x) for x in ps):
+            names = [n for n, _ in ps]
+            tensors = [p for _, p in ps]
+        else:
+            tensors = ps
+            for x in tensors:
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(
+                        f"param group {gi}: expected tensors or (name, tensor) pairs, got {type(x).__name__}"
+                    )
+            if "param_names" in g:
+                names = [str(n) for n in g["param_names"]]
+            elif lookup is not None:
+                missing = [i for i, p in enumerate(tensors) if id(p) not in lookup]
+                if missing:
+                    raise ValueError(
+                        f"param group {gi}: {len(missing)} parameter(s) (first: shape "
+                        f"{tuple(tensors[missing[0]].shape)}) are not in param_names; pass the model that owns them"
+                    )
+                names = [lookup[id(p)] for p in tensors]
+            else:
+                raise ValueError(
+                    "the optimizer got unnamed parameters, so it cannot match them to the PivotSet's tensor names; "
+                    "pass model.named_parameters() / the model, or param_names=model (or a {param: name} mapping)"
+                )
+        if len(names) != len(tensors):
+            raise ValueError(f"param group {gi}: {len(names)} names for {len(tensors)} params")
+        g["params"] = tensors
+        g["param_names"] = names
+        groups.append(g)
+    return groups
+
+
+class _GroupLayout:
+    """The pivoted parameters of one param group and their packed pivots (on the parameters' device)."""
+
+    def __init__(self, params: list[torch.Tensor], names: list[str], counts: list[int], indices: torch.Tensor):
+        self.params = params
+        self.names = names
+        self.offsets = [0]
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+        self.indices = indices
+        self.k = self.offsets[-1]
+        self.needs_master = any(p.dtype in _LOW_PRECISION for p in params)
+
+
+def _check_lr(lr: Any, where: str) -> None:
+    if isinstance(lr, torch.Tensor):
+        lr = float(lr)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"{where}: lr={lr!r} must be a finite number >= 0")
+
+
+def _check_hparams(betas: tuple[float, float], eps: float, weight_decay: float, where: str) -> None:
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas={betas!r} must be two numbers in [0, 1)")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{where}: eps={eps!r} must be a finite number >= 0")
+    if not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{where}: weight_decay={weight_decay!r} must be a finite number >= 0")
+
+
+def _split_pivots(
+    groups: list[dict[str, Any]], pivots: PivotSet, who: str, require_grad: bool = True
+) -> list[_GroupLayout]:
+    """Match the PivotSet's tensors to the groups' named parameters; errors name what does not fit."""
+    if not isinstance(pivots, PivotSet):
+        raise TypeError(f"{who}: pivots must be a PivotSet, got {type(pivots).__name__}")
+    where: dict[str, tuple[int, torch.Tensor]] = {}
+    for gi, g in enumerate(groups):
+        for n, p in zip(g["param_names"], g["params"]):
+            if n in where and where[n][1] is not p:
+                raise ValueError(f"{who}: two different parameters are both named {n!r}")
+            where[n] = (gi, p)
+    missing = [n for n in pivots.names if n not in where]
+    if missing:
+        raise ValueError(
+            f"{who}: the PivotSet names {len(missing)} tensor(s) the optimizer was not given, e.g. {missing[:3]}: "
+            "it was built for other tensors (another model, or names with/without a 'module.' prefix); "
+            "select pivots on this model or pass its parameters"
+        )
+    counts = pivots.counts()
+    per_group: list[list[tuple[int, str, torch.Tensor]]] = [[] for _ in groups]
+    for ti, (name, shape) in enumerate(zip(pivots.names, pivots.shapes)):
+        gi, p = where[name]
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(
+                f"{who}: tensor {name!r} has shape {tuple(p.shape)} but the PivotSet was built for {tuple(shape)}; "
+                "the PivotSet belongs to another model"
+            )
+        if counts[ti] == 0:
+            continue
+        if require_grad and not p.requires_grad:
+            raise ValueError(
+                f"{who}: tensor {name!r} holds {counts[ti]} pivots but requires_grad is False, so it would never get "
+                "a gradient; call ppt_fast.freeze_unpivoted(model, pivots) (it turns pivoted tensors on) or "
+                "p.requires_grad_(True) before building the optimizer"
+            )
+        per_group[gi].append((ti, name, p))
+    layouts = []
+    for gi, items in enumerate(per_group):
+        params = [p for _, _, p in items]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"{who}: param group {gi} has pivoted parameters on several devices {sorted(map(str, devices))}"
+            )
+        device = params[0].device if params else pivots.device
+        parts = [pivots.indices_of(ti) for ti, _, _ in items]
+        idx = torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.int32, device=device)
+        layouts.append(_GroupLayout(params, [n for _, n, _ in items], [counts[ti] for ti, _, _ in items], idx))
+    return layouts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SparseAdamW
+# ---------------------------------------------------------------------------------------------------------------------
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW over the pivots of a PivotSet; state only for the pivots.
+
+    Args:
+        params: a model, an iterable of ``(name, param)`` pairs, or param-group dicts (``"params"`` as
+            ``(name, param)`` pairs, or plain tensors plus ``"param_names"`` or the ``param_names=`` argument).
+            Groups may set their own ``lr``, ``betas``, ``eps``, ``weight_decay``.
+        pivots: the PivotSet (names and shapes must match the named parameters; every parameter with pivots must
+            require grad). Parameters the PivotSet does not name, or names with no pivots, are left alone.
+        lr, betas, eps, weight_decay: AdamW's (decoupled weight decay, applied to the pivots only).
+        param_names: names for unnamed parameters: the model that owns them or a ``{param: name}`` mapping.
+        gather_in_backward: register post-accumulate-grad hooks that add each pivoted parameter's gradient at its
+            pivots into a flat fp32 ``[k]`` buffer and free the dense gradient at once; `step` then uses the
+            buffer. Gradients of pivoted parameters are then never visible in ``p.grad``, so it does not combine
+            with ``torch.amp.GradScaler`` (which inspects ``p.grad``; use bf16 instead) nor with DDP (the hooks run
+            before DDP's all-reduce). Call `remove_hooks()` to detach them.
+        nonfinite: ``"skip"`` (default), ``"raise"`` or ``"ignore"``: what a NaN/inf pivot gradient does when no
+            GradScaler is in use (see the module docstring).
+
+    State per group (``[k_g]`` fp32 each): ``exp_avg``, ``exp_avg_sq``, and ``master`` when any pivoted parameter of
+    the group is fp16/bf16 (initialised from the parameters at the first step).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Any,
+        pivots: PivotSet,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        param_names: Any = None,
+        gather_in_backward: bool = False,
+        nonfinite: str = "skip",
+    ) -> None:
+        _check_lr(lr, "SparseAdamW")
+        _check_hparams(tuple(betas), eps, weight_decay, "SparseAdamW")
+        if nonfinite not in ("skip", "raise", "ignore"):
+            raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'ignore'")
+        groups = _named_groups(params, param_names)
+        for gi, g in enumerate(groups):
+            if "lr" in g:
+                _check_lr(g["lr"], f"SparseAdamW param group {gi}")
+            _check_hparams(
+                tuple(g.get("betas", betas)), g.get("eps", eps), g.get("weight_decay", weight_decay), f"group {gi}"
+            )
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+        self.pivots = pivots
+        self._layouts = _split_pivots(self.param_groups, pivots, "SparseAdamW")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._gstate: list[dict[str, Any]] = []
+        for lay in self._layouts:
+            dev = lay.indices.device
+            st: dict[str, Any] = {
+                "step": 0,
+                "exp_avg": torch.zeros(lay.k, dtype=torch.float32, device=dev),
+                "exp_avg_sq": torch.zeros(lay.k, dtype=torch.float32, device=dev),
+                "master": torch.zeros(lay.k, dtype=torch.float32, device=dev) if lay.needs_master else None,
+                "master_initialized": False,
+            }
+            self._gstate.append(st)
+        self.gather_in_backward = bool(gather_in_backward)
+        self._buffers: list[torch.Tensor] = []
+        self._gathered: list[bool] = []
+        self._hook_handles: list[Any] = []
+        if self.gather_in_backward:
+            self._install_hooks()
+
+    # ---- gather in backward ------------------------------------------------------------------------------------
+    def _install_hooks(self) -> None:
+        for gi, lay in enumerate(self._layouts):
+            buf = torch.zeros(lay.k, dtype=torch.float32, device=lay.indices.device)
+            self._buffers.append(buf)
+            self._gathered.append(False)
+            for ti, p in enumerate(lay.params):
+                lo, hi = lay.offsets[ti], lay.offsets[ti + 1]
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, lo, hi)))
+
+    def _make_hook(self, gi: int, lo: int, hi: int):
+        idx = self._layouts[gi].indices[lo:hi]
+        buf = self._buffers[gi][lo:hi]
+
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is None:
+                return
+            with torch.no_grad():
+                buf.add_(p.grad.reshape(-1).index_select(0, idx).float())
+            p.grad = None
+            self._gathered[gi] = True
+
+        return hook
+
+    def remove_hooks(self) -> None:
+        """Detach the gather-in-backward hooks (the optimizer then reads ``p.grad`` again)."""
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles = []
+        self.gather_in_backward = False
+
+    # ---- gradients at the pivots -------------------------------------------------------------------------------
+    def _pivot_grads(self, gi: int) -> torch.Tensor | None:
+        """fp32 ``[k_g]`` gradients at the pivots of group gi, or None when the group got no gradient."""
+        lay = self._layouts[gi]
+        if lay.k == 0:
+            return None
+        if self.gather_in_backward:
+            return self._buffers[gi] if self._gathered[gi] else None
+        grads = [p.grad for p in lay.params]
+        if all(g is None for g in grads):
+            return None
+        parts = []
+        for ti, g in enumerate(grads):
+            idx = lay.indices[lay.offsets[ti] : lay.offsets[ti + 1]]
+            if g is None:  # a parameter the loss did not reach this step: zero gradient at its pivots
+                parts.append(torch.zeros(idx.numel(), dtype=torch.float32, device=idx.device))
+            else:
+                if g.is_sparse:
+                    raise RuntimeError(f"SparseAdamW: parameter {lay.names[ti]!r} has a sparse gradient; not supported")
+                parts.append(g.reshape(-1).index_select(0, idx).float())
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the pivot gradients to a total norm of `max_norm`; returns the total norm before clipping.
+
+        The norm is the `norm_type` norm (L2 by default) of **all pivot gradients of all groups gathered into one
+        vector**; gradients at non-pivot entries do not count. Under a GradScaler call ``scaler.unscale_(opt)``
+        first, as with `torch.nn.utils.clip_grad_norm_`. Clipping multiplies the pivoted parameters' gradients
+        (or the gathered buffers) by ``min(1, max_norm / (norm + 1e-6))``, with no host sync.
+        """
+        if max_norm < 0 or not math.isfinite(max_norm):
+            raise ValueError(f"max_norm={max_norm} must be a finite number >= 0")
+        norms, device = [], None
+        for gi in range(len(self._layouts)):
+            pg = self._pivot_grads(gi)
+            if pg is not None:
+                norms.append(torch.linalg.vector_norm(pg, norm_type))
+                device = pg.device
+        if not norms:
+            return torch.zeros(())
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for gi, lay in enumerate(self._layouts):
+            if self.gather_in_backward:
+                if self._gathered[gi]:
+                    self._buffers[gi].mul_(coef.to(self._buffers[gi].device))
+            else:
+                grads = [p.grad for p in lay.params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, coef.to(grads[0].device))
+        return total
+
+    # ---- the step ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One AdamW step on the pivots of every group (one `sparse_adamw_step` launch per group)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        scaler_active = grad_scale is not None or found_inf is not None
+        if scaler_active and self.gather_in_backward:
+            raise RuntimeError(
+                "SparseAdamW(gather_in_backward=True) cannot be stepped by a torch.amp.GradScaler: the scaler checks "
+                "p.grad, which the gather hooks free; use bf16 autocast (no scaler) or gather_in_backward=False"
+            )
+        for gi, group in enumerate(self.param_groups):
+            _check_lr(group["lr"], f"SparseAdamW param group {gi}")
+        pgs = [self._pivot_grads(gi) for gi in range(len(self._layouts))]
+        live = [gi for gi, pg in enumerate(pgs) if pg is not None]
+        if not live:
+            return loss
+        if found_inf is not None:
+            if not isinstance(found_inf, torch.Tensor):
+                found_inf = torch.tensor(float(found_inf))
+            if float(found_inf.item()) != 0.0:  # one host sync per step
+                self.skipped_steps += 1
+                self._clear_gathered()
+                return loss
+        elif self.nonfinite != "ignore":
+            flags = torch.stack([(~torch.isfinite(pgs[gi])).any().to(pgs[live[0]].device) for gi in live])
+            if bool(flags.any()):  # one host sync per step
+                bad = [
+                    self._layouts[gi].names[ti]
+                    for gi in live
+                    for ti in range(len(self._layouts[gi].params))
+                    if not bool(
+                        torch.isfinite(pgs[gi][self._layouts[gi].offsets[ti] : self._layouts[gi].offsets[ti + 1]]).all()
+                    )
+                ]
+                msg = f"non-finite gradient at pivots of {bad[:5]}{' ...' if len(bad) > 5 else ''}"
+                if self.nonfinite == "raise":
+                    self._clear_gathered()
+                    raise FloatingPointError(
+                        f"SparseAdamW: {msg}; lower the lr, use a GradScaler for fp16, or nonfinite='skip'"
+                    )
+                self.skipped_steps += 1
+                logger.warning("SparseAdamW: %s; step skipped (%d skipped so far)", msg, self.skipped_steps)
+                self._clear_gathered()
+                return loss
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = grad_scale.reshape(1).float()
+        elif grad_scale is not None:
+            grad_scale = torch.tensor([float(grad_scale)])
+        for gi in live:
+            group, lay, st = self.param_groups[gi], self._layouts[gi], self._gstate[gi]
+            if st["master"] is not None and not st["master_initialized"]:
+                st["master"].copy_(
+                    torch.cat(
+                        [
+                            p.detach().reshape(-1).index_select(0, lay.indices[lay.offsets[t] : lay.offsets[t + 1]])
+                            for t, p in enumerate(lay.params)
+                        ]
+                    ).float()
+                )
+                st["master_initialized"] = True
+            st["step"] += 1
+            beta1, beta2 = group["betas"]
+            sparse_adamw_step(
+                lay.params,
+                None,
+                lay.offsets,
+                lay.indices,
+                st["exp_avg"],
+                st["exp_avg_sq"],
+                st["master"],
+                step=st["step"],
+                lr=float(group["lr"]),
+                beta1=float(beta1),
+                beta2=float(beta2),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                pivot_grads=pgs[gi],
+                grad_scale=None if grad_scale is None else grad_scale.to(lay.indices.device),
+            )
+        self._clear_gathered()
+        return loss
+
+    def _clear_gathered(self) -> None:
+        for gi, buf in enumerate(self._buffers):
+            if self._gathered[gi]:
+                buf.zero_()
+                self._gathered[gi] = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        self._clear_gathered()
+
+    # ---- memory ------------------------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of optimizer memory: every state tensor (exp_avg, exp_avg_sq, master) + the packed int32 indices
+        (+ the gather buffers when gather_in_backward)."""
+        total = 0
+        for lay, st in zip(self._layouts, self._gstate):
+            for key in ("exp_avg", "exp_avg_sq", "master"):
+                if st[key] is not None:
+                    total += st[key].numel() * st[key].element_size()
+            total += lay.indices.numel() * lay.indices.element_size()
+        for buf in self._buffers:
+            total += buf.numel() * buf.element_size()
+        return total
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Per-group state (step, exp_avg, exp_avg_sq, master) + the pivot layout it belongs to + the groups'
+        hyperparameters (so an LR schedule resumes too). Tensors are references; ``torch.save`` it."""
+        groups = []
+        base = 0
+        for g in self.param_groups:
+            packed = {k: v for k, v in g.items() if k != "params"}
+            packed["params"] = list(range(base, base + len(g["params"])))
+            base += len(g["params"])
+            groups.append(packed)
+        state = {}
+        for gi, (lay, st) in enumerate(zip(self._layouts, self._gstate)):
+            state[gi] = {
+                "step": st["step"],
+                "exp_avg": st["exp_avg"],
+                "exp_avg_sq": st["exp_avg_sq"],
+                "master": st["master"],
+                "master_initialized": st["master_initialized"],
+                "names": list(lay.names),
+                "offsets": list(lay.offsets),
+                "indices": lay.indices,
+            }
+        return {"format": _FORMAT, "state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved; the state must belong to the same PivotSet and param groups."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
+            raise ValueError(
+                "SparseAdamW.load_state_dict: this is not a SparseAdamW state dict "
+                f"(format {state_dict.get('format') if isinstance(state_dict, dict) else type(state_dict)!r})"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"SparseAdamW.load_state_dict: {len(saved_groups)} param groups saved, the optimizer has "
+                f"{len(self.param_groups)}; build it with the same param groups"
+            )
+        for gi, lay in enumerate(self._layouts):
+            s = state_dict["state"][gi]
+            same = (
+                s["names"] == lay.names
+                and list(s["offsets"]) == lay.offsets
+                and torch.equal(s["indices"].cpu(), lay.indices.cpu())
+            )
+            if not same:
+                raise ValueError(
+                    f"SparseAdamW.load_state_dict: the state of param group {gi} belongs to another PivotSet "
+                    f"(saved {len(s['names'])} tensors / {s['offsets'][-1]} pivots, here {len(lay.names)} / {lay.k} "
+                    "or different indices); resume with the PivotSet the run was started with (PivotSet.load)"
+                )
+        for gi, st in enumerate(self._gstate):
+            s = state_dict["state"][gi]
+            st["step"] = int(s["step"])
+            st["exp_avg"].copy_(s["exp_avg"])
+            st["exp_avg_sq"].copy_(s["exp_avg_sq"])
+            if st["master"] is not None:
+                if s["master"] is None:
+                    raise ValueError(
+                        f"SparseAdamW.load_state_dict: group {gi} needs an fp32 master, the saved has none"
+                    )
+                st["master"].copy_(s["master"])
+            st["master_initialized"] = bool(s["master_initialized"])
+        for g, saved in zip(self.param_groups, saved_groups):
+            for key, value in saved.items():
+                if key not in ("params", "param_names"):
+                    g[key] = value
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def __repr__(self) -> str:
+        k = sum(lay.k for lay in self._layouts)
+        return f"SparseAdamW({len(self.param_groups)} groups, {k} pivots, lr={self.defaults['lr']})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# freeze_unpivoted
+# ---------------------------------------------------------------------------------------------------------------------
+class FreezeHandle:
+    """What `freeze_unpivoted` changed; `restore()` (or leaving the ``with`` block) puts it back."""
+
+    def __init__(self, changed: list[tuple[torch.Tensor, bool]]) -> None:
+        self.changed = changed
+
+    def restore(self) -> None:
+        for p, flag in self.changed:
+            p.requires_grad_(flag)
+        self.changed = []
+
+    def __enter__(self) -> FreezeHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+def freeze_unpivoted(model: torch.nn.Module | Iterable[tuple[str, torch.Tensor]], pivots: PivotSet) -> FreezeHandle:
+    """Turn ``requires_grad`` off on every parameter with no pivot (so backward skips its weight gradient) and on
+    on every parameter that holds pivots. Returns a handle whose `restore()` undoes exactly these changes.
+
+    Parameters the PivotSet does not name count as unpivoted. A PivotSet tensor the model lacks is an error.
+    """
+    named = list(model.named_parameters()) if isinstance(model, torch.nn.Module) else list(model)
+    have = {n: p for n, p in named}
+    counts = dict(zip(pivots.names, pivots.counts()))
+    missing = [n for n in pivots.names if n not in have]
+    if missing:
+        raise ValueError(
+            f"freeze_unpivoted: the PivotSet names tensors the model lacks, e.g. {missing[:3]}; "
+            "it was built for another model"
+        )
+    changed = []
+    for n, p in named:
+        want = counts.get(n, 0) > 0
+        if p.requires_grad != want:
+            changed.append((p, p.requires_grad))
+            p.requires_grad_(want)
+    return FreezeHandle(changed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DenseMaskedAdamW: the baseline
+# ---------------------------------------------------------------------------------------------------------------------
+class DenseMaskedAdamW(torch.optim.AdamW):
+    """The benchmark baseline: `torch.optim.AdamW` (foreach by default, ``fused=True`` optional) over the whole
+    pivoted tensors, with the gradient masked to the pivots **and the decoupled weight decay masked too**.
+
+    torch's AdamW runs with ``weight_decay=0``; this class applies ``θ ← θ·(1 − lr·wd)`` at the pivots only before
+    the Adam update (torch's order). Non-pivot entries then see a zero gradient from the start, so their moments
+    stay 0 and their update is exactly 0: they stay bitwise unchanged. On the pivots it matches `SparseAdamW` within
+    fp32 rounding (fp32 parameters; with bf16/fp16 parameters torch keeps the state in the parameter dtype and has
+    no master copy, so it is a memory baseline only). Parameters with no pivots are not given to AdamW.
+    Constructor arguments as `SparseAdamW` (plus ``foreach`` / ``fused``).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        pivots: PivotSet,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        param_names: Any = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        _check_lr(lr, "DenseMaskedAdamW")
+        _check_hparams(tuple(betas), eps, weight_decay, "DenseMaskedAdamW")
+        groups = _named_groups(params, param_names)
+        layouts = _split_pivots(groups, pivots, "DenseMaskedAdamW")
+        torch_groups = []
+        self._masks: dict[int, torch.Tensor] = {}
+        for g, lay in zip(groups, layouts):
+            if not lay.params:
+                continue
+            opts = {k: v for k, v in g.items() if k not in ("params", "param_names", "weight_decay")}
+            opts["masked_weight_decay"] = g.get("weight_decay", weight_decay)
+            opts["weight_decay"] = 0.0
+            torch_groups.append({"params": lay.params, "param_names": lay.names, **opts})
+            for ti, p in enumerate(lay.params):
+                mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                mask[lay.indices[lay.offsets[ti] : lay.offsets[ti + 1]].long()] = True
+                self._masks[id(p)] = mask.view(p.shape)
+        if not torch_groups:
+            raise ValueError("DenseMaskedAdamW: the PivotSet has no pivots on the given parameters")
+        if fused:
+            foreach = False
+        elif foreach is None:
+            foreach = True
+        super().__init__(torch_groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach, fused=fused)
+        self.pivots = pivots
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # fused AdamW under a GradScaler: skip the masked decay too
+        if isinstance(found_inf, torch.Tensor) and float(found_inf.item()) != 0.0:
+            super().step()
+            return loss
+        for group in self.param_groups:
+            _check_lr(group["lr"], "DenseMaskedAdamW")
+            wd, lr = group["masked_weight_decay"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                mask = self._masks[id(p)]
+                p.grad.masked_fill_(~mask, 0)
+                if wd:
+                    p.mul_(torch.where(mask, 1.0 - lr * wd, 1.0).to(torch.float32))
+        super().step()
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes of all AdamW state tensors (exp_avg, exp_avg_sq, step) + the bool masks."""
+        total = sum(m.numel() * m.element_size() for m in self._masks.values())
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    total += v.numel() * v.element_size()
+        return total

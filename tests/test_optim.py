@@ -1,0 +1,464 @@
+"""SparseAdamW / DenseMaskedAdamW / freeze_unpivoted against AdamW math in float64, restricted to the pivots."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+
+import pytest
+import torch
+from tolerances import ADAMW_FP32, tol
+
+import ppt_fast
+from ppt_fast.optim import DenseMaskedAdamW, SparseAdamW, freeze_unpivoted
+from ppt_fast.pivots import PivotSet
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------------
+class Tiny(torch.nn.Module):
+    def __init__(self, d: int = 12, h: int = 29, dtype=torch.float32) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(d, h, dtype=dtype)
+        self.mid = torch.nn.Linear(h, h, bias=False, dtype=dtype)
+        self.out = torch.nn.Linear(h, 3, dtype=dtype)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mid(torch.tanh(self.inp(x)))))
+
+
+def random_pivots(model: torch.nn.Module, density: float, skip: tuple[str, ...] = ()) -> PivotSet:
+    masks = {}
+    for n, p in model.named_parameters():
+        m = torch.rand(p.shape) < density
+        if n in skip:
+            m.zero_()
+        elif not m.any():
+            m.view(-1)[0] = True
+        masks[n] = m
+    return PivotSet.from_masks(masks)
+
+
+def batch(n: int = 16, d: int = 12, dtype=torch.float32):
+    return torch.randn(n, d, dtype=dtype), torch.randn(n, 3, dtype=dtype)
+
+
+def loss_fn(model, x, y):
+    return torch.nn.functional.mse_loss(model(x).float(), y.float())
+
+
+class AdamW64:
+    """Elementwise AdamW (torch's order of operations) in float64 on the pivot values only."""
+
+    def __init__(self, values: dict[str, torch.Tensor], lr, betas, eps, wd) -> None:
+        self.theta = {n: v.double().clone() for n, v in values.items()}
+        self.m = {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        self.v = {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        self.lr, self.betas, self.eps, self.wd, self.t = lr, betas, eps, wd, 0
+
+    def step(self, grads: dict[str, torch.Tensor], lr=None) -> None:
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        b1, b2 = self.betas
+        for n, g in grads.items():
+            g = g.double()
+            th = self.theta[n] * (1 - lr * self.wd)
+            self.m[n] = b1 * self.m[n] + (1 - b1) * g
+            self.v[n] = b2 * self.v[n] + (1 - b2) * g * g
+            mhat = self.m[n] / (1 - b1**self.t)
+            vhat = self.v[n] / (1 - b2**self.t)
+            self.theta[n] = th - lr * mhat / (vhat.sqrt() + self.eps)
+
+
+def pivot_values(model, ps: PivotSet) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().reshape(-1)[idx.long()].clone() for n, idx in ps if idx.numel()}
+
+
+def pivot_grads(model, ps: PivotSet) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {n: params[n].grad.reshape(-1)[idx.long()].clone() for n, idx in ps if idx.numel()}
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_nonpivots_unchanged(model, before, ps: PivotSet) -> None:
+    masks = ps.to_masks()
+    for n, p in model.named_parameters():
+        keep = ~masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool)
+        # bitwise: compare the bit patterns (catches -0.0 vs 0.0 and NaN payloads)
+        bits = torch.int16 if p.element_size() == 2 else torch.int32
+        assert torch.equal(p.detach().view(bits)[keep], before[n].view(bits)[keep]), n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# math
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gather_in_backward", [False, True])
+def test_matches_float64_adamw_and_leaves_nonpivots(gather_in_backward):
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    lr, betas, eps, wd = 3e-2, (0.8, 0.95), 1e-7, 0.1
+    opt = SparseAdamW(model, ps, lr=lr, betas=betas, eps=eps, weight_decay=wd, gather_in_backward=gather_in_backward)
+    ref = AdamW64(pivot_values(model, ps), lr, betas, eps, wd)
+    before = snapshot(model)
+    for _ in range(6):
+        x, y = batch()
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        if gather_in_backward:
+            assert all(p.grad is None for p in model.parameters()), "gather hooks must free dense grads"
+            g = {}
+            for gi, lay in enumerate(opt._layouts):
+                for t, n in enumerate(lay.names):
+                    g[n] = opt._buffers[gi][lay.offsets[t] : lay.offsets[t + 1]].clone()
+        else:
+            g = pivot_grads(model, ps)
+        opt.step()
+        ref.step(g)
+    got = pivot_values(model, ps)
+    for n in got:
+        torch.testing.assert_close(got[n].double(), ref.theta[n], rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    # the optimizer's own moments, too (gathered in group order)
+    lay, st = opt._layouts[0], opt._gstate[0]
+    m_ref = torch.cat([ref.m[n] for n in lay.names])
+    v_ref = torch.cat([ref.v[n] for n in lay.names])
+    torch.testing.assert_close(st["exp_avg"].double(), m_ref, rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    torch.testing.assert_close(st["exp_avg_sq"].double(), v_ref, rtol=ADAMW_FP32[0], atol=1e-9)
+    assert st["step"] == 6
+    assert_nonpivots_unchanged(model, before, ps)
+
+
+def test_bf16_params_use_fp32_master():
+    model = Tiny(dtype=torch.bfloat16)
+    ps = random_pivots(model, 0.3)
+    lr, wd = 1e-2, 0.05
+    opt = SparseAdamW(model, ps, lr=lr, weight_decay=wd)
+    ref = AdamW64(pivot_values(model, ps), lr, (0.9, 0.999), 1e-8, wd)
+    before = snapshot(model)
+    for _ in range(5):
+        x, y = batch(dtype=torch.bfloat16)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        g = pivot_grads(model, ps)
+        opt.step()
+        ref.step(g)
+    st, lay = opt._gstate[0], opt._layouts[0]
+    assert st["master"] is not None and st["master"].dtype == torch.float32
+    master = torch.cat([ref.theta[n] for n in lay.names])
+    torch.testing.assert_close(st["master"].double(), master, rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    got = pivot_values(model, ps)
+    for n in got:  # the bf16 parameter is the master rounded once
+        torch.testing.assert_close(got[n].double(), ref.theta[n], **tol(torch.bfloat16))
+    assert_nonpivots_unchanged(model, before, ps)
+
+
+def test_param_groups_own_lr_and_scheduler_reads_lr_each_step():
+    model = Tiny()
+    ps = random_pivots(model, 0.25)
+    named = dict(model.named_parameters())
+    g1 = [(n, named[n]) for n in ("inp.weight", "inp.bias")]
+    g2 = [(n, named[n]) for n in ("mid.weight", "out.weight", "out.bias")]
+    opt = SparseAdamW([{"params": g1, "lr": 0.05, "weight_decay": 0.0}, {"params": g2}], ps, lr=0.01)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    r1 = AdamW64({n: v for n, v in pivot_values(model, ps).items() if n.startswith("inp")}, 0.05, (0.9, 0.999), 1e-8, 0)
+    r2 = AdamW64(
+        {n: v for n, v in pivot_values(model, ps).items() if not n.startswith("inp")}, 0.01, (0.9, 0.999), 1e-8, 1e-2
+    )
+    for i in range(4):
+        x, y = batch()
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        g = pivot_grads(model, ps)
+        opt.step()
+        r1.step({n: v for n, v in g.items() if n in r1.theta}, lr=0.05 * 0.5**i)
+        r2.step({n: v for n, v in g.items() if n in r2.theta}, lr=0.01 * 0.5**i)
+        sched.step()
+    got = pivot_values(model, ps)
+    for r in (r1, r2):
+        for n, th in r.theta.items():
+            torch.testing.assert_close(got[n].double(), th, rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
+    assert len(opt._layouts) == 2 and opt._layouts[0].names == ["inp.weight", "inp.bias"]
+
+
+def test_unnamed_param_groups_with_param_names():
+    """audiocraft's seam hands unnamed groups: param_names=model (or {param: name}) names them."""
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    groups = [
+        {"params": [model.inp.weight, model.inp.bias]},
+        {"params": list(model.mid.parameters()) + list(model.out.parameters())},
+    ]
+    a = SparseAdamW(groups, ps, lr=0.01, param_names=model)
+    b_model = copy.deepcopy(model)
+    b = SparseAdamW(b_model.named_parameters(), ps, lr=0.01)
+    mapping = {p: n for n, p in model.named_parameters()}
+    SparseAdamW([{"params": list(model.parameters())}], ps, param_names=mapping)  # a mapping works too
+    with pytest.raises(ValueError, match="param_names"):
+        SparseAdamW(list(model.parameters()), ps)
+    for _ in range(3):
+        x, y = batch()
+        for m, o in ((model, a), (b_model, b)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), b_model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_dense_masked_adamw_matches_sparse_and_keeps_nonpivots():
+    model = Tiny()
+    ps = random_pivots(model, 0.15)
+    dense_model = copy.deepcopy(model)
+    sparse = SparseAdamW(model, ps, lr=2e-2, weight_decay=0.3)
+    dense = DenseMaskedAdamW(dense_model, ps, lr=2e-2, weight_decay=0.3)
+    before = snapshot(dense_model)
+    for _ in range(6):
+        x, y = batch()
+        for m, o in ((model, sparse), (dense_model, dense)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    masks = ps.to_masks()
+    for (n, p), (_, q) in zip(model.named_parameters(), dense_model.named_parameters()):
+        torch.testing.assert_close(q[masks[n]], p[masks[n]], **tol(torch.float32))
+    assert_nonpivots_unchanged(dense_model, before, ps)
+    # and its state is dense: 2 fp32 moments per entry of every pivoted tensor (+ masks, step scalars)
+    n_dense = sum(p.numel() for p in dense_model.parameters())
+    assert dense.state_bytes() >= 8 * n_dense
+
+
+def test_plain_adamw_would_decay_nonpivots():
+    """Why the baseline masks the decay: torch AdamW with a masked gradient still moves every entry."""
+    model = Tiny()
+    ps = random_pivots(model, 0.1)
+    before = snapshot(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    for n, p in model.named_parameters():
+        p.grad.mul_(ps.to_masks()[n])
+    opt.step()
+    with pytest.raises(AssertionError):
+        assert_nonpivots_unchanged(model, before, ps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resume, GradScaler, clipping, non-finite
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_after_step_3_is_bitwise(dtype):
+    def run(model, opt, sched, batches):
+        for x, y in batches:
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            opt.step()
+            sched.step()
+
+    model = Tiny(dtype=dtype)
+    ps = random_pivots(model, 0.2)
+    batches = [batch(dtype=dtype) for _ in range(6)]
+    start = copy.deepcopy(model.state_dict())
+
+    full = Tiny(dtype=dtype)
+    full.load_state_dict(start)
+    opt = SparseAdamW(full, ps, lr=1e-2)
+    run(full, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)), batches)
+
+    first = Tiny(dtype=dtype)
+    first.load_state_dict(start)
+    opt1 = SparseAdamW(first, ps, lr=1e-2)
+    sched1 = torch.optim.lr_scheduler.LambdaLR(opt1, lambda s: 1.0 / (1 + s))
+    run(first, opt1, sched1, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt1.state_dict(), "sched": sched1.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+
+    second = Tiny(dtype=dtype)
+    second.load_state_dict(ckpt["model"])
+    opt2 = SparseAdamW(second, PivotSet(ps.names, ps.shapes, ps.offsets, ps.indices.clone()), lr=1e-2)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (1 + s))
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    run(second, opt2, sched2, batches[3:])
+    for (n, p), (_, q) in zip(full.named_parameters(), second.named_parameters()):
+        assert torch.equal(p, q), n
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt._gstate[0][key], opt2._gstate[0][key])
+
+
+def test_state_dict_from_another_pivotset_is_refused():
+    model = Tiny()
+    a, b = random_pivots(model, 0.2), random_pivots(model, 0.2)
+    opt_a = SparseAdamW(model, a)
+    opt_b = SparseAdamW(model, b)
+    with pytest.raises(ValueError, match="another PivotSet"):
+        opt_b.load_state_dict(opt_a.state_dict())
+    with pytest.raises(ValueError, match="not a SparseAdamW state dict"):
+        opt_b.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+@pytest.mark.parametrize("explicit_unscale", [False, True])
+def test_gradscaler_unscales_and_skips_overflow(explicit_unscale):
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    ref_model = copy.deepcopy(model)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    ref_opt = SparseAdamW(ref_model, ps, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    for i in range(4):
+        x, y = batch()
+        if i == 2:
+            x[0, 0] = float("inf")  # overflow: this step must be skipped
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, x, y)).backward()
+        if explicit_unscale:
+            scaler.unscale_(opt)
+            opt.clip_grad_norm_(1e9)
+        before = snapshot(model)
+        scaler.step(opt)
+        scaler.update()
+        if i == 2:
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+            assert scaler.get_scale() == 2.0**9
+            continue
+        ref_opt.zero_grad()
+        loss_fn(ref_model, x, y).backward()
+        ref_opt.step()
+    assert opt._gstate[0]["step"] == 3 == ref_opt._gstate[0]["step"]
+    # the scale is a power of two, so scaling and unscaling the gradients is exact: bitwise equal
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_clip_grad_norm_over_pivots_only():
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    g = pivot_grads(model, ps)
+    expected = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g.values()))
+    dense_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert dense_norm > expected * 1.01  # the test can tell the two norms apart
+    total = opt.clip_grad_norm_(expected / 4)
+    assert math.isclose(float(total), expected, rel_tol=1e-5)
+    g2 = pivot_grads(model, ps)
+    clipped = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g2.values()))
+    assert math.isclose(clipped, expected / 4, rel_tol=1e-4)
+    assert float(opt.clip_grad_norm_(1e6)) == pytest.approx(clipped, rel=1e-5)  # under the limit: unchanged
+    assert math.isclose(
+        math.sqrt(sum(float(v.double().pow(2).sum()) for v in pivot_grads(model, ps).values())), clipped, rel_tol=1e-6
+    )
+
+
+def test_nan_gradients_skip_with_warning_or_raise(caplog):
+    model = Tiny()
+    ps = random_pivots(model, 0.3)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    before = snapshot(model)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    model.mid.weight.grad.view(-1)[ps.indices_of("mid.weight")[0].long()] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.optim"):
+        opt.step()
+    assert opt.skipped_steps == 1 and "mid.weight" in caplog.text
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert opt._gstate[0]["step"] == 0
+    strict = SparseAdamW(model, ps, lr=1e-2, nonfinite="raise")
+    with pytest.raises(FloatingPointError, match="mid.weight"):
+        strict.step()
+    # a NaN at a non-pivot entry does not matter
+    model.zero_grad()
+    loss_fn(model, x, y).backward()
+    nonpivot = (~ps.to_masks()["mid.weight"]).reshape(-1).nonzero()[0]
+    model.mid.weight.grad.view(-1)[nonpivot] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1 and opt._gstate[0]["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input, freeze, memory
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bad_input_errors():
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    other = PivotSet.from_masks({"inp.weight": torch.ones(5, 5, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="shape"):
+        SparseAdamW(model, other)
+    renamed = PivotSet(["module." + n for n in ps.names], ps.shapes, ps.offsets, ps.indices)
+    with pytest.raises(ValueError, match="other tensors"):
+        SparseAdamW(model, renamed)
+    model.mid.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad is False"):
+        SparseAdamW(model, ps)
+    model.mid.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        SparseAdamW(model, ps, lr=-0.1)
+    with pytest.raises(ValueError, match="lr"):
+        SparseAdamW([{"params": list(model.named_parameters()), "lr": -1.0}], ps)
+    opt = SparseAdamW(model, ps)
+    opt.param_groups[0]["lr"] = -1e-3
+    loss_fn(model, *batch()).backward()
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    with pytest.raises(TypeError, match="PivotSet"):
+        SparseAdamW(model, ps.to_masks())
+
+
+def test_freeze_unpivoted_and_restore():
+    model = Tiny()
+    ps = random_pivots(model, 0.3, skip=("inp.bias", "out.weight"))
+    model.mid.weight.requires_grad_(False)
+    with freeze_unpivoted(model, ps) as handle:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        assert flags == {
+            "inp.weight": True,
+            "inp.bias": False,
+            "mid.weight": True,
+            "out.weight": False,
+            "out.bias": True,
+        }
+        assert len(handle.changed) == 3
+        loss_fn(model, *batch()).backward()
+        assert model.out.weight.grad is None and model.mid.weight.grad is not None
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, True, True]
+
+
+def test_state_bytes_counts_state_and_indices():
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    k = ps.count
+    assert SparseAdamW(model, ps).state_bytes() == 12 * k  # m, v fp32 + int32 index
+    assert SparseAdamW(model, ps, gather_in_backward=True).state_bytes() == 16 * k  # + the gather buffer
+    bf = Tiny(dtype=torch.bfloat16)
+    assert SparseAdamW(bf, ps).state_bytes() == 16 * k  # + fp32 master
+
+
+def test_public_names():
+    assert ppt_fast.SparseAdamW is SparseAdamW
+    assert ppt_fast.DenseMaskedAdamW is DenseMaskedAdamW
+    assert ppt_fast.freeze_unpivoted is freeze_unpivoted
+
+
+def test_plain_loop_loss_goes_down():
+    torch.manual_seed(1)
+    model = Tiny()
+    x, y = batch(64)
+    ps = random_pivots(model, 0.3)
+    opt = SparseAdamW(model, ps, lr=3e-2)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
