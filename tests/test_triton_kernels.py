@@ -174,7 +174,8 @@ def _check_selection(scores, k, **kw):
     return counts, indices
 
 
-@pytest.mark.parametrize("dtype", FLOATS)
+# Selection works on bit patterns only (bf16 keys are widened integer bits), so bf16 runs in the interpreter too.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 5, 300, 1395])  # 1395 = N: everything
 def test_select_pivots_matches_reference(dtype, k):
     scores = [_rand(s, dtype) for s in SHAPES]
