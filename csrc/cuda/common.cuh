@@ -9,6 +9,15 @@
 
 #include "kernels.cuh"
 
+// Every launch goes through this macro so that the same sources can also be compiled as host code by the logic
+// emulation in tests/test_cuda_kernels.py (PPT_FAST_HOST_EMULATION: blocks run one after another, their threads as
+// OS threads; it checks the kernels' logic without a GPU, not their speed).
+#ifdef PPT_FAST_HOST_EMULATION
+#define PPT_LAUNCH(kernel, grid, block, stream, ...) ::ppt_fast_emu::launch((grid), (block), (kernel), __VA_ARGS__)
+#else
+#define PPT_LAUNCH(kernel, grid, block, stream, ...) kernel<<<(grid), (block), 0, (stream)>>>(__VA_ARGS__)
+#endif
+
 namespace ppt_fast {
 namespace cuda {
 namespace detail {

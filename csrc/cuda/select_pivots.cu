@@ -411,18 +411,18 @@ cudaError_t select_pivots_launch(const ScoreTensor* d_tensors, int num_tensors, 
   if (workspace_bytes < select_pivots_workspace_bytes(num_tensors, total_chunks)) return cudaErrorInvalidValue;
   Workspace w = carve(d_workspace, total_chunks);
   long long* counts = reinterpret_cast<long long*>(d_counts);
-  init_kernel<<<1, 256, 0, stream>>>(w.state, static_cast<long long>(k), d_nan_flag, counts, num_tensors);
+  PPT_LAUNCH(init_kernel, 1, 256, stream, w.state, static_cast<long long>(k), d_nan_flag, counts, num_tensors);
   // Persistent grids; each block's shared u32 bins see at most total / grid entries, far below 2^32.
   const int64_t resident = static_cast<int64_t>(detail::num_sms()) * 8;
   const unsigned grid = static_cast<unsigned>(total_chunks < resident ? total_chunks : resident);
   for (int pass = 0; pass < kPasses; ++pass) {
-    hist_kernel<<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks, w.state, pass, d_nan_flag);
-    find_bin_kernel<<<1, 32, 0, stream>>>(w.state, pass);
+    PPT_LAUNCH(hist_kernel, grid, kThreads, stream, d_tensors, num_tensors, total_chunks, w.state, pass, d_nan_flag);
+    PPT_LAUNCH(find_bin_kernel, 1, 32, stream, w.state, pass);
   }
-  count_kernel<<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks, w.state, w.chunk_packed);
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks, w.state, w.chunk_packed,
+  PPT_LAUNCH(count_kernel, grid, kThreads, stream, d_tensors, num_tensors, total_chunks, w.state, w.chunk_packed);
+  PPT_LAUNCH(scan_kernel, 1, kScanThreads, stream, d_tensors, num_tensors, total_chunks, w.state, w.chunk_packed,
                                               w.chunk_base, w.chunk_take_eq, counts);
-  write_kernel<<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks, w.state, w.chunk_base,
+  PPT_LAUNCH(write_kernel, grid, kThreads, stream, d_tensors, num_tensors, total_chunks, w.state, w.chunk_base,
                                               w.chunk_take_eq, w.chunk_packed, d_indices);
   return cudaGetLastError();
 }

@@ -136,16 +136,16 @@ cudaError_t sensitivity_accumulate_launch(const SensTensor* d_tensors, int num_t
   const unsigned grid = static_cast<unsigned>(total_chunks < resident ? total_chunks : resident);
   switch (mode) {
     case 0:
-      sensitivity_kernel<0><<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks);
+      PPT_LAUNCH(sensitivity_kernel<0>, grid, kThreads, stream, d_tensors, num_tensors, total_chunks);
       break;
     case 1:
-      sensitivity_kernel<1><<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks);
+      PPT_LAUNCH(sensitivity_kernel<1>, grid, kThreads, stream, d_tensors, num_tensors, total_chunks);
       break;
     case 2:
-      sensitivity_kernel<2><<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks);
+      PPT_LAUNCH(sensitivity_kernel<2>, grid, kThreads, stream, d_tensors, num_tensors, total_chunks);
       break;
     default:
-      sensitivity_kernel<3><<<grid, kThreads, 0, stream>>>(d_tensors, num_tensors, total_chunks);
+      PPT_LAUNCH(sensitivity_kernel<3>, grid, kThreads, stream, d_tensors, num_tensors, total_chunks);
   }
   return cudaGetLastError();
 }

@@ -110,7 +110,7 @@ cudaError_t sparse_adamw_step_launch(const AdamTensor* d_tensors, const int64_t*
   if (k <= 0 || num_tensors <= 0) return cudaSuccess;
   const int64_t blocks = (k + kPivotsPerBlock - 1) / kPivotsPerBlock;
   if (blocks > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  sparse_adamw_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  PPT_LAUNCH(sparse_adamw_kernel, static_cast<unsigned>(blocks), kThreads, stream,
       d_tensors, d_offsets, num_tensors, d_indices, k, d_exp_avg, d_exp_avg_sq, d_master, d_pivot_grads,
       pivot_grad_dtype, d_grad_scale, d_found_inf, hyper);
   return cudaGetLastError();

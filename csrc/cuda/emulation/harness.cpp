@@ -1,0 +1,62 @@
+#define PPT_FAST_HOST_EMULATION 1
+#include "prelude.h"  // must come first: it redefines the CUDA keywords for host code
+#ifdef EMU_SELECT
+#include "select_pivots.cu"
+#else
+#include "sensitivity_accumulate.cu"
+#endif
+#include <cstdio>
+#include <cstdlib>
+// Input (stdin, little-endian): op (i32: 0 select, 1 sensitivity), then
+//  select: T (i32), k (i64), per tensor: dtype (i32), numel (i64), offset (i32, elements to misalign by), raw data.
+//  sensitivity: T, mode (i32), per tensor: score dtype, grad dtype, param dtype (i32 x3), numel (i64), offset, raw
+//  score, grad, param. Output (stdout): select -> counts (i64 x T), indices (i32 x k); sensitivity -> raw scores.
+static void rd(void* p, size_t n) { if (fread(p, 1, n, stdin) != n) { fprintf(stderr, "short input\n"); exit(2); } }
+template <class T> T rdv() { T v; rd(&v, sizeof v); return v; }
+static size_t esize(int d) { return d == 0 ? 4 : 2; }
+static char* load_buf(int dtype, int64_t n, int off) {
+  char* base = static_cast<char*>(aligned_alloc(256, (n + off) * esize(dtype) + 256));
+  rd(base + off * esize(dtype), n * esize(dtype));
+  return base + off * esize(dtype);
+}
+int main() {
+  using namespace ppt_fast::cuda;
+  const int op = rdv<int32_t>();
+  const int T = rdv<int32_t>();
+#ifdef EMU_SELECT
+  if (op == 0) {
+    const int64_t k = rdv<int64_t>();
+    std::vector<ScoreTensor> tab(T);
+    int64_t chunks = 0;
+    for (int t = 0; t < T; ++t) {
+      const int dtype = rdv<int32_t>(); const int64_t n = rdv<int64_t>(); const int off = rdv<int32_t>();
+      tab[t].data = load_buf(dtype, n, off); tab[t].numel = n; tab[t].chunk_begin = chunks; tab[t].dtype = dtype;
+      tab[t].vec_ok = (reinterpret_cast<uintptr_t>(tab[t].data) & 15) == 0;
+      chunks += (n + kSelectChunk - 1) / kSelectChunk;
+    }
+    const size_t ws = select_pivots_workspace_bytes(T, chunks);
+    void* w = aligned_alloc(256, ws + 256);
+    std::vector<int64_t> counts(T, -1); std::vector<int32_t> idx(k, -1); int32_t nan_flag = -1;
+    cudaError_t e = select_pivots_launch(tab.data(), T, chunks, k, w, ws, counts.data(), idx.data(), &nan_flag, nullptr);
+    fprintf(stderr, "err=%d nan=%d chunks=%lld\n", (int)e, nan_flag, (long long)chunks);
+    fwrite(&nan_flag, 4, 1, stdout); fwrite(counts.data(), 8, T, stdout); fwrite(idx.data(), 4, k, stdout);
+  }
+#else
+  if (op == 1) {
+    const int mode = rdv<int32_t>();
+    std::vector<SensTensor> tab; int64_t chunks = 0; std::vector<std::pair<void*, size_t>> outs;
+    for (int t = 0; t < T; ++t) {
+      const int sd = rdv<int32_t>(), gd = rdv<int32_t>(), pd = rdv<int32_t>(); const int64_t n = rdv<int64_t>();
+      const int off = rdv<int32_t>();
+      SensTensor d{}; d.score = load_buf(sd, n, off); d.grad = load_buf(gd, n, off); d.param = load_buf(pd, n, off);
+      d.numel = n; d.chunk_begin = chunks; d.score_dtype = sd; d.grad_dtype = gd; d.param_dtype = pd;
+      d.vec_ok = off == 0; outs.push_back({d.score, n * esize(sd)});
+      if (n) { tab.push_back(d); chunks += (n + kSensChunk - 1) / kSensChunk; }
+    }
+    cudaError_t e = sensitivity_accumulate_launch(tab.data(), (int)tab.size(), chunks, mode, nullptr);
+    fprintf(stderr, "err=%d\n", (int)e);
+    for (auto& o : outs) fwrite(o.first, 1, o.second, stdout);
+  }
+#endif
+  return 0;
+}
