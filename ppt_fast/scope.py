@@ -33,6 +33,9 @@ preset          sparse (pivots selected here)                               dens
                 the conditioner's output_proj
 ``all``         every parameter                                             none
 ==============  ==========================================================  =========================================
+
+(The preset globs are written ``*.self_attn*.in_proj_weight`` so that they also match audiocraft's non-custom
+attention, which nests the weight as ``self_attn.mha.in_proj_weight``; MusicGen's own configs use the custom one.)
 """
 
 from __future__ import annotations
@@ -211,8 +214,8 @@ _all_linear.__name__ = "all-linear"
 _everything.__name__ = "all"
 
 PRESETS: dict[str, tuple[tuple[str | RuleFn, ...], tuple[str | RuleFn, ...]]] = {
-    "ppt": (("*.self_attn.in_proj_weight[2d:3d]", "*.cross_attention.in_proj_weight[d:3d]"), ()),
-    "dreamstyler": (("*.self_attn.in_proj_weight[2d:3d]",), ("*.cross_attention.in_proj_weight[d:3d]",)),
+    "ppt": (("*.self_attn*.in_proj_weight[2d:3d]", "*.cross_attention*.in_proj_weight[d:3d]"), ()),
+    "dreamstyler": (("*.self_attn*.in_proj_weight[2d:3d]",), ("*.cross_attention*.in_proj_weight[d:3d]",)),
     "all-linear": ((_all_linear,), ()),
     "all": ((_everything,), ()),
 }
