@@ -1,0 +1,76 @@
+"""Peak memory of one op-level case, measured in a fresh process (so no other case's allocations interfere).
+
+    python benchmarks/memprobe.py '{"op": ..., "provider": ..., "size": ..., "layers": ..., "dtype": ...,
+                                    "device": ..., "density": ...}'
+
+CPU: the inputs every provider shares (params, grads) are built first; then the peak-RSS mark is reset (Linux
+`/proc/self/clear_refs`), the provider's own structures are built (masks, optimizer state, pivot state) and its op
+runs twice; `peak_extra_bytes` = peak RSS - RSS after the shared inputs. GPU: the same with
+`torch.cuda.reset_peak_memory_stats` / `max_memory_allocated`. The parent sets MALLOC_MMAP_THRESHOLD_ so glibc maps
+(and returns) every large block instead of keeping freed memory resident, which would hide allocations from RSS.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repo, after anything on PYTHONPATH
+
+import cases  # noqa: E402
+import provenance  # noqa: E402
+import torch  # noqa: E402
+
+
+def _warm_up(spec: dict) -> None:
+    """Run the same case once on the tiny layout first, so imports, thread pools, kernel caches and (for
+    ref_compile) the compiled graph exist before the baseline is taken and are not counted as the op's memory."""
+    tiny = cases.make_inputs("tiny", None, spec["dtype"], spec["device"])
+    case = cases.build_case(spec["op"], tiny, spec["provider"], spec.get("density"))
+    case.run()
+    case.run()
+    del case, tiny
+    gc.collect()
+
+
+def measure(spec: dict) -> dict:
+    device = spec["device"]
+    _warm_up(spec)
+    inp = cases.make_inputs(spec["size"], spec.get("layers"), spec["dtype"], device)
+    pivots = None
+    if spec["op"] == "sparse_adamw_step":  # the pivot set is an input to every step provider, dense ones included
+        pivots = cases.random_pivots(inp, spec["density"])
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = provenance.rss_bytes()
+        if not provenance.reset_peak_rss():
+            return {"error": "cannot reset peak RSS (/proc/self/clear_refs not writable)"}
+    if spec["op"] == "sparse_adamw_step":
+        case = cases.step_case(inp, spec["provider"], spec["density"], pivots=pivots)
+    else:
+        case = cases.build_case(spec["op"], inp, spec["provider"], spec.get("density"))
+    out = case.run()
+    del out
+    out = case.run()
+    del out
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        kind = "torch.cuda.max_memory_allocated"
+    else:
+        peak = provenance.peak_rss_bytes()
+        kind = "peak RSS (VmHWM, reset after the shared inputs)"
+    return {"peak_extra_bytes": int(peak - base), "base_bytes": int(base), "peak_bytes": int(peak), "kind": kind}
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -1,0 +1,204 @@
+"""One end-to-end tuning step on a MusicGen-shaped model, in a fresh process: step time and peak memory.
+
+    python benchmarks/tune_probe.py '{"model": "tiny"|"small", "method": "dense_masked"|"ppt_fast",
+                                      "phase": "train"|"sensitivity", "density": 0.01, "device": "cpu",
+                                      "seconds": 5.0, "steps": 3}'
+
+Prints one JSON line. What runs (recipe `ppt`, DESIGN §6: pivots over self-attention V rows and cross-attention
+K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `in_proj_weight`s):
+- the batch: B = 1, `seconds` of random codes (4 codebooks) at the codec's frame rate, the prompt
+  "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss`.
+- phase `train`, method `dense_masked`: the trained tensors get full gradients and a dense masked AdamW step
+  (ppt_fast.optim.DenseMaskedAdamW when present, else benchmarks.cases._MaskedAdamW: grads x 0/1 mask, masked
+  weight decay, torch AdamW). Method `ppt_fast`: what `tune()` does: post-accumulate-grad hooks gather the gradient
+  at the pivots and free it at once; one `sparse_adamw_step` over all pivots (state for pivots only).
+- phase `sensitivity`, method `dense_masked`: full gradients of the in-scope tensors are kept and then scored in
+  one `torch._foreach_addcmul_`; `ppt_fast`: hooks call `sensitivity_accumulate` on the in-scope rows and free each
+  gradient at once (no full gradient set ever lives).
+Pivots: uniformly random at `density` of the in-scope entries (what a global top-k over noise-like scores gives;
+the real ones come from the sensitivity pass, which does not change time or memory). No identifier tokens: they
+add 3 x dim parameters, the same to both methods. No gradient clipping in either method.
+Peak memory: CPU peak RSS (VmHWM reset after the model is built), GPU `torch.cuda.max_memory_allocated`; both
+absolute (model included) and over the built model.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+import cases  # noqa: E402
+import provenance  # noqa: E402
+import torch  # noqa: E402
+
+MODELS = {"tiny": "tiny-random", "small": "musicgen-small-shapes"}
+
+
+def _build(model: str, device: str):
+    from ppt_fast.musicgen import models
+
+    if model == "tiny":
+        return models.build_tiny(seed=0, device=device)
+    return models.build_shapes(MODELS[model], seed=0, device=device)
+
+
+def measure(spec: dict) -> dict:
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    from ppt_fast import sensitivity_accumulate, sparse_adamw_step
+
+    tune_mod = importlib.import_module("ppt_fast.musicgen.tune")  # the module (the package exports a function tune)
+
+    device, method, phase = spec["device"], spec["method"], spec["phase"]
+    density = float(spec.get("density", 0.01))
+    cuda = device.startswith("cuda")
+    mg = _build(spec["model"], device)
+    lm = mg.lm.eval()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    frames = int(round(spec.get("seconds", 5.0) * mg.compression_model.frame_rate))
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, lm.card, (1, lm.num_codebooks, frames), generator=g).to(device)
+    attrs = [ConditioningAttributes(text={"description": "a piece of music"})]
+    ce_fn = tune_mod._cross_entropy()
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if cuda
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
+    sparse, _ = tune_mod.recipe_scopes(lm, "ppt")
+    t_params = [e.param for e in sparse]
+    # uniform random pivots inside each tensor's scope rows, as flat indices into the whole tensor
+    idx_parts, offsets = [], [0]
+    for e in sparse:
+        cols = e.param[0].numel()
+        n_scope = (e.rows[1] - e.rows[0]) * cols
+        keep = torch.nonzero(torch.rand(n_scope, generator=g) < density).reshape(-1) + e.rows[0] * cols
+        idx_parts.append(keep.to(torch.int32).to(device))
+        offsets.append(offsets[-1] + keep.numel())
+    indices = torch.cat(idx_parts)
+    k = offsets[-1]
+    n_scope_total = sum((e.rows[1] - e.rows[0]) * e.param[0].numel() for e in sparse)
+    n_trained_tensors = sum(p.numel() for p in t_params)
+
+    def loss_fn():
+        return tune_mod._loss(lm, codes, attrs, ce_fn, autocast)
+
+    handles = []
+    impl = None
+    if phase == "train" and method == "dense_masked":
+        from ppt_fast.pivots import PivotSet
+
+        names = [e.name for e in sparse]
+        pivots = PivotSet(names, [p.shape for p in t_params], offsets, indices)
+        for p in t_params:
+            p.requires_grad_(True)
+        opt, impl = cases._dense_masked_optimizer(names, t_params, pivots)
+
+        def step():
+            for p in t_params:
+                p.grad = None
+            loss_fn().backward()
+            opt.step()
+
+    elif phase == "train":
+        exp_avg = torch.zeros(k, device=device)
+        exp_avg_sq = torch.zeros(k, device=device)
+        pivot_grads = torch.zeros(k, device=device)
+        for j, p in enumerate(t_params):
+            p.requires_grad_(True)
+            a, b = offsets[j], offsets[j + 1]
+
+            def gather(p, a=a, b=b):
+                pivot_grads[a:b] = p.grad.view(-1)[indices[a:b].long()].float()
+                p.grad = None
+
+            handles.append(p.register_post_accumulate_grad_hook(gather))
+        counter = [0]
+        impl = "ppt_fast.sparse_adamw_step (pivot_grads gathered in hooks)"
+
+        def step():
+            counter[0] += 1
+            pivot_grads.zero_()
+            loss_fn().backward()
+            sparse_adamw_step(
+                t_params, None, offsets, indices, exp_avg, exp_avg_sq, None,
+                step=counter[0], lr=cases.LR, weight_decay=cases.WD, pivot_grads=pivot_grads,
+            )  # fmt: skip
+
+    elif method == "dense_masked":
+        scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=device) for e in sparse]
+        for p in t_params:
+            p.requires_grad_(True)
+        impl = "full gradients kept, then torch._foreach_addcmul_ over the scope rows"
+
+        def step():
+            for p in t_params:
+                p.grad = None
+            loss_fn().backward()
+            grads = [e.param.grad[e.rows[0] : e.rows[1]] for e in sparse]
+            torch._foreach_addcmul_(scores, grads, grads)
+
+    else:
+        scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=device) for e in sparse]
+        for e, s in zip(sparse, scores):
+            e.param.requires_grad_(True)
+
+            def hook(p, e=e, s=s):
+                sensitivity_accumulate([s], [p.grad[e.rows[0] : e.rows[1]]], mode="grad_sq")
+                p.grad = None
+
+            handles.append(e.param.register_post_accumulate_grad_hook(hook))
+        impl = "ppt_fast.sensitivity_accumulate in post-accumulate-grad hooks, gradients freed at once"
+
+        def step():
+            loss_fn().backward()
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = provenance.rss_bytes()
+        provenance.reset_peak_rss()
+    times = []
+    for _ in range(1 + int(spec.get("steps", 3))):  # the first step is the warm-up (allocates optimizer state)
+        provenance.sync(device)
+        t0 = time.perf_counter()
+        step()
+        provenance.sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if cuda else provenance.peak_rss_bytes()
+    for h in handles:
+        h.remove()
+    from ppt_fast import _backend
+
+    return {
+        "step_seconds": statistics.median(times[1:]),
+        "step_times": times,
+        "peak_bytes": int(peak),
+        "base_bytes": int(base),
+        "peak_extra_bytes": int(peak - base),
+        "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)",
+        "k": k,
+        "entries_in_scope": n_scope_total,
+        "entries_in_trained_tensors": n_trained_tensors,
+        "trained_tensors": len(t_params),
+        "frames": frames,
+        "impl": impl,
+        "backends": {op: _backend.select(op, torch.device(device)) for op in cases.OPS},
+        "lm_parameters": sum(p.numel() for p in lm.parameters()),
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -1,0 +1,85 @@
+"""The benchmark machinery on a tiny layout, so CI catches breakage (benchmarks themselves are not in the default run).
+
+Runs the op-level suites through pytest-benchmark with `--benchmark-disable` (each case runs once, untimed) on the
+tiny layout, checks the shape table against the sizes DESIGN.md §5 measured, the byte floors against hand counts,
+and renders the report from a synthetic results file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import cases  # noqa: E402
+import report  # noqa: E402
+import shapes  # noqa: E402
+
+
+def test_shape_table_matches_measured_sizes():
+    # DESIGN.md §5: 300 tensors / 420.4 M (small), 588 / 1.839 B (medium), 588 / 3.257 B (large).
+    for size, tensors, millions in (("small", 300, 420.4), ("medium", 588, 1838.7), ("large", 588, 3257.0)):
+        named = shapes.model_shapes(size)
+        assert len(named) == tensors
+        assert abs(shapes.numel(named) / 1e6 - millions) < 0.1
+    assert len(shapes.model_shapes("small", layers=2)) == 2 * 12 + 12
+
+
+def test_step_byte_floor_counts_lines():
+    inp = cases.make_inputs("tiny", None, "fp32", "cpu")
+    from ppt_fast.pivots import PivotSet
+
+    # tensor 0: pivots 0, 1 (one 64-B line), 16 (next line); others empty
+    offsets = [0, 3] + [3] * (len(inp.names) - 1)
+    pivots = PivotSet(inp.names, inp.shapes, offsets, torch.tensor([0, 1, 16], dtype=torch.int32))
+    floor = cases.step_bytes(inp, pivots, 64)
+    assert floor["lines_touched"] == 2
+    assert floor["bytes"] == 3 * 20 + 2 * 64 * 3
+
+
+def test_benchmark_suites_run_on_tiny_shapes(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "pytest",
+        str(BENCH / "bench_sparse_adamw_step.py"), str(BENCH / "bench_select_pivots.py"),
+        str(BENCH / "bench_sensitivity_accumulate.py"),
+        "-o", "python_files=bench_*.py", "-o", "addopts=", "-p", "no:cacheprovider", "-q",
+        "--benchmark-disable", "--benchmark-json", str(out),
+        "--bench-sizes", "tiny", "--bench-densities", "0.01", "--bench-mem-sizes", "",
+        "-k", "not ref_compile",  # compiling takes ~10 s per op on 2 cores; the full suite covers it
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "passed" in proc.stdout
+
+
+def test_report_renders_from_results(tmp_path):
+    def entry(provider, seconds, mem):
+        return {
+            "extra_info": {
+                "op": "sparse_adamw_step", "provider": provider, "model": "musicgen-small", "size": "small",
+                "layers": 24, "layers_total": 24, "tensors": 300, "dtype": "fp32", "density": 0.01,
+                "median_seconds": seconds, "gbps": 1.0, "pct_of_copy": 50.0, "mem_peak_extra_bytes": mem,
+            }
+        }  # fmt: skip
+
+    data = {
+        "provenance": {"device": "cpu", "device_name": "x", "date_utc": "2026-01-01T00:00:00+00:00"},
+        "benchmarks": [entry("dense_masked", 2.0, 4e9), entry("cpp", 0.05, 1e8)],
+        "skipped": [{"name": "t", "reason": "no GPU"}],
+    }
+    (tmp_path / "cpu-2026-01-01.json").write_text(json.dumps(data))
+    md, pngs = report.render(sorted(tmp_path.glob("*.json")), tmp_path)
+    text = md.read_text()
+    assert "| sparse_adamw_step |" in text and "40x" in text and "cpu-2026-01-01.json" in text
+    assert "40x with `cpp` (target >= 20x) - met" in text
+    if pytest.importorskip("matplotlib"):
+        assert pngs and pngs[0].exists()
