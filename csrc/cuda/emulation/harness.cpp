@@ -1,7 +1,9 @@
 #define PPT_FAST_HOST_EMULATION 1
 #include "prelude.h"  // must come first: it redefines the CUDA keywords for host code
-#ifdef EMU_SELECT
+#if defined(EMU_SELECT)
 #include "select_pivots.cu"
+#elif defined(EMU_ADAM)
+#include "sparse_adamw_step.cu"
 #else
 #include "sensitivity_accumulate.cu"
 #endif
@@ -23,7 +25,7 @@ int main() {
   using namespace ppt_fast::cuda;
   const int op = rdv<int32_t>();
   const int T = rdv<int32_t>();
-#ifdef EMU_SELECT
+#if defined(EMU_SELECT)
   if (op == 0) {
     const int64_t k = rdv<int64_t>();
     std::vector<ScoreTensor> tab(T);
@@ -40,6 +42,31 @@ int main() {
     cudaError_t e = select_pivots_launch(tab.data(), T, chunks, k, w, ws, counts.data(), idx.data(), &nan_flag, nullptr);
     fprintf(stderr, "err=%d nan=%d chunks=%lld\n", (int)e, nan_flag, (long long)chunks);
     fwrite(&nan_flag, 4, 1, stdout); fwrite(counts.data(), 8, T, stdout); fwrite(idx.data(), 4, k, stdout);
+  }
+#elif defined(EMU_ADAM)
+  if (op == 2) {
+    const int64_t k = rdv<int64_t>();
+    AdamHyper h; rd(&h, sizeof h);
+    const int has_master = rdv<int32_t>(), has_pg = rdv<int32_t>(), pg_dtype = rdv<int32_t>();
+    const int has_scale = rdv<int32_t>(); float scale = rdv<float>();
+    const int has_inf = rdv<int32_t>(); float inf = rdv<float>();
+    std::vector<AdamTensor> tab(T); std::vector<std::pair<void*, size_t>> outs;
+    for (int t = 0; t < T; ++t) {
+      const int pd = rdv<int32_t>(), gd = rdv<int32_t>(); const int64_t n = rdv<int64_t>();
+      tab[t].param = load_buf(pd, n, 0); tab[t].param_dtype = pd; tab[t].grad_dtype = gd;
+      tab[t].grad = has_pg ? nullptr : load_buf(gd, n, 0); outs.push_back({tab[t].param, n * esize(pd)});
+    }
+    std::vector<int64_t> offsets(T + 1); rd(offsets.data(), 8 * (T + 1));
+    std::vector<int32_t> idx(k); rd(idx.data(), 4 * k);
+    std::vector<float> m(k), v(k), master(k); rd(m.data(), 4 * k); rd(v.data(), 4 * k);
+    if (has_master) rd(master.data(), 4 * k);
+    void* pg = has_pg ? load_buf(pg_dtype, k, 0) : nullptr;
+    cudaError_t e = sparse_adamw_step_launch(tab.data(), offsets.data(), T, idx.data(), k, m.data(), v.data(),
+                                             has_master ? master.data() : nullptr, pg, pg_dtype,
+                                             has_scale ? &scale : nullptr, has_inf ? &inf : nullptr, h, nullptr);
+    fprintf(stderr, "err=%d\n", (int)e);
+    for (auto& o : outs) fwrite(o.first, 1, o.second, stdout);
+    fwrite(m.data(), 4, k, stdout); fwrite(v.data(), 4, k, stdout); fwrite(master.data(), 4, k, stdout);
   }
 #else
   if (op == 1) {

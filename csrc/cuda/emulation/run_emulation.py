@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 sys.path.insert(0, ROOT)
 from ppt_fast.ops.select_pivots import _select_pivots_ref  # noqa: E402
 from ppt_fast.ops.sensitivity_accumulate import MODES, _sensitivity_accumulate_ref  # noqa: E402
+from ppt_fast.ops.sparse_adamw_step import _sparse_adamw_step_ref  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -54,7 +55,7 @@ def build(variant):
     return exe
 
 
-HARNESS = {"SELECT": build("SELECT"), "SENS": build("SENS")}
+HARNESS = {"SELECT": build("SELECT"), "SENS": build("SENS"), "ADAM": build("ADAM")}
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -144,4 +145,92 @@ for mode, m in MODES.items():
                 print("sens mismatch", mode, sd, gd)
             r2.append(ok)
 print("sensitivity (bitwise):", sum(r2), "/", len(r2))
-sys.exit(0 if all(res) and all(r2) else 1)
+
+
+# sparse AdamW: 6 steps, mixed dtypes, master, dense or gathered bf16 grads, grad_scale, found_inf
+def run_adam(params, grads, offsets, indices, m, v, master, pivot_grads, scale, found_inf, lr, b1, b2, eps, wd, step):
+    bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
+    hyper = struct.pack("<7f", 1.0 - lr * wd, 1.0 - b1, b2, 1.0 - b2, eps, lr / bc1, bc2**0.5)
+    pg_dtype = DT[pivot_grads.dtype] if pivot_grads is not None else 0
+    b = struct.pack("<iiq", 2, len(params), len(indices)) + hyper
+    b += struct.pack("<iii", master is not None, pivot_grads is not None, pg_dtype)
+    b += struct.pack("<if", scale is not None, 1.0 if scale is None else scale)
+    b += struct.pack("<if", found_inf is not None, 0.0 if found_inf is None else found_inf)
+    for i, p in enumerate(params):
+        gd = DT[grads[i].dtype] if grads is not None else 0
+        b += struct.pack("<iiq", DT[p.dtype], gd, p.numel()) + raw(p) + (raw(grads[i]) if grads is not None else b"")
+    b += np.asarray(offsets, dtype=np.int64).tobytes() + raw(indices) + raw(m) + raw(v)
+    b += raw(master) if master is not None else b""
+    b += raw(pivot_grads) if pivot_grads is not None else b""
+    out = subprocess.run([HARNESS["ADAM"]], input=b, capture_output=True, check=True).stdout
+    pos, new_params = 0, []
+    for p in params:
+        n = p.numel() * p.element_size()
+        new_params.append(torch.frombuffer(bytearray(out[pos : pos + n]), dtype=p.dtype).reshape(p.shape))
+        pos += n
+    k = len(indices)
+    st = [
+        torch.frombuffer(bytearray(out[pos + 4 * k * j : pos + 4 * k * (j + 1)]), dtype=torch.float32) for j in range(3)
+    ]
+    return new_params, st[0], st[1], (st[2] if master is not None else None)
+
+
+r3, bitwise = [], 0
+for dtypes, gathered, scaled in [
+    ((torch.float32,) * 3, False, False),
+    ((torch.float32,) * 3, True, True),
+    ((torch.bfloat16, torch.float16, torch.float32), False, True),
+    ((torch.bfloat16, torch.float16, torch.float32), True, False),
+]:
+    shapes = [(300, 7), (5,), (4099,)]
+    params = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+    offsets, parts = [0], []
+    for s in shapes:
+        n = int(np.prod(s))
+        kk = max(1, n // 10)
+        parts.append(torch.randperm(n)[:kk].sort().values.to(torch.int32))
+        offsets.append(offsets[-1] + kk)
+    indices = torch.cat(parts)
+    k = offsets[-1]
+    m, v = torch.zeros(k), torch.zeros(k)
+    master = None
+    if any(d != torch.float32 for d in dtypes):
+        master = torch.cat([p.reshape(-1)[parts[i].long()].float() for i, p in enumerate(params)])
+    ref = ([p.clone() for p in params], m.clone(), v.clone(), master.clone() if master is not None else None)
+    for step in range(1, 7):
+        grads = [torch.randn(s).to(d) * 0.1 for s, d in zip(shapes, dtypes)]
+        scale = 512.0 if scaled else None
+        if scaled:
+            grads = [g * 512 for g in grads]
+        pg = None
+        if gathered:
+            pg = torch.cat([g.reshape(-1)[parts[i].long()].float() for i, g in enumerate(grads)]).to(torch.bfloat16)
+        found = 1.0 if step == 3 else 0.0
+        hyper = (1e-2, 0.9, 0.999, 1e-8, 0.05, step)
+        params, m, v, master = run_adam(
+            params, None if gathered else grads, offsets, indices, m, v, master, pg, scale, found, *hyper
+        )
+        _sparse_adamw_step_ref(
+            ref[0],
+            None if gathered else grads,
+            offsets,
+            indices,
+            ref[1],
+            ref[2],
+            ref[3],
+            pg,
+            torch.tensor([scale]) if scaled else None,
+            torch.tensor([found]),
+            *hyper,
+        )
+    pairs = list(zip(params, ref[0])) + [(m, ref[1]), (v, ref[2])] + ([(master, ref[3])] if master is not None else [])
+    ok = True
+    for a, b in pairs:
+        rt = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[a.dtype]
+        ok = ok and torch.allclose(a.float(), b.float(), rtol=rt, atol=1e-6)
+        bitwise += int(torch.equal(a, b))
+    if not ok:
+        print("adam mismatch", dtypes, gathered, scaled)
+    r3.append(ok)
+print("sparse_adamw (tol):", sum(r3), "/", len(r3), f"(bitwise-equal tensors: {bitwise})")
+sys.exit(0 if all(res) and all(r2) and all(r3) else 1)
