@@ -93,6 +93,7 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds of each generation (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
@@ -224,14 +225,14 @@ def _cmd_demo(args) -> int:
     with_path = os.path.join(out, "with_concept.wav")
     without_path = os.path.join(out, "without_concept.wav")
     if concept is not None:
-        a = generate([prompt], model=base, concepts=[concept_path], duration=4.0, seed=args.seed, top_k=32)
+        a = generate([prompt], model=base, concepts=[concept_path], duration=args.duration, seed=args.seed, top_k=32)
     else:
-        a = generate([prompt], model=result.model, duration=4.0, seed=args.seed, top_k=32)
-    b = generate(["a piece of music"], model=base, duration=4.0, seed=args.seed, top_k=32)
+        a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed, top_k=32)
+    b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed, top_k=32)
     write_wav(with_path, a[0], base.sample_rate)
     write_wav(without_path, b[0], base.sample_rate)
     diff = float((a - b).abs().mean())
-    print(f"[4/4] generated 4 s with the concept ('{prompt}'): {with_path}")
+    print(f"[4/4] generated {args.duration:g} s with the concept ('{prompt}'): {with_path}")
     print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")
     print(f"done in {time.perf_counter() - t0:.1f} s; everything is in {os.path.abspath(out)}")
     return 0

@@ -59,7 +59,10 @@ def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
             assert not diff.any(), name
     assert changed_any > 0.5 * r.trained.count
     piv = r.pivots["<v1>"]
-    scope = sum((e.rows[1] - e.rows[0]) * e.param.shape[1] for e in T.recipe_scopes(lm, "ppt")[0])
+    from ppt_fast.scope import Scope
+
+    scope = Scope.preset("ppt").numel(lm)
+    assert scope == sum(3 * lm.dim * lm.dim for n, _ in lm.named_parameters() if n.endswith("self_attn.in_proj_weight"))
     assert piv.count == max(1, round(0.01 * scope))
     for name in piv.names:
         if piv.indices_of(name).numel():

@@ -24,7 +24,6 @@ combinations (target: the mix of one segment of each named concept, encoded once
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import time
@@ -47,44 +46,6 @@ COMBO_TEMPLATES = ("a piece of music, {}",)
 
 class TuneError(ValueError):
     """Bad input to tune(), raised before any training; the message names the argument and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Scopes of the recipes (row slices of MusicGen's packed in_proj [3d, d]: Q rows [0:d], K [d:2d], V [2d:3d]).
-# ---------------------------------------------------------------------------------------------------------------------
-@dataclass
-class ScopeEntry:
-    name: str
-    param: torch.nn.Parameter
-    rows: tuple[int, int]  # [lo, hi) rows of dim 0 that may hold pivots
-
-
-def _rows(param: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
-    return (lo, min(hi, param.shape[0]))
-
-
-def recipe_scopes(lm: torch.nn.Module, preset: str) -> tuple[list[ScopeEntry], list[ScopeEntry]]:
-    """(sparse scope, dense rows) of a recipe on an audiocraft LMModel."""
-    d = lm.dim
-    sparse: list[ScopeEntry] = []
-    dense: list[ScopeEntry] = []
-    for name, p in lm.named_parameters():
-        if fnmatch.fnmatch(name, "*.self_attn.in_proj_weight"):
-            if preset in ("ppt", "dreamstyler"):
-                sparse.append(ScopeEntry(name, p, _rows(p, 2 * d, 3 * d)))
-        elif fnmatch.fnmatch(name, "*.cross_attention.in_proj_weight"):
-            if preset == "ppt":
-                sparse.append(ScopeEntry(name, p, _rows(p, d, 3 * d)))
-            elif preset == "dreamstyler":
-                dense.append(ScopeEntry(name, p, _rows(p, d, 3 * d)))
-    if preset in ("ppt", "dreamstyler") and not sparse:
-        raise TuneError(
-            f"preset {preset!r} found no '*.self_attn.in_proj_weight' in the LM: is this an audiocraft MusicGen LM "
-            "built with custom/memory-efficient attention?"
-        )
-    if preset == "full":
-        dense = [ScopeEntry(n, p, (0, p.shape[0] if p.dim() else 1)) for n, p in lm.named_parameters()]
-    return sparse, dense
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -155,15 +116,11 @@ class TuneResult:
 
 
 def _merge(sets: Sequence[PivotSet]) -> PivotSet:
-    """Union of PivotSets over the same layout (sorted unique indices per tensor)."""
-    base = sets[0]
-    parts, offsets = [], [0]
-    for i in range(len(base.names)):
-        idx = torch.cat([s.indices_of(i) for s in sets])
-        idx = torch.unique(idx.long()).to(torch.int32) if len(sets) > 1 else idx
-        parts.append(idx)
-        offsets.append(offsets[-1] + idx.numel())
-    return PivotSet(base.names, base.shapes, offsets, torch.cat(parts) if parts else base.indices)
+    """Union of PivotSets over the same layout."""
+    out = sets[0]
+    for other in sets[1:]:
+        out = out | other
+    return out
 
 
 def _init_tokens(lm, text: str, n_tokens: int, g: torch.Generator) -> torch.Tensor:
@@ -252,7 +209,6 @@ def tune_model(
     """tune() returning the tuned model and the run's details (see `tune` for the arguments)."""
     from tqdm.auto import tqdm
 
-    from ..ops import select_pivots, sensitivity_accumulate, sparse_adamw_step
     from . import data
 
     refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {identifier: reference}
@@ -312,94 +268,61 @@ def tune_model(
     for p in lm.parameters():
         p.requires_grad_(False)
 
-    sparse, dense = recipe_scopes(lm, preset)
+    from ..optim import SparseAdamW, freeze_unpivoted
+    from ..scope import Scope
+    from ..sensitivity import SensitivityAccumulator
+
     names = [n for n, _ in lm.named_parameters()]
     params = dict(lm.named_parameters())
+    scope = Scope.preset(preset) if preset in ("ppt", "dreamstyler") else None
 
-    # ---- phase 1: sensitivity ------------------------------------------------------------------------------------
+    # ---- phase 1: sensitivity (eval mode, one pass per concept) ------------------------------------------------
     t0 = time.perf_counter()
     pivots: dict[str, PivotSet] = {}
-    if sparse:
-        for ident in refs:
-            scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=dev) for e in sparse]
-            handles = []
-            for e, s in zip(sparse, scores):
-                e.param.requires_grad_(True)
-
-                def hook(p, e=e, s=s):
-                    sensitivity_accumulate(
-                        [s], [p.grad[e.rows[0] : e.rows[1]]], params=[p.data[e.rows[0] : e.rows[1]]], mode=criterion
-                    )
-                    p.grad = None
-
-                handles.append(e.param.register_post_accumulate_grad_hook(hook))
+    for ident in refs:
+        if scope is None:
+            pivots[ident] = _on_layout(names, params, {}, dev)
+            continue
+        with SensitivityAccumulator(lm, scope, mode=criterion) as acc:
             bar = tqdm(range(sensitivity_batches), desc=f"sensitivity {ident}", disable=not verbose, leave=False)
             for _ in bar:
                 codes, attrs = _make_batch(pools[ident], templates, batch_size, g)
                 loss = _loss(lm, codes, attrs, ce_fn, autocast)
                 loss.backward()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-            for h in handles:
-                h.remove()
-            for e in sparse:
-                e.param.requires_grad_(False)
-                e.param.grad = None
-            for t in tokens.values():
-                t.grad = None
-            # ---- phase 2: selection ----------------------------------------------------------------------------
-            sel = select_pivots(scores, ratio=None if count is not None else ratio, count=count)
-            whole = []
-            for i, e in enumerate(sparse):
-                cols = e.param[0].numel()
-                whole.append(sel.indices_of(i) + e.rows[0] * cols)
-            piv = _on_layout(names, params, {e.name: w for e, w in zip(sparse, whole)}, dev)
-            pivots[ident] = piv
-            logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, sel.total)
-    for ident in refs:
-        pivots.setdefault(ident, PivotSet.empty(names, [params[n].shape for n in names], dev))
+            if acc.steps == 0:
+                raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
+            # ---- phase 2: selection (global top-k over the scope) ----------------------------------------------
+            sel = acc.pivots(ratio=None if count is not None else ratio, count=count)
+        for t in tokens.values():
+            t.grad = None
+        pivots[ident] = _on_layout(names, params, dict(iter(sel)), dev)
+        logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, acc.numel)
     sens_seconds = time.perf_counter() - t0
 
     # ---- phase 3: training ---------------------------------------------------------------------------------------
-    dense_rows = {e.name: e.rows for e in dense}
-    dense_sets = []
-    if preset == "dreamstyler":
-        idx = {}
-        for e in dense:
-            cols = e.param[0].numel()
-            idx[e.name] = torch.arange(e.rows[0] * cols, e.rows[1] * cols, dtype=torch.int32, device=dev)
-        dense_sets.append(_on_layout(names, params, idx, dev))
-    trained = _merge([*pivots.values(), *dense_sets])
-    train_t = [i for i, c in enumerate(trained.counts()) if c > 0]
-    t_params = [params[trained.names[i]] for i in train_t]
-    t_offsets = [0]
-    for i in train_t:
-        t_offsets.append(t_offsets[-1] + trained.counts()[i])
-    t_indices = torch.cat([trained.indices_of(i) for i in train_t]) if train_t else trained.indices
-    k = t_offsets[-1]
-    exp_avg = torch.zeros(k, device=dev)
-    exp_avg_sq = torch.zeros(k, device=dev)
-    low = any(p.dtype != torch.float32 for p in t_params)
-    master = torch.cat([p.detach().view(-1)[t_indices[a:b].long()].float() for p, a, b in
-                        zip(t_params, t_offsets, t_offsets[1:])]) if low and k else None  # fmt: skip
-    pivot_grads = torch.zeros(k, device=dev)
-    handles = []
-    for j, p in enumerate(t_params):
-        p.requires_grad_(True)
-        a, b = t_offsets[j], t_offsets[j + 1]
-
-        def gather(p, a=a, b=b):
-            pivot_grads[a:b] = p.grad.view(-1)[t_indices[a:b].long()].float()
-            p.grad = None
-
-        handles.append(p.register_post_accumulate_grad_hook(gather))
-    dense_params = [params[n] for n in dense_rows] if preset == "full" else []
+    dense_entries = scope.resolve_dense(lm) if scope is not None else []
+    dense_rows = {e.name: e.rows for e in dense_entries}
+    trained = _merge(list(pivots.values()))
+    if dense_entries:
+        trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
+    dense_params = list(lm.parameters()) if preset == "full" else []
+    if preset == "full":
+        dense_rows = {n: (0, p.shape[0] if p.dim() else 1) for n, p in lm.named_parameters()}
+        trained = _on_layout(names, params, {n: torch.arange(p.numel(), device=dev) for n, p in params.items()}, dev)
+    freeze = freeze_unpivoted(lm, trained) if not dense_params else None
     for p in dense_params:
         p.requires_grad_(True)
+    sparse_opt = (
+        SparseAdamW(lm, trained, lr=lr, weight_decay=weight_decay, gather_in_backward=True, nonfinite="raise")
+        if trained.count and not dense_params
+        else None
+    )
     dense_opt = (
         torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay, foreach=False) if dense_params else None
     )
-    token_opt = torch.optim.AdamW(list(tokens.values()), lr=token_lr, weight_decay=0.0, foreach=False)
     token_list = list(tokens.values())
+    token_opt = torch.optim.AdamW(token_list, lr=token_lr, weight_decay=0.0, foreach=False)
 
     all_pools = list(pools.values()) + combos
     losses: list[float] = []
@@ -407,45 +330,37 @@ def tune_model(
     bar = tqdm(range(steps), desc="tune", disable=not verbose, dynamic_ncols=True)
     try:
         for step in bar:
-            # Single-concept batches, and a combination batch every 4th step when several concepts train together.
+            # Single-concept batches in turn, and a combination batch every 4th step when several train together.
             if combos and step % 4 == 3:
                 pool = combos[(step // 4) % len(combos)]
             else:
-                pool = all_pools[step % len(pools)] if len(pools) > 1 else all_pools[0]
+                pool = all_pools[step % len(pools)]
             codes, attrs = _make_batch(pool, COMBO_TEMPLATES if pool in combos else templates, batch_size, g)
-            pivot_grads.zero_()
             loss = _loss(lm, codes, attrs, ce_fn, autocast)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or token_lr")
             loss.backward()
-            # Clip the norm of what is trained (pivots, tokens, dense tensors), as clip_grad_norm_ would.
-            sq = pivot_grads.pow(2).sum()
-            for t in token_list + dense_params:
-                if t.grad is not None:
-                    sq = sq + t.grad.float().pow(2).sum()
-            coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0) if max_norm else None
-            if coef is not None:
-                pivot_grads.mul_(coef)
-                for t in token_list + dense_params:
-                    if t.grad is not None:
-                        t.grad.mul_(coef.to(t.grad.dtype))
-            if k:
-                sparse_adamw_step(
-                    t_params, None, t_offsets, t_indices, exp_avg, exp_avg_sq, master,
-                    step=step + 1, lr=lr, weight_decay=weight_decay, pivot_grads=pivot_grads,
-                )  # fmt: skip
-            if dense_opt is not None:
-                dense_opt.step()
-                dense_opt.zero_grad(set_to_none=True)
-            token_opt.step()
-            token_opt.zero_grad(set_to_none=True)
+            # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
+            # tensors, and the identifier tokens (whose gradients live on another scale).
+            if max_norm:
+                if sparse_opt is not None:
+                    sparse_opt.clip_grad_norm_(max_norm)
+                if dense_params:
+                    torch.nn.utils.clip_grad_norm_(dense_params, max_norm)
+                torch.nn.utils.clip_grad_norm_(token_list, max_norm)
+            for opt in (sparse_opt, dense_opt, token_opt):
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
             losses.append(float(loss.item()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if callback is not None:
                 callback(step, losses[-1])
     finally:
-        for h in handles:
-            h.remove()
+        if sparse_opt is not None:
+            sparse_opt.remove_hooks()
+        if freeze is not None:
+            freeze.restore()
         for p in lm.parameters():
             p.requires_grad_(False)
             p.grad = None
@@ -562,4 +477,4 @@ def _safe(ident: str) -> str:
     return s or "concept"
 
 
-__all__ = ["PRESETS", "TuneError", "TuneResult", "recipe_scopes", "tune", "tune_model"]
+__all__ = ["PRESETS", "TuneError", "TuneResult", "tune", "tune_model"]

@@ -1,0 +1,87 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ppt_fast.audio import synth_reference, write_wav
+from ppt_fast.cli import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_help_is_fast_and_free_of_audiocraft():
+    code = "import sys, ppt_fast.cli; ppt_fast.cli.build_parser(); print('audiocraft' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "False"
+    res = subprocess.run([sys.executable, "-m", "ppt_fast.cli", "--help"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0
+    for word in ("tune", "generate", "demo", "examples:"):
+        assert word in res.stdout
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["tune"])  # missing REF and --out: argparse's usage error
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["tune", "x.wav", "--out", "c.ppt", "--preset", "lora"])
+    assert e.value.code == 2
+    capsys.readouterr()
+
+
+def test_subcommand_help_explains():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"tune", "generate", "demo"} <= set(sub.choices)
+    text = sub.choices["tune"].format_help()
+    assert "--identifier" in text and "--ratio" in text and "--preset" in text
+
+
+def test_bad_inputs_are_messages_not_tracebacks(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("audiocraft")
+    monkeypatch.setenv("PPT_FAST_CACHE", str(tmp_path / "cache"))
+    assert main(["tune", str(tmp_path / "missing.wav"), "--out", str(tmp_path / "c.ppt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    silent = tmp_path / "silent.wav"
+    write_wav(silent, torch.zeros(1, 32000), 16000)
+    assert main(["tune", str(silent), "--out", str(tmp_path / "c.ppt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "silent" in err and "Traceback" not in err
+    ok = tmp_path / "ok.wav"
+    write_wav(ok, synth_reference(2.0, 16000), 16000)
+    assert main(["tune", str(ok), "--identifier", "<music>", "--out", str(tmp_path / "c.ppt"), "--quiet"]) == 2
+    assert "collides" in capsys.readouterr().err
+    assert main(["generate", "x", "--concept", str(tmp_path / "none.ppt"), "--out", str(tmp_path / "o.wav")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["tune", str(ok), "--model", "facebook/musicgen-nonexistent", "--out", str(tmp_path / "c.ppt")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_demo_writes_everything(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("audiocraft")
+    monkeypatch.setenv("PPT_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "4", "--duration", "0.4", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    for f in ("reference.wav", "loss.png", "with_concept.wav", "without_concept.wav"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+        assert f in text
+    import soundfile as sf
+
+    a, sr = sf.read(str(out / "with_concept.wav"))
+    b, _ = sf.read(str(out / "without_concept.wav"))
+    assert sr == 16000 and len(a) == len(b) == int(0.4 * 16000)
+    assert (a != b).any()
+
+
+def test_generate_writes_wav(tmp_path, capsys):
+    pytest.importorskip("audiocraft")
+    out = tmp_path / "g.wav"
+    assert main(["generate", "funky jazz", "--out", str(out), "--duration", "0.3", "--top-k", "16"]) == 0
+    assert out.is_file() and "wrote" in capsys.readouterr().out
