@@ -79,7 +79,10 @@ def run_suite(suite: str, out_dir: Path, extra: list[str], device: str | None = 
     with tempfile.TemporaryDirectory() as tmp:
         bench_json, junit = Path(tmp) / "bench.json", Path(tmp) / "junit.xml"
         cmd = [
-            sys.executable, "-m", "pytest", *[str(HERE / f) for f in FILES],
+            # -P: do not put the cwd (the repo) first on sys.path, so a worktree on PYTHONPATH (e.g. one with a built
+            # ppt_fast._C) really is the ppt_fast that gets benchmarked.
+            sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), "-m", "pytest",
+            *[str(HERE / f) for f in FILES],
             "-o", "python_files=bench_*.py", "-o", "addopts=", "-p", "no:cacheprovider", "-q", "-rs",
             "--benchmark-json", str(bench_json), "--benchmark-columns", "min,median,max,rounds",
             "--junitxml", str(junit), "--bench-device", device, *spec["args"], *extra,
