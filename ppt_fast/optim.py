@@ -272,6 +272,14 @@ class SparseAdamW(torch.optim.Optimizer):
         if self.gather_in_backward:
             self._install_hooks()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_layouts", None) is not None:
+            raise NotImplementedError(
+                "SparseAdamW.add_param_group: the pivot layout is fixed at construction; build a new SparseAdamW "
+                "with all groups and a PivotSet that covers them"
+            )
+        super().add_param_group(param_group)
+
     # ---- gather in backward ------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
         for gi, lay in enumerate(self._layouts):

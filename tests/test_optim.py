@@ -211,12 +211,14 @@ def test_unnamed_param_groups_with_param_names():
         assert torch.equal(p, q), n
 
 
-def test_dense_masked_adamw_matches_sparse_and_keeps_nonpivots():
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_masked_adamw_matches_sparse_and_keeps_nonpivots(fused):
     model = Tiny()
     ps = random_pivots(model, 0.15)
     dense_model = copy.deepcopy(model)
     sparse = SparseAdamW(model, ps, lr=2e-2, weight_decay=0.3)
-    dense = DenseMaskedAdamW(dense_model, ps, lr=2e-2, weight_decay=0.3)
+    dense = DenseMaskedAdamW(dense_model, ps, lr=2e-2, weight_decay=0.3, fused=fused)
+    assert dense.defaults["fused"] is fused or (not fused and dense.defaults["foreach"])
     before = snapshot(dense_model)
     for _ in range(6):
         x, y = batch()
@@ -410,6 +412,8 @@ def test_bad_input_errors():
         opt.step()
     with pytest.raises(TypeError, match="PivotSet"):
         SparseAdamW(model, ps.to_masks())
+    with pytest.raises(NotImplementedError, match="layout is fixed"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
 
 
 def test_freeze_unpivoted_and_restore():
@@ -503,3 +507,26 @@ def test_state_bytes_on_musicgen_small_shapes_at_1_percent():
         ratios[dtype] = dense / sparse
     assert ratios[torch.float32] >= 50, ratios  # 66.7x measured
     assert ratios[torch.bfloat16] >= 24.9, ratios  # 25.0x measured
+
+
+def test_gradscaler_with_fp16_params_uses_fused_unscale():
+    """fp16 parameters: scaler.step hands SparseAdamW grad_scale/found_inf (no unscale_ of fp16 grads needed)."""
+    model = Tiny(dtype=torch.float16)
+    ps = random_pivots(model, 0.3)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    ref = AdamW64(pivot_values(model, ps), 1e-2, (0.9, 0.999), 1e-8, 1e-2)
+    for i in range(3):
+        x, y = batch(dtype=torch.float16)
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, x, y)).backward()
+        g = {n: v.double() / scaler.get_scale() for n, v in pivot_grads(model, ps).items()}
+        if i == 1:
+            model.out.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        if i != 1:
+            ref.step(g)
+    assert opt._gstate[0]["step"] == 2 and scaler.get_scale() == 2.0**7
+    master = torch.cat([ref.theta[n] for n in opt._layouts[0].names])
+    torch.testing.assert_close(opt._gstate[0]["master"].double(), master, rtol=ADAMW_FP32[0], atol=ADAMW_FP32[1])
