@@ -1,0 +1,1198 @@
+"""Concept files: what a tune run learned, packed, checked, and applied to / removed from / combined on a base model.
+
+A `Concept` holds
+- `identifiers` and their `tokens` (`identifier -> [n_tokens, dim]` fp32 embeddings in the text conditioner's output
+  space, installed into the LM's identifier bank on `apply`);
+- `pivots` (a `PivotSet` over the LM's parameter names, flat int32 indices into the *whole* parameter) and `values`
+  (`[k]`, the TUNED values at the pivots, in the order of `pivots.indices`; fp32, fp16 or bf16 storage);
+- `dense` (`name -> tuned values` of tensors or row ranges trained densely; the rows in `dense_rows`);
+- `fingerprint` of the base model (name, shape, dtype and sha256 of every tensor the concept touches) and `meta`.
+
+Storing tuned values rather than differences is what makes apply / remove / reload bitwise with fp32 storage
+(DESIGN §6). On `apply` the model's overwritten base values are kept on the LM (a registry attribute,
+`lm._ppt_fast_concepts`), so `remove` restores every parameter bitwise whatever its dtype, and every entry touched
+by several concepts is recomputed from its base value and all applied concepts in a canonical order (sorted by
+identifiers):
+
+    θ = base + Σ_c scale_c · (tuned_c − base)      (in fp32, or fp64 for fp64 parameters)
+
+except where exactly one applied concept touches an entry at scale 1, which gets `tuned` itself (cast to the
+parameter's dtype). The result does not depend on the order concepts were applied or removed in.
+
+Applying a concept whose identifier is already applied is refused (`ConceptError`); remove it first.
+
+File format: see docs/concept_format.md (safetensors, JSON header, varint-packed index gaps, sha256 checksum,
+atomic writes). A file holds one concept or several (a bundle); `Concept.load` reads a one-concept file and
+`load_concepts` reads either into a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .pivots import PivotSet
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "ppt_fast.Concept"
+FORMAT_VERSION = 1
+REGISTRY_ATTR = "_ppt_fast_concepts"
+BANK_ATTR = "_ppt_fast_identifier_bank"
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items()} | {torch.float64: "float64"}
+# A tensor whose touched share passes this keeps a whole clone of its base (cheaper than indices + values).
+_WHOLE_BASE_SHARE = 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------------
+class ConceptError(ValueError):
+    """A concept cannot be built, written, read or applied; the message says why and what to do."""
+
+
+class ConceptFileError(ConceptError):
+    """A concept file is not readable: not a concept file, truncated, or its checksum does not match (tampered)."""
+
+
+class ConceptVersionError(ConceptError):
+    """A concept file was written in a newer format than this ppt_fast reads."""
+
+
+class FingerprintMismatch(ConceptError):
+    """The model is not the base model the concept was tuned on (`force=True` overrides)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers: the LM, hashing, varint packing
+# ---------------------------------------------------------------------------------------------------------------------
+def _resolve_lm(model: Any) -> torch.nn.Module:
+    """The LM module of `model`: an nn.Module, or an object with an `.lm` nn.Module (audiocraft MusicGen)."""
+    lm = getattr(model, "lm", None)
+    if isinstance(lm, torch.nn.Module):
+        return lm
+    if isinstance(model, torch.nn.Module):
+        return model
+    raise TypeError(
+        f"model must be an nn.Module (the LM) or an object with an `.lm` nn.Module (audiocraft MusicGen), "
+        f"got {type(model).__name__}"
+    )
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().reshape(-1)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+def _tensor_hashes(t: torch.Tensor) -> dict[str, str]:
+    """sha256 of the exact bytes, and of the values rounded to bf16 (matches a bf16 copy of an fp32 model)."""
+    exact = hashlib.sha256(_bytes_of(t)).hexdigest()
+    canon = t if t.dtype == torch.bfloat16 else t.detach().to(torch.bfloat16)
+    return {"sha256": exact, "sha256_bf16": hashlib.sha256(_bytes_of(canon)).hexdigest()}
+
+
+def _fingerprint_entry(t: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), **_tensor_hashes(t)}
+
+
+def _varint_encode(values: torch.Tensor) -> torch.Tensor:
+    """LEB128: 7 bits per byte, high bit set on every byte but a value's last. int64 [n] >= 0 -> uint8 [m]."""
+    v = values.to(torch.int64).cpu()
+    if v.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if bool((v < 0).any()):
+        raise ValueError("varint: negative value")
+    nbytes = torch.ones_like(v)
+    rest = v >> 7
+    while bool((rest > 0).any()):
+        nbytes += (rest > 0).to(torch.int64)
+        rest >>= 7
+    starts = torch.cumsum(nbytes, 0) - nbytes
+    total = int(nbytes.sum())
+    rep = torch.repeat_interleave(v, nbytes)
+    j = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, nbytes)
+    byte = (rep >> (7 * j)) & 0x7F
+    last = j == torch.repeat_interleave(nbytes - 1, nbytes)
+    byte = byte | ((~last).to(torch.int64) << 7)
+    return byte.to(torch.uint8)
+
+
+def _varint_decode(data: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of `_varint_encode`: uint8 [m] -> int64 [count]; raises ConceptFileError on malformed input."""
+    b = data.to(torch.int64).reshape(-1)
+    if count == 0:
+        if b.numel():
+            raise ConceptFileError("index stream has bytes but no indices")
+        return torch.empty(0, dtype=torch.int64)
+    term = (b & 0x80) == 0
+    if b.numel() == 0 or not bool(term[-1]) or int(term.sum()) != count:
+        raise ConceptFileError(f"index stream is malformed (expected {count} varints in {b.numel()} bytes)")
+    group = torch.cumsum(term.to(torch.int64), 0) - term.to(torch.int64)
+    ends = torch.nonzero(term).reshape(-1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), ends[:-1] + 1])
+    j = torch.arange(b.numel(), dtype=torch.int64) - starts[group]
+    if bool((j > 4).any()):
+        raise ConceptFileError("index stream holds a gap wider than 2**35")
+    out = torch.zeros(count, dtype=torch.int64)
+    out.scatter_add_(0, group, (b & 0x7F) << (7 * j))
+    return out
+
+
+def _pack_indices(indices: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Per tensor: gaps between consecutive indices minus one (the first from -1), as varints."""
+    idx = indices.to(torch.int64).cpu()
+    prev = torch.cat([torch.full((1,), -1, dtype=torch.int64), idx[:-1]]) if idx.numel() else idx
+    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)[:-1]
+    starts = starts[torch.tensor(counts, dtype=torch.int64) > 0]
+    prev[starts] = -1
+    return _varint_encode(idx - prev - 1)
+
+
+def _unpack_indices(packed: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    k = int(sum(counts))
+    if k == 0:
+        if packed.numel():
+            raise ConceptFileError("index stream has bytes but no indices")
+        return torch.empty(0, dtype=torch.int64)
+    steps = _varint_decode(packed, k) + 1
+    cs = torch.cumsum(steps, 0)
+    bounds = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)
+    seg_base = torch.where(bounds[:-1] > 0, cs[(bounds[:-1] - 1).clamp_min(0)], torch.zeros_like(bounds[:-1]))
+    per = torch.repeat_interleave(seg_base, torch.tensor(counts, dtype=torch.int64))
+    return cs - per - 1
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ConceptError(f"storage dtype {dtype} is not one of float32, float16, bfloat16") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Base snapshots (what tune() takes before training so the tuned model can later be restored and checked)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class BaseSnapshot:
+    """The base model's fingerprint and its values at the entries a run will train (taken before training).
+
+    `values[name]` is `(flat_idx int64 [n] | None, base values [n] or the whole flat tensor, in the param's dtype)`.
+    """
+
+    fingerprint: dict[str, Any]
+    values: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+
+
+def fingerprint_model(model: Any, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """Fingerprint of the LM's tensors `names` (all parameters when None): name -> shape, dtype, sha256s.
+
+    Call it on the base model before tuning and pass it to `Concept.capture(base=...)`.
+    """
+    lm = _resolve_lm(model)
+    params = dict(lm.named_parameters())
+    names = list(params) if names is None else list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ConceptError(f"fingerprint_model: the model has no parameters {missing[:3]}")
+    return {"algorithm": "sha256", "tensors": {n: _fingerprint_entry(params[n].detach()) for n in names}}
+
+
+def _touched_flat(shape: torch.Size, rows: tuple[int, int] | None) -> tuple[int, int]:
+    numel = shape.numel()
+    if rows is None:
+        return 0, numel
+    row = numel // shape[0] if len(shape) and shape[0] else 1
+    return rows[0] * row, rows[1] * row
+
+
+def snapshot_base(
+    model: Any, pivots: PivotSet | None = None, dense: Mapping[str, slice | tuple[int, int] | None] | None = None
+) -> BaseSnapshot:
+    """Fingerprint + copies of the base values a run will change (the pivots and the dense rows); take it BEFORE
+    training and pass it to `Concept.capture(base=...)`: the concept is then registered as applied on the tuned
+    model, so `concept.remove(model)` restores the base bitwise."""
+    lm = _resolve_lm(model)
+    params = dict(lm.named_parameters())
+    dense_rows = _norm_dense(dense or {}, params)
+    names = sorted(
+        set((n for n, c in zip(pivots.names, pivots.counts()) if c) if pivots is not None else []) | set(dense_rows)
+    )
+    snap = BaseSnapshot(fingerprint_model(lm, names))
+    for n in names:
+        p = params[n].detach()
+        flat = p.reshape(-1)
+        parts = []
+        if pivots is not None and n in pivots.names:
+            parts.append(pivots.indices_of(n).to(device=p.device, dtype=torch.int64))
+        if n in dense_rows:
+            lo, hi = _touched_flat(p.shape, dense_rows[n])
+            parts.append(torch.arange(lo, hi, device=p.device))
+        idx = torch.unique(torch.cat(parts), sorted=True)
+        if idx.numel() > _WHOLE_BASE_SHARE * flat.numel():
+            snap.values[n] = (None, flat.clone())
+        else:
+            snap.values[n] = (idx, flat[idx].clone())
+    return snap
+
+
+def _norm_dense(dense: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int] | None]:
+    out: dict[str, tuple[int, int] | None] = {}
+    for n, rows in dense.items():
+        if n not in params:
+            raise ConceptError(f"dense names {n!r}, which is not a parameter of the model")
+        p = params[n]
+        if rows is None:
+            out[n] = None
+            continue
+        if isinstance(rows, slice):
+            if rows.step not in (None, 1):
+                raise ConceptError(f"dense[{n!r}]: row slices must have step 1, got {rows}")
+            lo, hi, _ = rows.indices(p.shape[0] if p.dim() else 1)
+        else:
+            lo, hi = (int(r) for r in rows)
+        if not 0 <= lo < hi <= (p.shape[0] if p.dim() else 1):
+            raise ConceptError(f"dense[{n!r}]: rows [{lo}:{hi}] are empty or outside {tuple(p.shape)}")
+        out[n] = None if (lo, hi) == (0, p.shape[0] if p.dim() else 1) else (lo, hi)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The concept
+# ---------------------------------------------------------------------------------------------------------------------
+class Concept:
+    """One learned concept: identifiers + token embeddings, tuned values at the pivots, dense tuned values, the base
+    model's fingerprint and metadata. See the module docstring for the semantics of apply / remove / compose.
+
+    Args:
+        identifiers: the words naming the concept in prompts, e.g. `["<v1>"]`; unique, non-empty.
+        tokens: `identifier -> Tensor [n_tokens, dim]` (stored fp32); may be empty for a parameter-only concept.
+        pivots: the entries tuned sparsely (tensors without pivots are dropped from the stored layout).
+        values: `Tensor [pivots.count]`, the tuned values at `pivots.indices` (fp32, fp16 or bf16).
+        dense: `name -> Tensor` tuned values of a whole tensor (shape of the parameter) or of rows `dense_rows[name]`
+            (shape `[hi - lo, *param.shape[1:]]`).
+        dense_rows: `name -> (lo, hi) | None` (None: the whole tensor); missing names mean the whole tensor.
+        fingerprint: the base model's fingerprint of the touched tensors (`fingerprint_model`); `{}` skips checks.
+        meta: JSON-serialisable metadata (preset, ratio, criterion, training settings, ...).
+    """
+
+    def __init__(
+        self,
+        identifiers: Sequence[str],
+        tokens: Mapping[str, torch.Tensor],
+        pivots: PivotSet,
+        values: torch.Tensor,
+        dense: Mapping[str, torch.Tensor] | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        dense_rows: Mapping[str, tuple[int, int] | None] | None = None,
+    ) -> None:
+        identifiers = [str(i) for i in identifiers]
+        if not identifiers:
+            raise ConceptError("a concept needs at least one identifier, e.g. ['<v1>']")
+        for i in identifiers:
+            if not i.strip() or any(c.isspace() for c in i):
+                raise ConceptError(f"identifier {i!r} must be one non-empty word without spaces, e.g. '<v1>'")
+        if len(set(identifiers)) != len(identifiers):
+            raise ConceptError(f"identifiers {identifiers} repeat a name; each must be unique")
+        extra = sorted(set(tokens) - set(identifiers))
+        if extra:
+            raise ConceptError(f"tokens are given for {extra}, which are not among the identifiers {identifiers}")
+        if not isinstance(pivots, PivotSet):
+            raise ConceptError(f"pivots must be a PivotSet, got {type(pivots).__name__}")
+        if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != pivots.count:
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ConceptError(f"values must be a 1-D tensor with pivots.count = {pivots.count} entries, got {shape}")
+        if values.dtype not in _STORAGE_DTYPES.values():
+            raise ConceptError(f"values dtype {values.dtype} is not float32, float16 or bfloat16")
+        keep = [i for i, c in enumerate(pivots.counts()) if c]
+        if len(keep) != len(pivots.names):
+            pivots = PivotSet(
+                [pivots.names[i] for i in keep],
+                [pivots.shapes[i] for i in keep],
+                torch.tensor([0] + [pivots.counts()[i] for i in keep]).cumsum(0),
+                pivots.indices,
+            )
+        self.identifiers: list[str] = identifiers
+        self.tokens: dict[str, torch.Tensor] = {}
+        for ident, t in tokens.items():
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] < 1:
+                raise ConceptError(f"tokens[{ident!r}] must be a [n_tokens, dim] tensor")
+            self.tokens[ident] = t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.pivots: PivotSet = pivots.to("cpu")
+        self.values: torch.Tensor = values.detach().cpu().contiguous()
+        dense = dict(dense or {})
+        dense_rows = dict(dense_rows or {})
+        self.dense: dict[str, torch.Tensor] = {}
+        self.dense_rows: dict[str, tuple[int, int] | None] = {}
+        for n, t in dense.items():
+            if t.dtype not in _STORAGE_DTYPES.values():
+                raise ConceptError(f"dense[{n!r}] dtype {t.dtype} is not float32, float16 or bfloat16")
+            rows = dense_rows.get(n)
+            if rows is not None:
+                lo, hi = int(rows[0]), int(rows[1])
+                if t.dim() == 0 or t.shape[0] != hi - lo or lo < 0:
+                    raise ConceptError(f"dense[{n!r}] has shape {tuple(t.shape)}, rows [{lo}:{hi}] need {hi - lo}")
+                rows = (lo, hi)
+            self.dense[n] = t.detach().cpu().contiguous()
+            self.dense_rows[n] = rows
+        self.fingerprint: dict[str, Any] = json.loads(json.dumps(dict(fingerprint or {})))
+        self.meta: dict[str, Any] = json.loads(json.dumps(dict(meta or {}), default=str))
+
+    # ---- facts -----------------------------------------------------------------------------------------------------
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The canonical sort key of the concept (its identifiers, sorted); the order of composition."""
+        return tuple(sorted(self.identifiers))
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def touched_names(self) -> list[str]:
+        """Parameter names the concept changes (pivots or dense), sorted."""
+        return sorted(set(self.pivots.names) | set(self.dense))
+
+    def touched_count(self) -> int:
+        """Entries the concept changes (a pivot inside a dense range counts once)."""
+        return sum(int(self._positions(n, None).numel()) for n in self.touched_names())
+
+    def __repr__(self) -> str:
+        return (
+            f"Concept({self.identifiers}, {self.pivots.count} pivots in {len(self.pivots.names)} tensors, "
+            f"{len(self.dense)} dense, storage={_dtype_name(self.storage_dtype)})"
+        )
+
+    # ---- building ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def capture(
+        cls,
+        model: Any,
+        pivots: PivotSet | str | None = None,
+        *,
+        identifiers: Sequence[str] | None = None,
+        tokens: Mapping[str, torch.Tensor] | None = None,
+        dense: Mapping[str, slice | tuple[int, int] | None] | None = None,
+        base: BaseSnapshot | Mapping[str, Any] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        storage_dtype: torch.dtype = torch.float32,
+    ) -> Concept:
+        """Read a concept out of a tuned model.
+
+        Args:
+            model: the tuned LM (nn.Module) or an object with `.lm`. Also accepted: a `TuneResult` of
+                `ppt_fast.musicgen.tune_model` with `pivots` = the identifier to capture.
+            pivots: the entries tuned sparsely (whole-parameter flat int32 indices, names = LM parameter names).
+            identifiers, tokens: the concept's identifiers and `[n_tokens, dim]` embeddings.
+            dense: `name -> row slice | (lo, hi) | None` (None: the whole tensor) trained densely.
+            base: the base model before tuning: a `BaseSnapshot` (`snapshot_base`, best: fingerprint + base values,
+                and the concept is registered as applied so `remove` restores the base bitwise), a fingerprint
+                (`fingerprint_model`), or `{name: original tensor}` of the touched tensors. None: no fingerprint
+                (a warning; the concept can then be applied to any model with the same names and shapes).
+            meta: metadata to store (preset, ratio, criterion, training settings); the ppt_fast version is added.
+            storage_dtype: float32 (bitwise exact), float16 or bfloat16 for the values and dense tensors.
+        """
+        if not isinstance(model, torch.nn.Module) and hasattr(model, "pivots") and hasattr(model, "tokens"):
+            return cls._capture_result(model, pivots, storage_dtype=storage_dtype)
+        if pivots is None or not isinstance(pivots, PivotSet):
+            raise ConceptError(f"capture: pivots must be a PivotSet, got {type(pivots).__name__}")
+        if not identifiers:
+            raise ConceptError("capture: give identifiers=[...], e.g. ['<v1>']")
+        _dtype_name(storage_dtype)
+        lm = _resolve_lm(model)
+        params = dict(lm.named_parameters())
+        dense_rows = _norm_dense(dense or {}, params)
+        values_parts = []
+        for n, idx in pivots:
+            if idx.numel() == 0:
+                continue
+            if n not in params:
+                raise ConceptError(f"capture: the pivots name {n!r}, which is not a parameter of the model")
+            p = params[n]
+            if p.shape != pivots.shapes[pivots.index(n)]:
+                raise ConceptError(
+                    f"capture: {n!r} has shape {tuple(p.shape)}, the pivots say {tuple(pivots.shapes[pivots.index(n)])}"
+                )
+            values_parts.append(p.detach().reshape(-1)[idx.to(p.device).long()].float().cpu())
+        values = torch.cat(values_parts) if values_parts else torch.empty(0)
+        dense_vals = {}
+        for n, rows in dense_rows.items():
+            t = params[n].detach()
+            t = t if rows is None else t[rows[0] : rows[1]]
+            dense_vals[n] = t.to(storage_dtype).cpu().clone()
+        touched = sorted({n for n, c in zip(pivots.names, pivots.counts()) if c} | set(dense_rows))
+        snapshot = None
+        if base is None:
+            fp: dict[str, Any] = {}
+            logger.warning(
+                "Concept.capture: no base fingerprint given; the concept cannot check that it is applied to the right "
+                "model (pass base=snapshot_base(model, pivots, dense) or fingerprint_model(model) taken before tuning)"
+            )
+        elif isinstance(base, BaseSnapshot):
+            fp, snapshot = base.fingerprint, base
+        elif isinstance(base, Mapping) and "tensors" in base:
+            fp = dict(base)
+        elif isinstance(base, Mapping):
+            fp = {"algorithm": "sha256", "tensors": {n: _fingerprint_entry(t) for n, t in base.items()}}
+            snapshot = BaseSnapshot(fp, {n: (None, t.detach().reshape(-1).clone()) for n, t in base.items()})
+        else:
+            raise ConceptError(
+                f"capture: base must be a BaseSnapshot, a fingerprint or a dict, got {type(base).__name__}"
+            )
+        if fp:
+            have = fp.get("tensors", {})
+            missing = [n for n in touched if n not in have]
+            if missing:
+                raise ConceptError(f"capture: the base fingerprint lacks touched tensors {missing[:3]}")
+            fp = {"algorithm": fp.get("algorithm", "sha256"), "tensors": {n: have[n] for n in touched}}
+        from . import __version__
+
+        meta = {"ppt_fast_version": __version__, **dict(meta or {})}
+        concept = cls(
+            list(identifiers), dict(tokens or {}), pivots, values.to(storage_dtype), dense_vals, fp, meta, dense_rows
+        )
+        if snapshot is not None:
+            concept._register_captured(lm, snapshot)
+        return concept
+
+    @classmethod
+    def _capture_result(cls, result: Any, identifier: Any, *, storage_dtype: torch.dtype) -> Concept:
+        """From a `ppt_fast.musicgen.tune.TuneResult`: one concept for `identifier`."""
+        idents = list(result.identifiers)
+        if identifier is None and len(idents) == 1:
+            identifier = idents[0]
+        if identifier not in idents:
+            raise ConceptError(f"capture: identifier {identifier!r} is not one of the run's {idents}")
+        base = getattr(result, "base_snapshot", None)
+        if base is None:
+            fp = getattr(result, "base_fingerprint", None)
+            base = fp if isinstance(fp, Mapping) else None
+        meta = dict(getattr(result, "settings", {}) or {})
+        if isinstance(getattr(result, "base_fingerprint", None), str):
+            meta.setdefault("base_model_sha256", result.base_fingerprint)
+        if len(idents) > 1:
+            meta.setdefault("trained_with", idents)
+        dense = {n: (tuple(r) if r is not None else None) for n, r in (getattr(result, "dense_rows", {}) or {}).items()}
+        return cls.capture(
+            result.model,
+            result.pivots[identifier],
+            identifiers=[identifier],
+            tokens={identifier: result.tokens[identifier]},
+            dense=dense,
+            base=base,
+            meta=meta,
+            storage_dtype=storage_dtype,
+        )
+
+    # ---- positions and tuned values per tensor ---------------------------------------------------------------------
+    def _positions(self, name: str, device: torch.device | None) -> torch.Tensor:
+        """Sorted int64 flat positions the concept touches in tensor `name`."""
+        parts = []
+        if name in self.pivots.names:
+            parts.append(self.pivots.indices_of(name).to(torch.int64))
+        if name in self.dense:
+            lo, hi = self._dense_flat_range(name)
+            parts.append(torch.arange(lo, hi, dtype=torch.int64))
+        pos = torch.unique(torch.cat(parts), sorted=True) if len(parts) > 1 else parts[0]
+        return pos if device is None else pos.to(device)
+
+    def _dense_flat_range(self, name: str) -> tuple[int, int]:
+        """[lo, hi) flat positions of the dense values of `name` (rows of the parameter are contiguous)."""
+        t = self.dense[name]
+        rows = self.dense_rows.get(name)
+        if rows is None:
+            return 0, t.numel()
+        row = t[0].numel() if t.dim() and t.shape[0] else 1
+        return rows[0] * row, rows[1] * row
+
+    def _tuned(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted int64 positions, tuned fp32 values) of tensor `name`; dense values win over pivots."""
+        pos_parts, val_parts = [], []
+        if name in self.pivots.names:
+            i = self.pivots.index(name)
+            o = self.pivots.offsets_list
+            pos_parts.append(self.pivots.indices_of(i).to(torch.int64))
+            val_parts.append(self.values[o[i] : o[i + 1]].float())
+        if name in self.dense:
+            lo, hi = self._dense_flat_range(name)
+            pos_parts.append(torch.arange(lo, hi, dtype=torch.int64))
+            val_parts.append(self.dense[name].reshape(-1).float())
+        if len(pos_parts) == 1:
+            return pos_parts[0], val_parts[0]
+        pos = torch.cat(pos_parts)
+        vals = torch.cat(val_parts)
+        # Stable sort: among equal positions the dense value (later) wins when we keep the last occurrence.
+        order = torch.argsort(pos, stable=True)
+        pos, vals = pos[order], vals[order]
+        keep = torch.ones_like(pos, dtype=torch.bool)
+        keep[:-1] = pos[1:] != pos[:-1]
+        return pos[keep], vals[keep]
+
+    # ---- fingerprint checks ----------------------------------------------------------------------------------------
+    def check_model(self, model: Any, *, force: bool = False) -> None:
+        """Raise FingerprintMismatch unless `model`'s base values of the touched tensors match the fingerprint
+        (names and shapes always; hashes when the concept has them). With `force=True`, log a warning instead."""
+        lm = _resolve_lm(model)
+        params = dict(lm.named_parameters())
+        reg: _Registry | None = getattr(lm, REGISTRY_ATTR, None)
+        problems = []
+        for n in self.touched_names():
+            p = params.get(n)
+            if p is None:
+                problems.append(f"{n!r} is not a parameter of the model")
+                continue
+            fp_shape = self.fingerprint.get("tensors", {}).get(n, {}).get("shape")
+            shape = self.pivots.shapes[self.pivots.index(n)] if n in self.pivots.names else fp_shape
+            if shape is not None and p.shape != torch.Size(shape):
+                problems.append(f"{n!r} has shape {tuple(p.shape)}, the concept was tuned on {tuple(shape)}")
+                continue
+            if n in self.dense:
+                t, rows = self.dense[n], self.dense_rows.get(n)
+                fits = t.shape == p.shape if rows is None else (t.shape[1:] == p.shape[1:] and rows[1] <= p.shape[0])
+                if not fits:
+                    where = "the whole tensor" if rows is None else f"rows [{rows[0]}:{rows[1]}]"
+                    problems.append(
+                        f"{n!r} has shape {tuple(p.shape)}; the concept's dense values {tuple(t.shape)} "
+                        f"for {where} do not fit"
+                    )
+        fp = self.fingerprint.get("tensors", {})
+        if not problems:
+            for n, entry in fp.items():
+                if entry.get("sha256") is None:
+                    continue
+                p = params[n]
+                base = reg.base_view(n, p) if reg is not None else p.detach()
+                dtype = str(p.dtype).replace("torch.", "")
+                if dtype == entry.get("dtype"):
+                    ok = hashlib.sha256(_bytes_of(base)).hexdigest() == entry["sha256"]
+                else:
+                    canon = base if base.dtype == torch.bfloat16 else base.to(torch.bfloat16)
+                    ok = hashlib.sha256(_bytes_of(canon)).hexdigest() == entry.get("sha256_bf16")
+                if not ok:
+                    problems.append(
+                        f"{n!r} ({dtype}) differs from the base the concept was tuned on ({entry.get('dtype')})"
+                    )
+        if problems:
+            msg = (
+                f"concept {self.identifiers} does not match this model: {'; '.join(problems[:3])}"
+                f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}. Apply it to the base model it was "
+                "tuned on, or pass force=True to apply it anyway"
+            )
+            if not force:
+                raise FingerprintMismatch(msg)
+            logger.warning("force=True: %s", msg)
+        elif not fp:
+            logger.debug("concept %s has no base fingerprint; only names and shapes were checked", self.identifiers)
+
+    # ---- apply / remove ----------------------------------------------------------------------------------------------
+    def apply(self, model: Any, scale: float = 1.0, *, force: bool = False) -> None:
+        """Apply the concept to `model` (an LM nn.Module or an object with `.lm`), in place.
+
+        Touched entries become `base + scale * (tuned - base)` (fp32 from the base; exactly `tuned` at scale 1), the
+        identifiers' tokens go into the LM's identifier bank (`lm._ppt_fast_identifier_bank`, when it has one; a
+        warning otherwise). Refused (ConceptError) when one of the identifiers is already applied or registered;
+        FingerprintMismatch when the model is not the concept's base (`force=True` applies anyway).
+        """
+        compose([self], model, scales=[scale], force=force)
+
+    def remove(self, model: Any) -> None:
+        """Undo `apply`: every touched entry gets back its base value (bitwise) or, where other applied concepts
+        touch it, the value those concepts give; the identifiers leave the bank."""
+        lm = _resolve_lm(model)
+        reg: _Registry | None = getattr(lm, REGISTRY_ATTR, None)
+        if reg is None or self.key not in reg.applied:
+            applied = [list(k) for k in reg.applied] if reg is not None else []
+            raise ConceptError(f"concept {self.identifiers} is not applied to this model (applied: {applied})")
+        reg.remove(lm, self.key)
+
+    def _register_captured(self, lm: torch.nn.Module, snap: BaseSnapshot) -> None:
+        """Mark the concept as applied (scale 1) on the tuned model `lm`, with the base values of `snap`."""
+        reg = _Registry.of(lm)
+        for ident in self.identifiers:
+            owner = reg.owner_of(ident)
+            if owner is not None:
+                raise ConceptError(f"identifier {ident!r} is already applied to this model by concept {list(owner)}")
+        params = dict(lm.named_parameters())
+        for n in self.touched_names():
+            if n not in snap.values:
+                raise ConceptError(f"capture: the base snapshot has no values for {n!r}")
+            idx, vals = snap.values[n]
+            reg.save_base_values(n, params[n], idx, vals)
+        bank = getattr(lm, BANK_ATTR, None)
+        owned = [i for i in self.identifiers if bank is not None and bank.has(i)]
+        reg.applied[self.key] = _Applied(self, 1.0, owned)
+
+    # ---- save / load ---------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the concept file at `path` (atomic; see docs/concept_format.md)."""
+        save_concepts([self], path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Concept:
+        """Read a one-concept file. A bundle of several raises ConceptError: read it with `load_concepts`."""
+        concepts = load_concepts(path)
+        if len(concepts) != 1:
+            raise ConceptError(
+                f"{path} is a bundle of {len(concepts)} concepts "
+                f"({[c.identifiers for c in concepts]}); read it with ppt_fast.concept.load_concepts"
+            )
+        return concepts[0]
+
+    def equal(self, other: Concept) -> bool:
+        """Bitwise the same concept (identifiers, tokens, pivots, values, dense values and rows)."""
+        return (
+            self.identifiers == other.identifiers
+            and self.pivots.equal(other.pivots)
+            and self.values.dtype == other.values.dtype
+            and torch.equal(self.values, other.values)
+            and self.tokens.keys() == other.tokens.keys()
+            and all(torch.equal(self.tokens[k], other.tokens[k]) for k in self.tokens)
+            and self.dense.keys() == other.dense.keys()
+            and all(
+                self.dense[k].dtype == other.dense[k].dtype and torch.equal(self.dense[k], other.dense[k])
+                for k in self.dense
+            )
+            and self.dense_rows == other.dense_rows
+            and self.fingerprint == other.fingerprint
+        )
+
+
+ConceptDelta = Concept
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The registry on the LM: base values and applied concepts
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Applied:
+    concept: Concept
+    scale: float
+    bank_identifiers: list[str]  # identifiers this application put into (or owns in) the bank
+
+
+class _Base:
+    """Base values of one tensor: `idx` (sorted int64 flat positions) + `vals`, or `idx=None` + the whole flat base."""
+
+    def __init__(self, idx: torch.Tensor | None, vals: torch.Tensor) -> None:
+        self.idx = idx
+        self.vals = vals
+
+
+class _Registry:
+    """What `apply` keeps on the LM (`lm._ppt_fast_concepts`, a plain attribute: not in state_dict)."""
+
+    def __init__(self) -> None:
+        self.applied: dict[tuple[str, ...], _Applied] = {}
+        self.base: dict[str, _Base] = {}
+
+    @staticmethod
+    def of(lm: torch.nn.Module) -> _Registry:
+        reg = getattr(lm, REGISTRY_ATTR, None)
+        if reg is None:
+            reg = _Registry()
+            object.__setattr__(lm, REGISTRY_ATTR, reg)
+        return reg
+
+    def owner_of(self, identifier: str) -> tuple[str, ...] | None:
+        for k, a in self.applied.items():
+            if identifier in a.concept.identifiers:
+                return k
+        return None
+
+    # ---- base values ---------------------------------------------------------------------------------------------
+    def base_view(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The tensor as it is with its base values put back where concepts changed it (a copy when needed)."""
+        b = self.base.get(name)
+        if b is None:
+            return p.detach()
+        if b.idx is None:
+            return b.vals.view(p.shape)
+        out = p.detach().clone().reshape(-1)
+        out[b.idx] = b.vals
+        return out.view(p.shape)
+
+    def save_base_values(self, name: str, p: torch.Tensor, idx: torch.Tensor | None, vals: torch.Tensor) -> None:
+        """Record base values `vals` at `idx` (None: the whole tensor) unless already recorded."""
+        flat = p.detach().reshape(-1)
+        b = self.base.get(name)
+        if b is not None and b.idx is None:
+            return
+        if idx is None:
+            whole = vals.to(device=flat.device, dtype=flat.dtype).clone()
+            if b is not None:
+                whole[b.idx] = b.vals  # what was recorded first is the base
+            self.base[name] = _Base(None, whole)
+            return
+        idx = idx.to(device=flat.device, dtype=torch.int64)
+        vals = vals.to(device=flat.device, dtype=flat.dtype)
+        if b is not None:
+            new = ~torch.isin(idx, b.idx)
+            idx = torch.cat([b.idx, idx[new]])
+            vals = torch.cat([b.vals, vals[new]])
+            order = torch.argsort(idx)
+            idx, vals = idx[order], vals[order]
+        if idx.numel() > _WHOLE_BASE_SHARE * flat.numel():
+            whole = flat.clone()
+            whole[idx] = vals
+            self.base[name] = _Base(None, whole)
+        else:
+            self.base[name] = _Base(idx, vals.clone())
+
+    def record_current(self, name: str, p: torch.Tensor, positions: torch.Tensor) -> None:
+        """Record the model's current values at `positions` as base where nothing is recorded yet."""
+        flat = p.detach().reshape(-1)
+        b = self.base.get(name)
+        if b is not None and b.idx is None:
+            return
+        self.save_base_values(name, p, positions, flat[positions])
+
+    def base_at(self, name: str, positions: torch.Tensor) -> torch.Tensor:
+        b = self.base[name]
+        if b.idx is None:
+            return b.vals[positions]
+        j = torch.searchsorted(b.idx, positions)
+        if bool((j >= b.idx.numel()).any()) or not torch.equal(b.idx[j.clamp_max(b.idx.numel() - 1)], positions):
+            raise RuntimeError(f"internal: base values of {name!r} missing for some positions")
+        return b.vals[j]
+
+    # ---- recompute -----------------------------------------------------------------------------------------------
+    def recompute(self, lm: torch.nn.Module, names: Iterable[str], extra: Mapping[str, torch.Tensor]) -> None:
+        """Write every touched entry of `names` from its base and the applied concepts in canonical order.
+
+        `extra[name]` are positions to rewrite besides those of applied concepts (a removed concept's).
+        """
+        params = dict(lm.named_parameters())
+        order = sorted(self.applied)
+        for name in names:
+            p = params[name]
+            flat = p.data.view(-1)
+            dev = flat.device
+            contrib = []
+            for k in order:
+                a = self.applied[k]
+                if name in a.concept.touched_names():
+                    pos, tuned = a.concept._tuned(name)
+                    contrib.append((pos.to(dev), tuned.to(dev), a.scale))
+            parts = [c[0] for c in contrib] + ([extra[name].to(dev)] if name in extra else [])
+            if not parts:
+                continue
+            u = torch.unique(torch.cat(parts), sorted=True) if len(parts) > 1 else parts[0]
+            base = self.base_at(name, u)
+            compute = torch.float64 if p.dtype == torch.float64 else torch.float32
+            acc = base.to(compute, copy=True)  # never alias the registry's base values
+            count = torch.zeros(u.numel(), dtype=torch.int32, device=dev)
+            single = torch.zeros(u.numel(), dtype=compute, device=dev)
+            unit = torch.zeros(u.numel(), dtype=torch.bool, device=dev)
+            base_c = base.to(compute)
+            for pos, tuned, scale in contrib:
+                j = torch.searchsorted(u, pos)
+                t = tuned.to(compute)
+                acc[j] += scale * (t - base_c[j])
+                count[j] += 1
+                single[j] = t
+                unit[j] = scale == 1.0
+            out = torch.where((count == 1) & unit, single, acc).to(p.dtype)
+            out = torch.where(count == 0, base, out)
+            flat[u] = out
+            if not contrib:
+                del self.base[name]
+
+    def add(self, lm: torch.nn.Module, items: Sequence[tuple[Concept, float]]) -> None:
+        params = dict(lm.named_parameters())
+        names: set[str] = set()
+        for c, _ in items:
+            for n in c.touched_names():
+                self.record_current(n, params[n], c._positions(n, params[n].device))
+                names.add(n)
+        for c, scale in items:
+            self.applied[c.key] = _Applied(c, float(scale), [])
+        with torch.no_grad():
+            self.recompute(lm, sorted(names), {})
+
+    def remove(self, lm: torch.nn.Module, key: tuple[str, ...]) -> None:
+        a = self.applied.pop(key)
+        params = dict(lm.named_parameters())
+        names = a.concept.touched_names()
+        extra = {n: a.concept._positions(n, params[n].device) for n in names}
+        with torch.no_grad():
+            self.recompute(lm, names, extra)
+        bank = getattr(lm, BANK_ATTR, None)
+        for ident in a.bank_identifiers:
+            if bank is not None and bank.has(ident):
+                bank.remove(ident)
+        if not self.applied:
+            self.base.clear()
+            object.__delattr__(lm, REGISTRY_ATTR)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several concepts
+# ---------------------------------------------------------------------------------------------------------------------
+def _check_distinct(concepts: Sequence[Concept]) -> None:
+    seen: dict[str, list[str]] = {}
+    for c in concepts:
+        if not isinstance(c, Concept):
+            raise TypeError(f"expected Concept objects, got {type(c).__name__}")
+        for ident in c.identifiers:
+            if ident in seen:
+                raise ConceptError(
+                    f"two concepts use the identifier {ident!r} ({seen[ident]} and {c.identifiers}); identifiers must "
+                    "be unique across concepts applied or saved together"
+                )
+            seen[ident] = c.identifiers
+
+
+def compose(
+    concepts: Sequence[Concept], model: Any, scales: Sequence[float] | None = None, *, force: bool = False
+) -> dict[str, Any]:
+    """Apply several concepts at once (alongside any already applied); returns the `overlap` report of all of them.
+
+    The union of their pivots is changed; entries shared by several concepts get the sum of their scaled deltas from
+    the base, computed in the canonical order (sorted identifiers), so the result does not depend on the order of
+    `concepts` or on which were applied first. Every check runs before anything changes.
+    """
+    concepts = list(concepts)
+    if scales is None:
+        scales = [1.0] * len(concepts)
+    scales = [float(s) for s in scales]
+    if len(scales) != len(concepts):
+        raise ConceptError(f"compose: {len(scales)} scales for {len(concepts)} concepts; give one scale per concept")
+    _check_distinct(concepts)
+    lm = _resolve_lm(model)
+    reg = getattr(lm, REGISTRY_ATTR, None)
+    bank = getattr(lm, BANK_ATTR, None)
+    for c in concepts:
+        for ident in c.identifiers:
+            owner = reg.owner_of(ident) if reg is not None else None
+            if owner is not None:
+                raise ConceptError(
+                    f"identifier {ident!r} is already applied to this model (concept {list(owner)}); applying twice "
+                    "is refused: remove it first (concept.remove(model))"
+                )
+            if bank is not None and bank.has(ident):
+                raise ConceptError(
+                    f"identifier {ident!r} is already registered in this model's identifier bank (by a tune run?); "
+                    "remove it there first"
+                )
+        c.check_model(lm, force=force)
+        dim = getattr(bank, "dim", None)
+        for ident, t in c.tokens.items():
+            if bank is not None and dim is not None and t.shape[1] != dim:
+                raise ConceptError(
+                    f"tokens of {ident!r} are {t.shape[1]}-d, this model's identifier bank takes {dim}-d embeddings "
+                    "(the concept was tuned on another model)"
+                )
+    if bank is None and any(c.tokens for c in concepts):
+        logger.warning(
+            "this model has no identifier bank (lm.%s): the concepts' parameter changes are applied but their "
+            "identifier tokens %s are not installed (load the model with ppt_fast.load_model for prompts that name "
+            "them)",
+            BANK_ATTR,
+            [i for c in concepts for i in c.tokens],
+        )
+    reg = _Registry.of(lm)
+    reg.add(lm, list(zip(concepts, scales)))
+    if bank is not None:
+        dev = next(iter(lm.parameters())).device
+        for c in concepts:
+            for ident, t in c.tokens.items():
+                bank.add(ident, t.to(dev))
+                reg.applied[c.key].bank_identifiers.append(ident)
+    report = overlap([a.concept for a in reg.applied.values()])
+    if report["shared"]:
+        logger.info("composed concepts share %d entries: %s", report["shared"], report["pairs"])
+    return report
+
+
+def remove_all(model: Any) -> None:
+    """Remove every applied concept; the model is back to its base bitwise."""
+    lm = _resolve_lm(model)
+    reg: _Registry | None = getattr(lm, REGISTRY_ATTR, None)
+    while reg is not None and reg.applied:
+        reg.remove(lm, sorted(reg.applied)[-1])
+        reg = getattr(lm, REGISTRY_ATTR, None)
+
+
+def applied_concepts(model: Any) -> list[Concept]:
+    """The concepts applied to `model`, in canonical order."""
+    reg: _Registry | None = getattr(_resolve_lm(model), REGISTRY_ATTR, None)
+    return [] if reg is None else [reg.applied[k].concept for k in sorted(reg.applied)]
+
+
+def overlap(concepts: Sequence[Concept]) -> dict[str, Any]:
+    """Entries touched by more than one concept: `{"shared": total entries touched by >= 2, "pairs": {"a+b": n},
+    "per_tensor": {name: n}, "touched": {identifiers: n}}` (pair keys join each concept's sorted identifiers by ',')."""
+    concepts = sorted(concepts, key=lambda c: c.key)
+    labels = [",".join(c.key) for c in concepts]
+    pairs: dict[str, int] = {}
+    per_tensor: dict[str, int] = {}
+    touched = {lab: c.touched_count() for lab, c in zip(labels, concepts)}
+    names = sorted({n for c in concepts for n in c.touched_names()})
+    for n in names:
+        pos = {lab: c._positions(n, None) for lab, c in zip(labels, concepts) if n in c.touched_names()}
+        if len(pos) < 2:
+            continue
+        labs = list(pos)
+        for i in range(len(labs)):
+            for j in range(i + 1, len(labs)):
+                s = int(torch.isin(pos[labs[i]], pos[labs[j]]).sum())
+                if s:
+                    key = f"{labs[i]}+{labs[j]}"
+                    pairs[key] = pairs.get(key, 0) + s
+        allpos = torch.cat(list(pos.values()))
+        _, counts = torch.unique(allpos, return_counts=True)
+        shared = int((counts > 1).sum())
+        if shared:
+            per_tensor[n] = shared
+    return {"shared": sum(per_tensor.values()), "pairs": pairs, "per_tensor": per_tensor, "touched": touched}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The file
+# ---------------------------------------------------------------------------------------------------------------------
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _checksum(header: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the header JSON and every tensor (name, dtype, shape, bytes) in sorted-name order."""
+    h = hashlib.sha256()
+    h.update(header.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"\0{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_bytes_of(t))
+    return "sha256:" + h.hexdigest()
+
+
+def _encode(concepts: Sequence[Concept]) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from . import __version__
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries = []
+    for ci, c in enumerate(concepts):
+        p = c.pivots
+        pre = f"c{ci}."
+        tensors[pre + "pivots.gaps"] = _pack_indices(p.indices, p.counts())
+        tensors[pre + "pivots.values"] = c.values
+        dense = []
+        for j, (n, t) in enumerate(sorted(c.dense.items())):
+            tensors[f"{pre}dense.{j}"] = t
+            rows = c.dense_rows.get(n)
+            dense.append({"name": n, "shape": list(t.shape), "rows": list(rows) if rows is not None else None})
+        tokens = []
+        for j, ident in enumerate(c.identifiers):
+            if ident in c.tokens:
+                tensors[f"{pre}tokens.{j}"] = c.tokens[ident]
+                tokens.append(ident)
+        entries.append(
+            {
+                "identifiers": c.identifiers,
+                "tokens": tokens,
+                "pivots": {
+                    "names": p.names,
+                    "shapes": [list(s) for s in p.shapes],
+                    "counts": p.counts(),
+                    "encoding": "varint-gap",
+                },
+                "storage_dtype": _dtype_name(c.values.dtype),
+                "dense": dense,
+                "fingerprint": c.fingerprint,
+                "meta": c.meta,
+            }
+        )
+    header = _canonical_json({"concepts": entries})
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "ppt_fast_version": __version__,
+        "header": header,
+        "checksum": _checksum(header, tensors),
+    }
+    return meta, tensors
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+}
+
+
+def _serialize(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file, byte-deterministic (the library's writer orders the metadata by a randomised hash map):
+    8-byte little-endian header length, the JSON header (sorted keys, space-padded to 8 bytes), the tensors'
+    bytes in sorted-name order, contiguous."""
+    head: dict[str, Any] = {"__metadata__": dict(metadata)}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        b = bytes(_bytes_of(t))
+        head[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    js = json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
+    js += b" " * (-len(js) % 8)
+    return len(js).to_bytes(8, "little") + js + b"".join(blobs)
+
+
+def save_concepts(concepts: Sequence[Concept], path: str | os.PathLike) -> None:
+    """Write one file holding `concepts` (a bundle when several): safetensors + JSON header + sha256 checksum.
+
+    Atomic: written to a temporary file in the same folder, fsynced, then `os.replace`d over `path`, so an existing
+    file is never left half-written. Raises ConceptError naming the path when it cannot be written.
+    """
+    concepts = list(concepts)
+    if not concepts:
+        raise ConceptError("save_concepts: no concepts given")
+    _check_distinct(concepts)
+    meta, tensors = _encode(concepts)
+    data = _serialize(tensors, meta)
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        try:
+            dfd = os.open(path.parent, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        raise ConceptError(f"cannot write the concept file {str(path)!r}: {e}; choose a writable path") from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_concepts(path: str | os.PathLike) -> list[Concept]:
+    """Read every concept in a concept file (one, or a bundle) after checking its format version and checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConceptError(f"cannot read the concept file {str(path)!r}: {e}") from e
+    try:
+        tensors = load(data)
+        meta = _read_metadata(data)
+    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as e:
+        raise ConceptFileError(
+            f"{str(path)!r} is not a readable concept file (truncated or not safetensors: {e}); write it again"
+        ) from e
+    if meta.get("format") != FORMAT:
+        raise ConceptFileError(f"{str(path)!r} is not a concept file (format {meta.get('format')!r}, not {FORMAT!r})")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise ConceptFileError(
+            f"{str(path)!r}: format_version {meta.get('format_version')!r} is not a number"
+        ) from None
+    if version > FORMAT_VERSION:
+        from . import __version__
+
+        raise ConceptVersionError(
+            f"{str(path)!r} was written in concept format {version} (by ppt_fast {meta.get('ppt_fast_version')}); "
+            f"this ppt_fast ({__version__}) reads format {FORMAT_VERSION} and older: upgrade ppt_fast"
+        )
+    header = meta.get("header", "")
+    if _checksum(header, tensors) != meta.get("checksum"):
+        raise ConceptFileError(
+            f"{str(path)!r}: checksum mismatch (the file was changed or damaged after it was written); write it again"
+        )
+    try:
+        entries = json.loads(header)["concepts"]
+        concepts = [_decode_entry(e, tensors, f"c{i}.") for i, e in enumerate(entries)]
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        if isinstance(e, ConceptError):
+            raise
+        raise ConceptFileError(f"{str(path)!r}: malformed header ({e})") from e
+    _check_distinct(concepts)
+    return concepts
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n].decode("utf-8"))
+    return head.get("__metadata__", {}) or {}
+
+
+def _decode_entry(e: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pre: str) -> Concept:
+    piv = e["pivots"]
+    if piv.get("encoding") != "varint-gap":
+        raise ConceptFileError(f"unknown pivot encoding {piv.get('encoding')!r}")
+    counts = [int(x) for x in piv["counts"]]
+    shapes = [torch.Size(s) for s in piv["shapes"]]
+    idx = _unpack_indices(tensors[pre + "pivots.gaps"], counts)
+    bounds = [0, *torch.tensor(counts, dtype=torch.int64).cumsum(0).tolist()]
+    for i, s in enumerate(shapes):
+        if counts[i] and int(idx[bounds[i + 1] - 1]) >= s.numel():
+            raise ConceptFileError(f"pivot indices of {piv['names'][i]!r} pass its {s.numel()} entries")
+    pivots = PivotSet(piv["names"], shapes, bounds, idx.to(torch.int32))
+    values = tensors[pre + "pivots.values"]
+    if _dtype_name(values.dtype) != e["storage_dtype"]:
+        raise ConceptFileError(f"values are {values.dtype}, the header says {e['storage_dtype']}")
+    dense, rows = {}, {}
+    for j, d in enumerate(e["dense"]):
+        dense[d["name"]] = tensors[f"{pre}dense.{j}"]
+        rows[d["name"]] = tuple(d["rows"]) if d["rows"] is not None else None
+    idents = list(e["identifiers"])
+    tokens = {ident: tensors[f"{pre}tokens.{idents.index(ident)}"] for ident in e["tokens"]}
+    return Concept(idents, tokens, pivots, values, dense, e.get("fingerprint") or {}, e.get("meta") or {}, rows)
+
+
+def file_size_estimate(
+    k: int, storage_dtype: torch.dtype = torch.float16, gap_bytes: float = 1.3, dense_entries: int = 0
+) -> int:
+    """Rough bytes of a concept file: packed gaps (`gap_bytes` per pivot: ~1.3 for uniform pivots at 1 % density,
+    measured) + values + dense values; header and tokens excluded."""
+    item = torch.empty(0, dtype=storage_dtype).element_size()
+    return int(k * gap_bytes + (k + dense_entries) * item)
+
+
+__all__ = [
+    "BaseSnapshot",
+    "Concept",
+    "ConceptDelta",
+    "ConceptError",
+    "ConceptFileError",
+    "ConceptVersionError",
+    "FingerprintMismatch",
+    "applied_concepts",
+    "compose",
+    "fingerprint_model",
+    "load_concepts",
+    "overlap",
+    "remove_all",
+    "save_concepts",
+    "snapshot_base",
+]

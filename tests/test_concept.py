@@ -1,0 +1,515 @@
+"""Concept files: packing, save/load, apply/remove exactness, fingerprints, and every bad input (ppt_fast.concept)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from ppt_fast import PivotSet
+from ppt_fast import concept as C
+from ppt_fast.concept import (
+    Concept,
+    ConceptError,
+    ConceptFileError,
+    ConceptVersionError,
+    FingerprintMismatch,
+    fingerprint_model,
+    load_concepts,
+    save_concepts,
+    snapshot_base,
+)
+
+# Storage rounding: values are stored as tuned_fp32.to(dtype) (one rounding to nearest). The bound is that half-ulp,
+# relative: fp16 has 10 mantissa bits (2**-11), bf16 7 (2**-8). Values here are ~N(0, 1), far from fp16's subnormals.
+STORAGE_RTOL = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests run many tiny ops; on a loaded shared machine torch's thread pool makes each ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class TinyBank:
+    """The identifier-bank interface `Concept.apply` uses (the MusicGen helper's IdentifierBank has the same)."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.tokens: dict[str, torch.Tensor] = {}
+
+    def add(self, identifier, embeddings):
+        self.tokens[identifier] = embeddings
+
+    def remove(self, identifier):
+        del self.tokens[identifier]
+
+    def has(self, identifier):
+        return identifier in self.tokens
+
+    def identifiers(self):
+        return list(self.tokens)
+
+
+class Net(torch.nn.Module):
+    """A small LM stand-in: a packed in_proj-like weight [3d, d] (row ranges matter), a bias, a head."""
+
+    def __init__(self, d: int = 12, out: int = 7) -> None:
+        super().__init__()
+        self.in_proj_weight = torch.nn.Parameter(torch.randn(3 * d, d))
+        self.in_proj_bias = torch.nn.Parameter(torch.randn(3 * d))
+        self.head = torch.nn.Linear(3 * d, out)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x @ self.in_proj_weight.T + self.in_proj_bias))
+
+
+def with_bank(model: torch.nn.Module, dim: int = 5) -> torch.nn.Module:
+    object.__setattr__(model, C.BANK_ATTR, TinyBank(dim))
+    return model
+
+
+def random_pivots(model: torch.nn.Module, density: float, g: torch.Generator, skip=()) -> PivotSet:
+    masks = {}
+    for n, p in model.named_parameters():
+        m = torch.rand(p.shape, generator=g) < density
+        if n in skip:
+            m[:] = False
+        masks[n] = m
+    return PivotSet.from_masks(masks)
+
+
+def tune_fake(model, ident, *, density=0.2, dense=None, seed=0, storage_dtype=torch.float32, tokens_dim=5, **kw):
+    """Snapshot the base, perturb the pivots (and dense rows) as a training run would, capture the concept."""
+    g = torch.Generator().manual_seed(seed)
+    piv = random_pivots(model, density, g, skip=kw.get("skip", ()))
+    snap = snapshot_base(model, piv, dense)
+    masks = piv.to_masks()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            p = params[n]
+            m = m.clone()
+            if dense and n in dense:
+                rows = dense[n]
+                m[rows if rows is not None else slice(None)] = True
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            p[m] += noise[m]
+    tokens = {ident: torch.randn(3, tokens_dim, generator=g)}
+    return Concept.capture(
+        model, piv, identifiers=[ident], tokens=tokens, dense=dense, base=snap, meta={"preset": "test"},
+        storage_dtype=storage_dtype,
+    )  # fmt: skip
+
+
+def state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_state_equal(model, ref):
+    for n, p in model.named_parameters():
+        assert p.dtype == ref[n].dtype
+        assert torch.equal(p.detach().view(torch.uint8) if p.dtype == torch.bfloat16 else p.detach(),
+                           ref[n].view(torch.uint8) if p.dtype == torch.bfloat16 else ref[n]), n  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------------------------------
+def test_varint_round_trip_awkward_values():
+    edge = torch.tensor([0, 1, 127, 128, 255, 16383, 16384, 2**21 - 1, 2**21, 2**28, 2**31 - 1, 2**35 - 1])
+    v = torch.cat([edge, torch.randint(0, 2**31, (997,)), torch.randint(0, 300, (1000,))])
+    packed = C._varint_encode(v)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(C._varint_decode(packed, v.numel()), v)
+    assert C._varint_encode(torch.tensor([127])).numel() == 1 and C._varint_encode(torch.tensor([128])).numel() == 2
+    with pytest.raises(ConceptFileError):
+        C._varint_decode(packed[:-1], v.numel())  # ends inside a value
+    with pytest.raises(ConceptFileError):
+        C._varint_decode(packed, v.numel() + 1)
+
+
+@pytest.mark.parametrize("counts_pattern", ["mixed", "all_empty", "single", "dense_run"])
+def test_index_packing_round_trip(counts_pattern):
+    g = torch.Generator().manual_seed(1)
+    sizes = {"mixed": [1, 278011, 0, 97, 1024 * 3], "all_empty": [0, 0], "single": [1], "dense_run": [4096]}
+    shapes = sizes[counts_pattern]
+    parts, counts = [], []
+    for n in shapes:
+        if counts_pattern == "dense_run":
+            idx = torch.arange(n)
+        else:
+            idx = torch.nonzero(torch.rand(n, generator=g) < 0.3).reshape(-1) if n else torch.empty(0, dtype=torch.long)
+        if n and counts_pattern == "mixed" and n > 1:
+            idx = torch.unique(torch.cat([idx, torch.tensor([0, n - 1])]))  # first and last entries
+        parts.append(idx)
+        counts.append(idx.numel())
+    idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    packed = C._pack_indices(idx.to(torch.int32), counts)
+    assert torch.equal(C._unpack_indices(packed, counts), idx)
+    if counts_pattern == "dense_run":
+        assert packed.numel() == 4096  # consecutive indices cost one byte each
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Round trips
+# ---------------------------------------------------------------------------------------------------------------------
+def test_save_load_fp32_bitwise(tmp_path):
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>", dense={"in_proj_weight": slice(24, 36)}, skip=("in_proj_weight",))
+    path = tmp_path / "c.ppt"
+    c.save(path)
+    r = Concept.load(path)
+    assert r.equal(c)
+    assert r.values.dtype == torch.float32 and r.dense_rows == {"in_proj_weight": (24, 36)}
+    assert r.meta["preset"] == "test" and r.meta["ppt_fast_version"]
+    assert set(r.fingerprint["tensors"]) == set(c.touched_names())
+    # Re-saving a loaded concept gives the same bytes (deterministic file).
+    c2 = tmp_path / "c2.ppt"
+    r.save(c2)
+    assert path.read_bytes() == c2.read_bytes()
+    assert load_concepts(path)[0].equal(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_load_half_storage_within_tolerance(tmp_path, dtype):
+    m = with_bank(Net())
+    tuned_ref = None
+    c = tune_fake(m, "<v1>", dense={"in_proj_bias": None}, storage_dtype=dtype)
+    tuned_ref = state(m)
+    c.save(tmp_path / "c.ppt")
+    r = Concept.load(tmp_path / "c.ppt")
+    assert r.values.dtype == dtype and r.equal(c)
+    # Stored values are the tuned fp32 values rounded once; check against the model's tuned values.
+    exact = torch.cat([tuned_ref[n].reshape(-1)[idx.long()] for n, idx in r.pivots])
+    rel = ((r.values.float() - exact).abs() / exact.abs().clamp_min(1e-30)).max().item()
+    assert rel <= STORAGE_RTOL[dtype]
+    assert rel > 0  # random fp32 values do not all fit the smaller format: the check above can fail
+    dense_rel = (r.dense["in_proj_bias"].float() - tuned_ref["in_proj_bias"]).abs() / tuned_ref["in_proj_bias"].abs()
+    assert dense_rel.max().item() <= STORAGE_RTOL[dtype]
+    assert r.tokens["<v1>"].dtype == torch.float32  # tokens always fp32
+
+
+def test_file_is_compact(tmp_path):
+    """1 % pivots over [3072, 1024]-sized tensors: varint gaps ~1.3 B/pivot, fp16 values 2 B: <= 3.5 B per pivot."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3072, 1024)] * 4
+    masks = {f"layers.{i}.in_proj_weight": torch.rand(s, generator=g) < 0.01 for i, s in enumerate(shapes)}
+    piv = PivotSet.from_masks(masks)
+    c = Concept(["<v1>"], {"<v1>": torch.randn(3, 1024)}, piv, torch.randn(piv.count).half())
+    c.save(tmp_path / "c.ppt")
+    size = os.path.getsize(tmp_path / "c.ppt")
+    per_pivot = (size - 3 * 1024 * 4) / piv.count
+    assert per_pivot < 3.5, per_pivot
+    gaps = load(open(tmp_path / "c.ppt", "rb").read())["c0.pivots.gaps"]
+    assert 1.0 < gaps.numel() / piv.count < 1.5  # varint: most gaps (mean 100) fit one byte, the rest two
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# apply / remove
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_remove_bitwise(dtype):
+    m = with_bank(Net().to(dtype))
+    base = state(m)
+    c = tune_fake(m, "<v1>", dense={"in_proj_weight": slice(12, 24)})
+    tuned = state(m)
+    c.remove(m)  # captured with a snapshot: registered as applied, remove restores the base
+    assert_state_equal(m, base)
+    assert not m._ppt_fast_identifier_bank.has("<v1>")
+    for _ in range(2):
+        c.apply(m)
+        assert_state_equal(m, tuned)  # fp32 storage: exactly the tuned values, whatever the model dtype
+        assert torch.equal(m._ppt_fast_identifier_bank.tokens["<v1>"], c.tokens["<v1>"])
+        c.remove(m)
+        assert_state_equal(m, base)
+    assert not hasattr(m, C.REGISTRY_ATTR)
+
+
+def test_apply_scale_from_base():
+    m = with_bank(Net().double().float())
+    base = state(m)
+    c = tune_fake(m, "<v1>", density=0.3)
+    tuned = state(m)
+    c.remove(m)
+    for scale in (0.5, -1.0, 2.5, 0.0):
+        c.apply(m, scale=scale)
+        for n, p in m.named_parameters():
+            want = (base[n].double() + scale * (tuned[n].double() - base[n].double())).float()
+            # fp32 math from base: base + scale * (tuned - base) has two fp32 roundings (difference, then fma-less
+            # multiply-add): within 2 ulp of the fp64 value.
+            torch.testing.assert_close(p.detach(), want, rtol=2.5e-7, atol=1e-7)
+            changed = ~torch.eq(base[n], tuned[n])
+            if scale == 0.0:
+                assert torch.equal(p.detach(), base[n])
+            else:
+                assert bool((p.detach()[changed] != base[n][changed]).all())
+        c.remove(m)
+        assert_state_equal(m, base)
+
+
+def test_apply_twice_refused_and_remove_unapplied():
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    with pytest.raises(ConceptError, match="already applied"):
+        c.apply(m)
+    c.remove(m)
+    with pytest.raises(ConceptError, match="not applied"):
+        c.remove(m)
+    m._ppt_fast_identifier_bank.add("<v1>", torch.zeros(3, 5))  # e.g. left by a tune run
+    with pytest.raises(ConceptError, match="identifier bank"):
+        c.apply(m)
+
+
+def test_musicgen_style_model_object_accepted():
+    class MG:
+        def __init__(self, lm):
+            self.lm = lm
+
+    lm = with_bank(Net())
+    base = state(lm)
+    c = tune_fake(lm, "<v1>")
+    c.remove(MG(lm))
+    assert_state_equal(lm, base)
+    c.apply(MG(lm))
+    assert lm._ppt_fast_identifier_bank.has("<v1>")
+    c.remove(lm)
+    with pytest.raises(TypeError, match="nn.Module"):
+        c.apply(object())
+
+
+def test_no_bank_applies_parameters_and_warns(caplog):
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>")
+    tuned = state(m)
+    c.remove(m)
+    plain = copy.deepcopy(m)
+    object.__delattr__(plain, C.BANK_ATTR)
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.concept"):
+        c.apply(plain)
+    assert "no identifier bank" in caplog.text
+    assert_state_equal(plain, tuned)
+    c.remove(plain)
+    assert_state_equal(plain, base)
+
+
+def test_save_load_apply_on_fresh_copy_same_outputs(tmp_path):
+    torch.manual_seed(3)
+    m = with_bank(Net())
+    fresh = copy.deepcopy(m)
+    x = torch.randn(9, 12)
+    out_base = fresh(x)
+    c = tune_fake(m, "<v1>", dense={"in_proj_weight": slice(24, 36)})
+    out_tuned = m(x)
+    assert not torch.equal(out_tuned, out_base)
+    c.save(tmp_path / "c.ppt")
+    r = Concept.load(tmp_path / "c.ppt")
+    r.apply(fresh)
+    assert torch.equal(fresh(x), out_tuned)
+    r.remove(fresh)
+    assert torch.equal(fresh(x), out_base)
+
+
+def test_capture_from_fingerprint_or_original_tensors():
+    m = with_bank(Net())
+    g = torch.Generator().manual_seed(5)
+    piv = random_pivots(m, 0.1, g)
+    fp = fingerprint_model(m)
+    originals = state(m)
+    with torch.no_grad():
+        m.in_proj_weight[piv.to_masks()["in_proj_weight"]] += 1.0
+    a = Concept.capture(m, piv, identifiers=["<a>"], base=fp)
+    assert not hasattr(m, C.REGISTRY_ATTR)  # a fingerprint alone cannot restore: nothing is registered
+    b = Concept.capture(m, piv, identifiers=["<b>"], base=originals)
+    b.remove(m)  # original tensors given: registered, remove restores
+    assert_state_equal(m, originals)
+    a.check_model(m)
+    assert a.fingerprint == b.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+def test_fingerprint_mismatch_refused_force_overrides():
+    m = with_bank(Net())
+    other = with_bank(Net())  # same names and shapes, other weights
+    c = tune_fake(m, "<v1>")
+    tuned = state(m)
+    with pytest.raises(FingerprintMismatch, match="force=True"):
+        c.apply(other)
+    assert not other._ppt_fast_identifier_bank.has("<v1>")
+    c.apply(other, force=True)
+    for n, p in other.named_parameters():
+        mask = c.pivots.to_masks()[n] if n in c.pivots.names else torch.zeros_like(p, dtype=torch.bool)
+        assert torch.equal(p[mask], tuned[n][mask])
+    wrong_shape = with_bank(Net(d=8))
+    with pytest.raises(FingerprintMismatch, match="shape"):
+        c.apply(wrong_shape, force=False)
+
+
+def test_fingerprint_accepts_bf16_copy_of_fp32_base():
+    m = with_bank(Net())
+    half = with_bank(copy.deepcopy(m).to(torch.bfloat16))
+    object.__setattr__(half, C.BANK_ATTR, TinyBank(5))
+    c = tune_fake(m, "<v1>")
+    c.apply(half)  # hashes compared after rounding to bf16: same base, other dtype
+    c.remove(half)
+    fp16 = with_bank(Net().to(torch.bfloat16))
+    with pytest.raises(FingerprintMismatch):
+        c.apply(fp16)
+
+
+def _corrupt(path, at):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_and_tampered_files(tmp_path):
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    path = tmp_path / "c.ppt"
+    c.save(path)
+    data = path.read_bytes()
+    (tmp_path / "t.ppt").write_bytes(data[: len(data) - 7])
+    with pytest.raises(ConceptFileError, match="truncated"):
+        Concept.load(tmp_path / "t.ppt")
+    (tmp_path / "e.ppt").write_bytes(b"")
+    with pytest.raises(ConceptFileError):
+        Concept.load(tmp_path / "e.ppt")
+    _corrupt(path, len(data) - 3)  # a byte of the last tensor's payload
+    with pytest.raises(ConceptFileError, match="checksum"):
+        Concept.load(path)
+    # Tampered header: change a row count in the JSON, keep the JSON valid.
+    path.write_bytes(data)
+    meta, tensors = _read(path)
+    header = json.loads(meta["header"])
+    header["concepts"][0]["meta"]["preset"] = "evil"
+    meta["header"] = json.dumps(header)
+    path.write_bytes(save(tensors, metadata=meta))
+    with pytest.raises(ConceptFileError, match="checksum"):
+        Concept.load(path)
+    (tmp_path / "x.ppt").write_bytes(save({"a": torch.zeros(2)}, metadata={"format": "other"}))
+    with pytest.raises(ConceptFileError, match="not a concept file"):
+        Concept.load(tmp_path / "x.ppt")
+    with pytest.raises(ConceptError, match="cannot read"):
+        Concept.load(tmp_path / "missing.ppt")
+
+
+def _read(path):
+    data = path.read_bytes()
+    return C._read_metadata(data), load(data)
+
+
+def test_newer_format_version_refused(tmp_path):
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    meta, tensors = C._encode([c])
+    meta["format_version"] = str(C.FORMAT_VERSION + 1)
+    (tmp_path / "n.ppt").write_bytes(save(tensors, metadata=meta))
+    with pytest.raises(ConceptVersionError, match="upgrade ppt_fast"):
+        Concept.load(tmp_path / "n.ppt")
+
+
+def test_duplicate_identifiers_refused(tmp_path):
+    m = with_bank(Net())
+    m2 = copy.deepcopy(m)
+    a = tune_fake(m, "<v1>", seed=1)
+    b = tune_fake(m2, "<v1>", seed=2)
+    with pytest.raises(ConceptError, match="identifier '<v1>'"):
+        save_concepts([a, b], tmp_path / "b.ppt")
+    assert not (tmp_path / "b.ppt").exists()
+    with pytest.raises(ConceptError, match="repeat"):
+        Concept(["<x>", "<x>"], {}, a.pivots, a.values)
+    with pytest.raises(ConceptError, match="one non-empty word"):
+        Concept(["my concept"], {}, a.pivots, a.values)
+
+
+def test_unwritable_path(tmp_path):
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConceptError, match="cannot write the concept file"):
+        c.save(blocker / "sub" / "c.ppt")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write into read-only folders (root)")
+        with pytest.raises(ConceptError, match="cannot write"):
+            c.save(ro / "c.ppt")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+@pytest.mark.parametrize("fail_at", ["write", "fsync", "replace"])
+def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, fail_at):
+    m = with_bank(Net())
+    m2 = copy.deepcopy(m)
+    old = tune_fake(m, "<v1>", seed=1)
+    new = tune_fake(m2, "<v2>", seed=2)
+    path = tmp_path / "c.ppt"
+    old.save(path)
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    if fail_at == "write":
+        real_fdopen = os.fdopen
+
+        class Half:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, data):
+                self.f.write(data[: len(data) // 2])  # half of it lands, then the disk is full
+                raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: Half(real_fdopen(fd, mode)))
+    elif fail_at == "fsync":
+        monkeypatch.setattr(C.os, "fsync", boom)
+    else:
+        monkeypatch.setattr(C.os, "replace", boom)
+    with pytest.raises(ConceptError, match="No space left"):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.ppt"]  # no temporary file left behind
+    assert Concept.load(path).equal(old)
+
+
+def test_bad_constructor_and_capture_arguments():
+    m = with_bank(Net())
+    piv = random_pivots(m, 0.1, torch.Generator().manual_seed(0))
+    with pytest.raises(ConceptError, match="pivots.count"):
+        Concept(["<v1>"], {}, piv, torch.zeros(piv.count + 1))
+    with pytest.raises(ConceptError, match="not among the identifiers"):
+        Concept(["<v1>"], {"<v2>": torch.zeros(3, 5)}, piv, torch.zeros(piv.count))
+    with pytest.raises(ConceptError, match="float32, float16 or bfloat16"):
+        Concept(["<v1>"], {}, piv, torch.zeros(piv.count, dtype=torch.int32))
+    with pytest.raises(ConceptError, match="not a parameter"):
+        Concept.capture(m, piv, identifiers=["<v1>"], dense={"nope": None}, base=fingerprint_model(m))
+    with pytest.raises(ConceptError, match="rows"):
+        Concept.capture(m, piv, identifiers=["<v1>"], dense={"in_proj_weight": (30, 99)}, base=fingerprint_model(m))
+    with pytest.raises(ConceptError, match="storage dtype"):
+        Concept.capture(m, piv, identifiers=["<v1>"], base=fingerprint_model(m), storage_dtype=torch.int8)
+    with pytest.raises(ConceptError, match="lacks touched tensors"):
+        Concept.capture(m, piv, identifiers=["<v1>"], base=fingerprint_model(m, ["head.bias"]))
