@@ -87,7 +87,7 @@ def test_same_seed_same_result(ref_wav):
     assert a.losses == b.losses
 
 
-@pytest.mark.parametrize("preset", ["tokens", "dreamstyler", "full"])
+@pytest.mark.parametrize("preset", ["tokens", "dreamstyler", pytest.param("full", marks=pytest.mark.slow)])
 def test_presets_train_what_they_say(ref_wav, preset):
     base = load_model("tiny").lm.state_dict()
     r = T.tune_model(ref_wav, preset=preset, **FAST)
@@ -110,6 +110,7 @@ def test_presets_train_what_they_say(ref_wav, preset):
     )
 
 
+@pytest.mark.slow  # the roundtrip tests cover several concepts end to end
 def test_several_concepts(tmp_path):
     a = tmp_path / "a.wav"
     b = tmp_path / "b.wav"

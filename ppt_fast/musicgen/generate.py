@@ -72,7 +72,7 @@ def generate(
     applied = []
     try:
         for c in cs:
-            c.apply(mg.lm if _wants_lm(c) else mg, scale=scale)
+            c.apply(mg, scale=scale)
             applied.append(c)
         bank = getattr(mg.lm, "_ppt_fast_identifier_bank", None)
         known = bank.identifiers() if bank is not None else []
@@ -88,10 +88,5 @@ def generate(
             audio = mg.generate(prompts, progress=progress)
     finally:
         for c in reversed(applied):
-            c.remove(mg.lm if _wants_lm(c) else mg)
+            c.remove(mg)
     return audio.float().cpu()
-
-
-def _wants_lm(concept: Any) -> bool:
-    """Concept.apply takes the LM module (where the bank lives); kept in one place in case that changes."""
-    return getattr(concept, "_apply_to", "lm") == "lm"

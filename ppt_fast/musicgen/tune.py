@@ -112,7 +112,7 @@ class TuneResult:
     train_seconds: float
     base_fingerprint: str
     settings: dict[str, Any] = field(default_factory=dict)
-    concepts: list[Any] = field(default_factory=list)
+    base_snapshot: Any = None  # ppt_fast.concept.BaseSnapshot of the trained entries, taken before training
 
 
 def _merge(sets: Sequence[PivotSet]) -> PivotSet:
@@ -310,6 +310,7 @@ def tune_model(
     if preset == "full":
         dense_rows = {n: (0, p.shape[0] if p.dim() else 1) for n, p in lm.named_parameters()}
         trained = _on_layout(names, params, {n: torch.arange(p.numel(), device=dev) for n, p in params.items()}, dev)
+    base_snapshot = _snapshot(lm, trained, dense_rows, preset)
     freeze = freeze_unpivoted(lm, trained) if not dense_params else None
     for p in dense_params:
         p.requires_grad_(True)
@@ -381,7 +382,20 @@ def tune_model(
             segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay, seed=seed,
             model=model if isinstance(model, str) else getattr(model, "name", "object"),
         ),
+        base_snapshot=base_snapshot,
     )  # fmt: skip
+
+
+def _snapshot(lm, trained: PivotSet, dense_rows: dict, preset: str):
+    """Base values + fingerprint of every entry the run will change (Concept.capture registers the concept as
+    applied on the tuned model with them, so `concept.remove(model)` restores the base bitwise)."""
+    try:
+        from ..concept import snapshot_base
+    except ImportError:  # pragma: no cover - concept.py ships with the package
+        return None
+    if preset == "full":
+        return snapshot_base(lm, None, {n: None for n in dense_rows})
+    return snapshot_base(lm, trained, dense_rows)
 
 
 def _on_layout(names: list[str], params: dict, idx: dict[str, torch.Tensor], dev) -> PivotSet:

@@ -1,0 +1,96 @@
+"""tune() -> concept file -> fresh base model: exact reproduction; generate with and without concepts."""
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("audiocraft")
+
+from ppt_fast.audio import synth_reference, write_wav  # noqa: E402
+from ppt_fast.concept import Concept  # noqa: E402
+from ppt_fast.musicgen import generate, load_model, tune  # noqa: E402
+
+T = importlib.import_module("ppt_fast.musicgen.tune")
+FAST = dict(steps=5, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PPT_FAST_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("refs")
+    write_wav(d / "a.wav", synth_reference(3.0, 16000, seed=1, timbre="pluck"), 16000)
+    write_wav(d / "b.wav", synth_reference(3.0, 16000, seed=2, timbre="bell"), 16000)
+    return str(d / "a.wav"), str(d / "b.wav")
+
+
+def _logits(mg, prompt):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    codes = torch.randint(0, mg.lm.card, (2, mg.lm.n_q, 25), generator=torch.Generator().manual_seed(7))
+    attrs = [ConditioningAttributes(text={"description": prompt}) for _ in range(2)]
+    prov = mg.lm.condition_provider
+    with torch.no_grad():
+        out = mg.lm.compute_predictions(codes, [], prov(prov.tokenize(attrs)))
+    return out.logits[out.mask]
+
+
+def test_fresh_base_plus_concept_file_reproduces_tuned_logits(refs, tmp_path):
+    r = T.tune_model(refs[0], **FAST)
+    path = tmp_path / "c.ppt"
+    T._capture(r)[0].save(path)
+    base = load_model("tiny")
+    before = _logits(base, "a piece of music")
+    Concept.load(path).apply(base.lm)
+    for prompt in ("a piece of music, <v1>", "<v1> jazz", "a piece of music"):
+        assert torch.equal(_logits(base, prompt), _logits(r.model, prompt)), prompt
+    assert not torch.equal(_logits(base, "a piece of music"), before)  # the pivots changed the model itself
+
+
+def test_same_seed_same_file_bytes(refs, tmp_path):
+    a, b = tmp_path / "a.ppt", tmp_path / "b.ppt"
+    ca = tune(refs[0], out=a, seed=4, **FAST)
+    tune(refs[0], out=b, seed=4, **FAST)
+    assert a.read_bytes() == b.read_bytes()
+    assert isinstance(ca, Concept) and ca.identifiers == ["<v1>"]
+    c = tmp_path / "c.ppt"
+    tune(refs[0], out=c, seed=5, **FAST)
+    assert c.read_bytes() != a.read_bytes()
+
+
+def test_generate_with_and_without_concept(refs, tmp_path):
+    path = tmp_path / "c.ppt"
+    tune(refs[0], out=path, **{**FAST, "steps": 20})
+    base = load_model("tiny")
+    state = {k: v.clone() for k, v in base.lm.state_dict().items()}
+    kw = dict(model=base, duration=0.5, seed=3, top_k=32)
+    with_c = generate(["a piece of music, <v1>"], concepts=[str(path)], **kw)
+    without = generate(["a piece of music, <v1>"], **kw)
+    again = generate(["a piece of music, <v1>"], concepts=[str(path)], **kw)
+    assert with_c.shape == without.shape == (1, 1, 8000)
+    assert torch.isfinite(with_c).all() and torch.isfinite(without).all()
+    assert not torch.equal(with_c, without)
+    assert torch.equal(with_c, again)  # seeded
+    # generate() applies concepts for the call only: the model object is left as it was.
+    assert all(torch.equal(v, state[k]) for k, v in base.lm.state_dict().items())
+    assert base.lm._ppt_fast_identifier_bank.identifiers() == []
+
+
+def test_several_concepts_files_and_combined_prompt(refs, tmp_path):
+    out = tmp_path / "concepts"
+    cs = tune({"<v1>": refs[0], "<v2>": refs[1]}, out=out, **FAST)
+    assert [c.identifiers for c in cs] == [["<v1>"], ["<v2>"]]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["v1.ppt", "v2.ppt"]
+    audio = generate(
+        ["<v1>, <v2>, electronic dance music", "<v2> solo"],
+        concepts=[str(out / f) for f in files],
+        duration=0.3,
+        seed=1,
+        top_k=16,
+    )
+    assert audio.shape == (2, 1, 4800) and torch.isfinite(audio).all()
