@@ -58,6 +58,7 @@ class Inputs:
     shapes: list[tuple[int, ...]]
     params: list[torch.Tensor] = field(default_factory=list)
     grads: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] | None = None  # select_pivots' input, built by ensure_scores()
 
     @property
     def numel(self) -> int:
@@ -74,6 +75,13 @@ def make_inputs(size: str, layers: int | None, dtype: str, device: str, seed: in
         inp.params.append(torch.empty(s, dtype=dt, device=device).normal_(0.0, 0.02, generator=gen))
         inp.grads.append(torch.empty(s, dtype=dt, device=device).normal_(0.0, 1e-3, generator=gen))
     return inp
+
+
+def ensure_scores(inp: Inputs) -> list[torch.Tensor]:
+    """grad_sq-like fp32 scores (g²), shared by every select_pivots provider, so no provider's memory counts them."""
+    if inp.scores is None:
+        inp.scores = [g.float().square() for g in inp.grads]
+    return inp.scores
 
 
 def random_pivots(inp: Inputs, density: float, seed: int = 1):
@@ -216,7 +224,7 @@ def select_case(inp: Inputs, provider: str, density: float) -> Case:
     from ppt_fast import select_pivots
     from ppt_fast.ops.select_pivots import resolve_k
 
-    scores = [g.float().square() if inp.dtype != "fp32" else g.square() for g in inp.grads]  # grad_sq-like scores
+    scores = ensure_scores(inp)
     n = sum(s.numel() for s in scores)
     k = resolve_k(n, density, None)
     if provider == "dense_masked":
@@ -292,14 +300,16 @@ def step_case(inp: Inputs, provider: str, density: float, pivots=None) -> Case:
     pivots = pivots if pivots is not None else random_pivots(inp, density)
     floor = step_bytes(inp, pivots, cache_line(inp.device))
     info = {"k": pivots.count, "n": pivots.total, **{k: v for k, v in floor.items() if k != "bytes"}}
+    # Every provider works on the shared params/grads (no copies, so none is charged memory for one): updates touch
+    # the pivots only and DenseMaskedAdamW zeroes grads outside them, which changes no later provider's work.
     if provider == "dense_masked":
-        params = [p.detach().clone().requires_grad_(True) for p in inp.params]
+        params = [torch.nn.Parameter(p, requires_grad=True) for p in inp.params]  # same storage
         for p, g in zip(params, inp.grads):
-            p.grad = g.clone()
+            p.grad = g
         opt, impl = _dense_masked_optimizer(inp.names, params, pivots)
         info["dense_impl"] = impl
         return Case(opt.step, floor["bytes"], info)
-    params = [p.detach().clone() for p in inp.params]
+    params = inp.params
     k = pivots.count
     m = torch.zeros(k, dtype=torch.float32, device=inp.device)
     v = torch.zeros(k, dtype=torch.float32, device=inp.device)

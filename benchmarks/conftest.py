@@ -37,7 +37,7 @@ def pytest_addoption(parser):
         default="small",
         help="sizes whose cases also get a peak-memory measurement (one fresh subprocess per case); '' for none",
     )
-    g.addoption("--bench-case-seconds", type=float, default=20.0, help="time budget per case: fewer rounds if slow")
+    g.addoption("--bench-case-seconds", type=float, default=10.0, help="time budget per case: fewer rounds if slow")
     g.addoption("--bench-optmem-size", default="small", help="model whose optimizer state is measured")
     g.addoption("--bench-e2e-models", default="tiny,small", help="end-to-end models: tiny,small")
 

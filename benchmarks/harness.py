@@ -143,6 +143,8 @@ def run_op_benchmark(benchmark, cfg: BenchConfig, op: str, provider: str, size: 
     layers = cfg.layers_for(size)
     inp = _CACHE.get(size, layers, dtype, cfg.device)
     torch.set_grad_enabled(False)
+    if op == "select_pivots":
+        cases.ensure_scores(inp)
     if op == "sparse_adamw_step":
         case = cases.step_case(inp, provider, density, pivots=_CACHE.pivots_for(density))
     else:

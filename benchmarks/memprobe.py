@@ -44,6 +44,8 @@ def measure(spec: dict) -> dict:
     pivots = None
     if spec["op"] == "sparse_adamw_step":  # the pivot set is an input to every step provider, dense ones included
         pivots = cases.random_pivots(inp, spec["density"])
+    if spec["op"] == "select_pivots":  # so are the scores to every select provider
+        cases.ensure_scores(inp)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
