@@ -141,6 +141,10 @@ __device__ __forceinline__ void hist_chunk(const ScoreTensor& t, const ChunkRang
   const T* data = static_cast<const T*>(t.data);
   const uint32_t mask = (1u << width) - 1u;
   const int hi_shift = shift + width;  // keys whose bits above the digit equal `prefix` are counted
+  // Scores of one tensor have similar magnitudes, so the top digit of a warp's keys lands in a handful of bins and
+  // same-address shared atomics serialise. Each thread therefore merges runs of equal bins among its consecutive
+  // entries and issues one atomic per run.
+  uint32_t run_bin = 0u, run_len = 0u;
   for (int tile = 0; tile < kTilesPerChunk; ++tile) {
     const int64_t i = r.begin + static_cast<int64_t>(tile) * kTile + static_cast<int64_t>(threadIdx.x) * kVec;
     uint32_t key[8];
@@ -149,10 +153,19 @@ __device__ __forceinline__ void hist_chunk(const ScoreTensor& t, const ChunkRang
     for (int e = 0; e < kVec; ++e) {
       if (e < n) {
         if (check_nan && key[e] > kNaNKey) saw_nan = true;
-        if ((key[e] >> hi_shift) == prefix) atomicAdd(&sh[(key[e] >> shift) & mask], 1u);
+        if ((key[e] >> hi_shift) == prefix) {
+          const uint32_t bin = (key[e] >> shift) & mask;
+          if (run_len != 0u && bin != run_bin) {
+            atomicAdd(&sh[run_bin], run_len);
+            run_len = 0u;
+          }
+          run_bin = bin;
+          ++run_len;
+        }
       }
     }
   }
+  if (run_len != 0u) atomicAdd(&sh[run_bin], run_len);
 }
 
 __global__ void __launch_bounds__(kThreads) hist_kernel(const ScoreTensor* __restrict__ tensors, int num_tensors,
