@@ -333,6 +333,20 @@ class SparseAdamW(torch.optim.Optimizer):
                 parts.append(g.reshape(-1).index_select(0, idx).float())
         return torch.cat(parts)
 
+    def _group_input(self, gi: int, dense_ok: bool) -> tuple[str, Any] | None:
+        """("dense", grads) for the op's own gather, ("pivot", fp32 [k_g]) gathered here, or None (no gradient)."""
+        lay = self._layouts[gi]
+        if lay.k == 0:
+            return None
+        if dense_ok:
+            grads = [p.grad for p in lay.params]
+            if all(g is None for g in grads):
+                return None
+            if all(g is not None and not g.is_sparse for g in grads):
+                return ("dense", grads)
+        pg = self._pivot_grads(gi)
+        return None if pg is None else ("pivot", pg)
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the pivot gradients to a total norm of `max_norm`; returns the total norm before clipping.
@@ -382,8 +396,12 @@ class SparseAdamW(torch.optim.Optimizer):
             )
         for gi, group in enumerate(self.param_groups):
             _check_lr(group["lr"], f"SparseAdamW param group {gi}")
-        pgs = [self._pivot_grads(gi) for gi in range(len(self._layouts))]
-        live = [gi for gi, pg in enumerate(pgs) if pg is not None]
+        # The gathered pivot gradients are needed for the non-finite check; when nothing needs them (a GradScaler
+        # decides, or nonfinite="ignore") the dense gradients go straight to the op, which gathers inside its launch.
+        dense_ok = not self.gather_in_backward and (found_inf is not None or self.nonfinite == "ignore")
+        inputs = [self._group_input(gi, dense_ok) for gi in range(len(self._layouts))]
+        live = [gi for gi, inp in enumerate(inputs) if inp is not None]
+        pgs = [inp[1] if inp is not None and inp[0] == "pivot" else None for inp in inputs]
         if not live:
             return loss
         if found_inf is not None:
@@ -434,7 +452,7 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             sparse_adamw_step(
                 lay.params,
-                None,
+                inputs[gi][1] if inputs[gi][0] == "dense" else None,
                 lay.offsets,
                 lay.indices,
                 st["exp_avg"],
