@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from ppt_fast.optim import SparseAdamW
 from ppt_fast.pivots import PivotSet
+from ppt_fast.sensitivity import SensitivityAccumulator
 
 STEPS = 4
 # DDP averages the two half-batch gradients with an all-reduce; one process computes the mean over the whole batch.
@@ -18,6 +19,7 @@ STEPS = 4
 # that relative size, so after 4 steps the parameters agree to ~1e-6 relative; 1e-5 / 1e-6 has room but fails on a
 # missing all-reduce (the halves' gradients differ by O(1)).
 RTOL, ATOL = 1e-5, 1e-6
+SCOPE = ["0.weight[8:24]", "2.weight"]
 
 
 def make_model() -> torch.nn.Module:
@@ -49,6 +51,16 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = make_model()
+        xs, ys = make_data()
+        half = 16 // world
+        # sensitivity pass on the unwrapped module (DDP's reducer only arms in DDP's forward), then sum over ranks
+        with SensitivityAccumulator(model, SCOPE) as acc:
+            for x, y in zip(xs, ys):
+                torch.nn.functional.mse_loss(
+                    model(x[rank * half : (rank + 1) * half]), y[rank * half : (rank + 1) * half]
+                ).backward()
+            acc.all_reduce()
+            selected = acc.pivots(ratio=0.2)
         ps = make_pivots(model)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = SparseAdamW(ddp.module, ps, lr=1e-2, weight_decay=0.1)
@@ -58,7 +70,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             ddp, opt, [x[rank * half : (rank + 1) * half] for x in xs], [y[rank * half : (rank + 1) * half] for y in ys]
         )
         if rank == 0:
-            torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, out)
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "scores": {n: s.clone() for n, s in acc.scores.items()},
+                    "pivots": (selected.names, selected.offsets_list, selected.indices.clone()),
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +93,22 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
         pytest.skip("torch.distributed is not available in this build")
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    got = torch.load(out)
+    saved = torch.load(out)
+    got = saved["params"]
+
+    # scores: the all-reduced per-rank sums equal one process scoring the same half batches one after the other
+    model = make_model()
+    xs, ys = make_data()
+    with SensitivityAccumulator(model, SCOPE) as acc:
+        for x, y in zip(xs, ys):
+            for r in range(2):
+                torch.nn.functional.mse_loss(model(x[r * 8 : (r + 1) * 8]), y[r * 8 : (r + 1) * 8]).backward()
+        selected = acc.pivots(ratio=0.2)
+    for n, s in acc.scores.items():
+        # 8 fp32 terms per entry summed in another order: <= 8 half-ulps (5e-7) apart
+        torch.testing.assert_close(saved["scores"][n], s, rtol=2e-6, atol=0.0)
+    assert saved["pivots"][0] == selected.names and saved["pivots"][1] == selected.offsets_list
+    assert torch.equal(saved["pivots"][2], selected.indices)
 
     model = make_model()
     ps = make_pivots(model)
