@@ -173,3 +173,24 @@ def test_errors():
 
 def test_public_name():
     assert ppt_fast.SensitivityAccumulator is SensitivityAccumulator
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["grad_sq", "taylor"])
+def test_cuda_matches_cpu(mode):
+    """The selected GPU backends (accumulate + select) against the CPU run on identical gradients."""
+    model = Net()
+    gpu = Net().cuda()
+    gpu.load_state_dict(model.state_dict())
+    accs = []
+    for m in (model, gpu):
+        acc = SensitivityAccumulator(m, SCOPE, mode=mode)
+        for seed in range(3):
+            g = torch.Generator().manual_seed(seed)
+            grads = {n: torch.randn(p.shape, generator=g) for n, p in m.named_parameters()}
+            sum((p * grads[n].to(p.device)).sum() for n, p in m.named_parameters() if p.requires_grad).backward()
+        acc.remove()
+        accs.append(acc)
+    for n in ROWS:
+        torch.testing.assert_close(accs[1].scores[n].cpu(), accs[0].scores[n], **tol(torch.float32))
+    assert accs[1].pivots(count=20).to("cpu").equal(accs[0].pivots(count=20))
