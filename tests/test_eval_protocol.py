@@ -137,6 +137,20 @@ def test_cli_retrieval(manifest, tmp_path, capsys):
     assert json.load(open(tmp_path / "retrieval.json"))["top1"] == 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+@needs_musicnn
+@pytest.mark.skipif(importlib.util.find_spec("audiocraft") is None, reason="needs audiocraft")
+def test_protocol_base_model_generates_and_scores(manifest, tmp_path):
+    """The generate -> score half of the protocol on the real tiny MusicGen (no tuning needed)."""
+    s = Settings(model="tiny", duration=3.2, clips_per_prompt=2, prompts=("{}, slow",), top_k=32)
+    report = run_protocol(manifest, str(tmp_path), settings=s, concepts=["drums"], methods=["base"])
+    (row,) = report["results"]
+    assert -1.0 <= row["audio_alignment"] <= 1.0 and 0.0 <= row["diversity"] <= 2.0
+    assert -1.0 <= row["copying"] <= 1.0 and 0.0 <= row["text_alignment"] <= 1.0  # "slow" is an MTT tag
+    assert "tiny built-in" in (tmp_path / "report.md").read_text()
+
+
 def _has_tune_stack() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("audiocraft", "ppt_fast.concept", "ppt_fast.musicgen"))
 
