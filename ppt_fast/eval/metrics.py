@@ -172,8 +172,8 @@ def copying(
         gen = _copy_features(mono)[:, 2:-2]  # drop the frames that see the STFT padding at the clip edges
         if gen.shape[1] < length:
             raise ValueError(
-                f"a clip is {mono.shape[-1] / musicnn.SAMPLE_RATE:.2f} s long, shorter than window_seconds="
-                f"{window_seconds}: lower window_seconds or generate longer clips"
+                f"a clip is {mono.shape[-1] / musicnn.SAMPLE_RATE:.2f} s long; window_seconds={window_seconds} needs "
+                f">= {(length + 4) * musicnn.HOP / musicnn.SAMPLE_RATE:.2f} s: lower window_seconds or generate longer"
             )
         starts = range(0, gen.shape[1] - length + 1, hop)
         windows = torch.stack([gen[:, s : s + length] for s in starts])  # [W, F, L]
