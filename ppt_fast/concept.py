@@ -543,8 +543,13 @@ class Concept:
 
     # ---- fingerprint checks ----------------------------------------------------------------------------------------
     def check_model(self, model: Any, *, force: bool = False) -> None:
-        """Raise FingerprintMismatch unless `model`'s base values of the touched tensors match the fingerprint
-        (names and shapes always; hashes when the concept has them). With `force=True`, log a warning instead."""
+        """Raise FingerprintMismatch unless `model`'s base values of the touched tensors match the fingerprint.
+
+        Names, shapes and the dense row ranges must always fit (`force` cannot override them: the concept could not
+        be written into the tensors). The sha256 of every touched tensor's base values (the current values with any
+        applied concept's changes undone) must match the fingerprint; a model in another dtype is compared after
+        rounding to bf16. With `force=True` a hash mismatch is logged as a warning instead.
+        """
         lm = _resolve_lm(model)
         params = dict(lm.named_parameters())
         reg: _Registry | None = getattr(lm, REGISTRY_ATTR, None)
@@ -568,23 +573,33 @@ class Concept:
                         f"{n!r} has shape {tuple(p.shape)}; the concept's dense values {tuple(t.shape)} "
                         f"for {where} do not fit"
                     )
+        if problems:
+            raise FingerprintMismatch(
+                f"concept {self.identifiers} cannot be applied to this model: {'; '.join(problems[:3])}"
+                f"{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}. It was tuned on another architecture "
+                "(force=True does not override this); apply it to the base model it was tuned on"
+            )
+        for n in self.touched_names():
+            if not params[n].is_contiguous():
+                raise ConceptError(
+                    f"parameter {n!r} is not contiguous; call .contiguous() on the model's tensors first"
+                )
         fp = self.fingerprint.get("tensors", {})
-        if not problems:
-            for n, entry in fp.items():
-                if entry.get("sha256") is None:
-                    continue
-                p = params[n]
-                base = reg.base_view(n, p) if reg is not None else p.detach()
-                dtype = str(p.dtype).replace("torch.", "")
-                if dtype == entry.get("dtype"):
-                    ok = hashlib.sha256(_bytes_of(base)).hexdigest() == entry["sha256"]
-                else:
-                    canon = base if base.dtype == torch.bfloat16 else base.to(torch.bfloat16)
-                    ok = hashlib.sha256(_bytes_of(canon)).hexdigest() == entry.get("sha256_bf16")
-                if not ok:
-                    problems.append(
-                        f"{n!r} ({dtype}) differs from the base the concept was tuned on ({entry.get('dtype')})"
-                    )
+        for n, entry in fp.items():
+            if entry.get("sha256") is None:
+                continue
+            p = params[n]
+            base = reg.base_view(n, p) if reg is not None else p.detach()
+            dtype = str(p.dtype).replace("torch.", "")
+            if dtype == entry.get("dtype"):
+                ok = hashlib.sha256(_bytes_of(base)).hexdigest() == entry["sha256"]
+            else:
+                canon = base if base.dtype == torch.bfloat16 else base.to(torch.bfloat16)
+                ok = hashlib.sha256(_bytes_of(canon)).hexdigest() == entry.get("sha256_bf16")
+            if not ok:
+                problems.append(
+                    f"{n!r} ({dtype}) differs from the base the concept was tuned on ({entry.get('dtype')})"
+                )
         if problems:
             msg = (
                 f"concept {self.identifiers} does not match this model: {'; '.join(problems[:3])}"

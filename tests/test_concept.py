@@ -352,8 +352,9 @@ def test_fingerprint_mismatch_refused_force_overrides():
         mask = c.pivots.to_masks()[n] if n in c.pivots.names else torch.zeros_like(p, dtype=torch.bool)
         assert torch.equal(p[mask], tuned[n][mask])
     wrong_shape = with_bank(Net(d=8))
-    with pytest.raises(FingerprintMismatch, match="shape"):
-        c.apply(wrong_shape, force=False)
+    with pytest.raises(FingerprintMismatch, match="does not override"):
+        c.apply(wrong_shape, force=True)  # could not be written into these tensors at all
+    assert not hasattr(wrong_shape, C.REGISTRY_ATTR)
 
 
 def test_fingerprint_accepts_bf16_copy_of_fp32_base():
