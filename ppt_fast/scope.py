@@ -252,6 +252,16 @@ class Scope:
         self.dense_rules = [_Rule(s) for s in dense]
         self.name = name
 
+    @property
+    def sparse(self) -> tuple[str | RuleFn, ...]:
+        """The rules (strings / callables) of where pivots may be chosen."""
+        return tuple(r.spec for r in self.sparse_rules)
+
+    @property
+    def dense(self) -> tuple[str | RuleFn, ...]:
+        """The rules (strings / callables) of the rows a recipe trains in full (empty for most presets)."""
+        return tuple(r.spec for r in self.dense_rules)
+
     # ---- construction ------------------------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> Scope:

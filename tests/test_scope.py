@@ -98,6 +98,8 @@ def test_all_linear_skips_embeddings_and_1d():
 
 def test_dense_pivots_union_with_selected():
     scope = Scope.preset("dreamstyler")
+    assert scope.sparse == ("*.self_attn*.in_proj_weight[2d:3d]",)
+    assert scope.dense == ("*.cross_attention*.in_proj_weight[d:3d]",) and Scope.preset("ppt").dense == ()
     sparse = scope.resolve(LM_LIKE)
     assert [e.name for e in sparse] == ["transformer.layers.0.self_attn.in_proj_weight"]
     layout = [(n, p.shape) for n, p in LM_LIKE]
