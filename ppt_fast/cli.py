@@ -209,7 +209,10 @@ def _cmd_demo(args) -> int:
         f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)"
     )
     png = os.path.join(out, "loss.png")
-    _plot_losses(losses, png)
+    try:
+        _plot_losses(losses, png)
+    except ImportError:
+        png = "(not written: matplotlib is not installed; pip install matplotlib)"
     concept_path = os.path.join(out, "concept.ppt")
     concept = None
     try:
