@@ -364,9 +364,9 @@ def test_fingerprint_accepts_bf16_copy_of_fp32_base():
     c = tune_fake(m, "<v1>")
     c.apply(half)  # hashes compared after rounding to bf16: same base, other dtype
     c.remove(half)
-    fp16 = with_bank(Net().to(torch.bfloat16))
+    other_bf16 = with_bank(Net().to(torch.bfloat16))
     with pytest.raises(FingerprintMismatch):
-        c.apply(fp16)
+        c.apply(other_bf16)
 
 
 def _corrupt(path, at):
@@ -514,3 +514,85 @@ def test_bad_constructor_and_capture_arguments():
         Concept.capture(m, piv, identifiers=["<v1>"], base=fingerprint_model(m), storage_dtype=torch.int8)
     with pytest.raises(ConceptError, match="lacks touched tensors"):
         Concept.capture(m, piv, identifiers=["<v1>"], base=fingerprint_model(m, ["head.bias"]))
+
+
+def test_half_storage_apply_within_tolerance_and_remove_bitwise():
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>", storage_dtype=torch.float16)
+    tuned = state(m)
+    c.remove(m)
+    c.apply(m)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), tuned[n], rtol=STORAGE_RTOL[torch.float16], atol=2.0**-25)
+    assert any(not torch.equal(p.detach(), tuned[n]) for n, p in m.named_parameters())  # rounding is visible
+    c.remove(m)
+    assert_state_equal(m, base)
+
+
+def test_tokens_only_concept(tmp_path):
+    m = with_bank(Net())
+    base = state(m)
+    names = [n for n, _ in m.named_parameters()]
+    empty = PivotSet.empty(names, [p.shape for _, p in m.named_parameters()])
+    c = Concept.capture(m, empty, identifiers=["<t>"], tokens={"<t>": torch.randn(3, 5)}, base=fingerprint_model(m))
+    assert c.pivots.count == 0 and c.touched_names() == []
+    c.save(tmp_path / "t.ppt")
+    r = Concept.load(tmp_path / "t.ppt")
+    assert r.equal(c) and os.path.getsize(tmp_path / "t.ppt") < 2000
+    r.apply(m)
+    assert m._ppt_fast_identifier_bank.has("<t>")
+    assert_state_equal(m, base)
+    r.remove(m)
+    assert not m._ppt_fast_identifier_bank.has("<t>")
+
+
+def test_crafted_file_with_valid_checksum_but_bad_indices(tmp_path):
+    """The checksum catches accidents, not forgery: decoding still checks every index against its tensor."""
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    meta, tensors = C._encode([c])
+    header = json.loads(meta["header"])
+    header["concepts"][0]["pivots"]["shapes"][0] = [1]  # the first tensor now has 1 entry: its indices overflow
+    meta["header"] = C._canonical_json(header)
+    meta["checksum"] = C._checksum(meta["header"], tensors)
+    (tmp_path / "f.ppt").write_bytes(C._serialize(tensors, meta))
+    with pytest.raises(ConceptFileError, match="pass its"):
+        Concept.load(tmp_path / "f.ppt")
+
+
+def test_capture_from_tune_result_like_object():
+    """`Concept.capture(result, identifier)`: the path ppt_fast.musicgen's tune() takes."""
+
+    class MG:
+        def __init__(self, lm):
+            self.lm = lm
+
+    class Result:
+        pass
+
+    lm = with_bank(Net())
+    base = state(lm)
+    g = torch.Generator().manual_seed(4)
+    pa, pb = random_pivots(lm, 0.2, g), random_pivots(lm, 0.2, g)
+    r = Result()
+    r.model, r.identifiers, r.pivots = MG(lm), ["<a>", "<b>"], {"<a>": pa, "<b>": pb}
+    r.dense_rows = {"in_proj_weight": (12, 36)}
+    r.base_snapshot = snapshot_base(lm, pa | pb, r.dense_rows)
+    r.tokens = {"<a>": torch.randn(3, 5), "<b>": torch.randn(3, 5)}
+    r.settings = {"preset": "dreamstyler", "ratio": 0.2}
+    with torch.no_grad():
+        for n, mk in (pa | pb).to_masks().items():
+            lm.get_parameter(n)[mk] += 1.0
+        lm.in_proj_weight[12:36] += 1.0
+    tuned = state(lm)
+    ca, cb = Concept.capture(r, "<a>"), Concept.capture(r, "<b>")
+    assert ca.meta["preset"] == "dreamstyler" and ca.meta["trained_with"] == ["<a>", "<b>"]
+    assert ca.dense_rows == {"in_proj_weight": (12, 36)} and torch.equal(
+        ca.dense["in_proj_weight"], tuned["in_proj_weight"][12:36]
+    )
+    ca.remove(lm)
+    cb.remove(lm)
+    assert_state_equal(lm, base)
+    with pytest.raises(ConceptError, match="not one of"):
+        Concept.capture(r, "<c>")
