@@ -152,6 +152,28 @@ def test_dense_gradient_path_equals_gathered_path():
         assert torch.equal(p, q), n
 
 
+def test_gather_in_backward_accumulates_micro_batches():
+    """Two backward passes before a step add up in the gather buffer, as they would in p.grad."""
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    other = copy.deepcopy(model)
+    a = SparseAdamW(model, ps, lr=1e-2, gather_in_backward=True)
+    b = SparseAdamW(other, ps, lr=1e-2)
+    for _ in range(2):
+        micro = [batch(), batch()]
+        for m, o in ((model, a), (other, b)):
+            o.zero_grad()
+            for x, y in micro:
+                loss_fn(m, x, y).backward()
+            o.step()
+    # buffer: (0 + g1) + g2, p.grad: g1 + g2 -- the same fp32 additions, so bitwise equal
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n
+    a.remove_hooks()
+    loss_fn(model, *batch()).backward()
+    assert model.mid.weight.grad is not None
+
+
 def test_bf16_params_use_fp32_master():
     model = Tiny(dtype=torch.bfloat16)
     ps = random_pivots(model, 0.3)
