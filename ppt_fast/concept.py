@@ -176,6 +176,24 @@ def _unpack_indices(packed: torch.Tensor, counts: Sequence[int]) -> torch.Tensor
     return cs - per - 1
 
 
+def _check_increasing(pivots: PivotSet) -> None:
+    """Indices strictly increasing within each tensor and inside it (the PivotSet contract the packing relies on)."""
+    idx = pivots.indices.to(torch.int64)
+    if idx.numel() == 0:
+        return
+    counts = pivots.counts()
+    prev = torch.cat([idx.new_full((1,), -1), idx[:-1]])
+    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)[:-1][torch.tensor(counts) > 0].to(idx.device)
+    prev[starts] = -1
+    if bool((idx <= prev).any()):
+        raise ConceptError("pivots: indices must be strictly increasing within each tensor (sort them per tensor)")
+    numel = torch.repeat_interleave(
+        torch.tensor(pivots.numels, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
+    ).to(idx.device)
+    if bool((idx >= numel).any()):
+        raise ConceptError("pivots: an index is past the end of its tensor")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     try:
         return _DTYPE_NAMES[dtype]
@@ -318,6 +336,7 @@ class Concept:
             raise ConceptError(f"values must be a 1-D tensor with pivots.count = {pivots.count} entries, got {shape}")
         if values.dtype not in _STORAGE_DTYPES.values():
             raise ConceptError(f"values dtype {values.dtype} is not float32, float16 or bfloat16")
+        _check_increasing(pivots)
         keep = [i for i, c in enumerate(pivots.counts()) if c]
         if len(keep) != len(pivots.names):
             pivots = PivotSet(
@@ -542,7 +561,7 @@ class Concept:
         return pos[keep], vals[keep]
 
     # ---- fingerprint checks ----------------------------------------------------------------------------------------
-    def check_model(self, model: Any, *, force: bool = False) -> None:
+    def check_model(self, model: Any, *, force: bool = False, _memo: dict | None = None) -> None:
         """Raise FingerprintMismatch unless `model`'s base values of the touched tensors match the fingerprint.
 
         Names, shapes and the dense row ranges must always fit (`force` cannot override them: the concept could not
@@ -589,13 +608,15 @@ class Concept:
             if entry.get("sha256") is None:
                 continue
             p = params[n]
-            base = reg.base_view(n, p) if reg is not None else p.detach()
             dtype = str(p.dtype).replace("torch.", "")
-            if dtype == entry.get("dtype"):
-                ok = hashlib.sha256(_bytes_of(base)).hexdigest() == entry["sha256"]
-            else:
-                canon = base if base.dtype == torch.bfloat16 else base.to(torch.bfloat16)
-                ok = hashlib.sha256(_bytes_of(canon)).hexdigest() == entry.get("sha256_bf16")
+            kind = "sha256" if dtype == entry.get("dtype") else "sha256_bf16"
+            memo = {} if _memo is None else _memo
+            if (n, kind) not in memo:
+                base = reg.base_view(n, p) if reg is not None else p.detach()
+                if kind == "sha256_bf16" and base.dtype != torch.bfloat16:
+                    base = base.to(torch.bfloat16)
+                memo[(n, kind)] = hashlib.sha256(_bytes_of(base)).hexdigest()
+            ok = memo[(n, kind)] == entry.get(kind)
             if not ok:
                 problems.append(
                     f"{n!r} ({dtype}) differs from the base the concept was tuned on ({entry.get('dtype')})"
@@ -889,6 +910,7 @@ def compose(
     lm = _resolve_lm(model)
     reg = getattr(lm, REGISTRY_ATTR, None)
     bank = getattr(lm, BANK_ATTR, None)
+    memo: dict = {}  # each touched tensor is hashed once per call, however many concepts touch it
     for c in concepts:
         for ident in c.identifiers:
             owner = reg.owner_of(ident) if reg is not None else None
@@ -902,7 +924,7 @@ def compose(
                     f"identifier {ident!r} is already registered in this model's identifier bank (by a tune run?); "
                     "remove it there first"
                 )
-        c.check_model(lm, force=force)
+        c.check_model(lm, force=force, _memo=memo)
         dim = getattr(bank, "dim", None)
         for ident, t in c.tokens.items():
             if bank is not None and dim is not None and t.shape[1] != dim:

@@ -596,3 +596,14 @@ def test_capture_from_tune_result_like_object():
     assert_state_equal(lm, base)
     with pytest.raises(ConceptError, match="not one of"):
         Concept.capture(r, "<c>")
+
+
+def test_unsorted_or_out_of_range_indices_refused():
+    names, shapes = ["a", "b"], [(4, 3), (5,)]
+    for idx, match in (([3, 1, 0, 2], "strictly increasing"), ([1, 1, 0, 2], "strictly increasing"),
+                       ([0, 12, 0, 2], "past the end"), ([0, 1, 4, 5], "past the end")):  # fmt: skip
+        piv = PivotSet(names, shapes, [0, 2, 4], torch.tensor(idx, dtype=torch.int32))
+        with pytest.raises(ConceptError, match=match):
+            Concept(["<v1>"], {}, piv, torch.zeros(4))
+    ok = PivotSet(names, shapes, [0, 2, 4], torch.tensor([5, 11, 0, 4], dtype=torch.int32))  # resets per tensor
+    assert Concept(["<v1>"], {}, ok, torch.zeros(4)).pivots.count == 4
