@@ -136,6 +136,7 @@ def copy_seconds(total_bytes: int, device: str, repeats: int = 5) -> float:
         dst.copy_(src)
         sync(device)
         times.append(time.perf_counter() - t0)
+    del src, dst
     times = sorted(times[1:])
     return times[len(times) // 2]
 

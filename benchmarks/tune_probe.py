@@ -9,12 +9,12 @@ K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `
 - the batch: B = 1, `seconds` of random codes (4 codebooks) at the codec's frame rate, the prompt
   "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss`.
 - phase `train`, method `dense_masked`: the trained tensors get full gradients and a dense masked AdamW step
-  (ppt_fast.optim.DenseMaskedAdamW when present, else benchmarks.cases._MaskedAdamW: grads x 0/1 mask, masked
-  weight decay, torch AdamW). Method `ppt_fast`: what `tune()` does: post-accumulate-grad hooks gather the gradient
-  at the pivots and free it at once; one `sparse_adamw_step` over all pivots (state for pivots only).
+  (ppt_fast.optim.DenseMaskedAdamW, fused torch AdamW where supported). Method `ppt_fast`: what `tune()` does:
+  `SparseAdamW(gather_in_backward=True)`: hooks gather the gradient at the pivots and free it at once; one
+  `sparse_adamw_step` over all pivots (state for pivots only).
 - phase `sensitivity`, method `dense_masked`: full gradients of the in-scope tensors are kept and then scored in
-  one `torch._foreach_addcmul_`; `ppt_fast`: hooks call `sensitivity_accumulate` on the in-scope rows and free each
-  gradient at once (no full gradient set ever lives).
+  one `torch._foreach_addcmul_`; `ppt_fast`: `SensitivityAccumulator` (hooks call `sensitivity_accumulate` on the
+  in-scope rows and free each gradient at once: no full gradient set ever lives).
 Pivots: uniformly random at `density` of the in-scope entries (what a global top-k over noise-like scores gives;
 the real ones come from the sensitivity pass, which does not change time or memory). No identifier tokens: they
 add 3 x dim parameters, the same to both methods. No gradient clipping in either method.
@@ -53,8 +53,6 @@ def _build(model: str, device: str):
 def measure(spec: dict) -> dict:
     from audiocraft.modules.conditioners import ConditioningAttributes
 
-    from ppt_fast import sensitivity_accumulate, sparse_adamw_step
-
     tune_mod = importlib.import_module("ppt_fast.musicgen.tune")  # the module (the package exports a function tune)
 
     device, method, phase = spec["device"], spec["method"], spec["phase"]
@@ -74,7 +72,10 @@ def measure(spec: dict) -> dict:
         if cuda
         else (lambda: torch.autocast("cpu", enabled=False))
     )
-    sparse, _ = tune_mod.recipe_scopes(lm, "ppt")
+    from ppt_fast.scope import Scope
+
+    scope = Scope.preset("ppt")
+    sparse = scope.resolve(lm)  # entries: name, param, rows (the in-scope rows of dim 0)
     t_params = [e.param for e in sparse]
     # uniform random pivots inside each tensor's scope rows, as flat indices into the whole tensor
     idx_parts, offsets = [], [0]
@@ -110,29 +111,21 @@ def measure(spec: dict) -> dict:
             opt.step()
 
     elif phase == "train":
-        exp_avg = torch.zeros(k, device=device)
-        exp_avg_sq = torch.zeros(k, device=device)
-        pivot_grads = torch.zeros(k, device=device)
-        for j, p in enumerate(t_params):
+        from ppt_fast.optim import SparseAdamW
+        from ppt_fast.pivots import PivotSet
+
+        names = [e.name for e in sparse]
+        pivots = PivotSet(names, [p.shape for p in t_params], offsets, indices)
+        for p in t_params:
             p.requires_grad_(True)
-            a, b = offsets[j], offsets[j + 1]
-
-            def gather(p, a=a, b=b):
-                pivot_grads[a:b] = p.grad.view(-1)[indices[a:b].long()].float()
-                p.grad = None
-
-            handles.append(p.register_post_accumulate_grad_hook(gather))
-        counter = [0]
-        impl = "ppt_fast.sparse_adamw_step (pivot_grads gathered in hooks)"
+        opt = SparseAdamW(list(zip(names, t_params)), pivots, lr=cases.LR, weight_decay=cases.WD,
+                          gather_in_backward=True)  # fmt: skip
+        impl = "ppt_fast.optim.SparseAdamW(gather_in_backward=True), as ppt_fast.tune runs it"
 
         def step():
-            counter[0] += 1
-            pivot_grads.zero_()
             loss_fn().backward()
-            sparse_adamw_step(
-                t_params, None, offsets, indices, exp_avg, exp_avg_sq, None,
-                step=counter[0], lr=cases.LR, weight_decay=cases.WD, pivot_grads=pivot_grads,
-            )  # fmt: skip
+            opt.step()
+            opt.zero_grad()
 
     elif method == "dense_masked":
         scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=device) for e in sparse]
@@ -148,16 +141,11 @@ def measure(spec: dict) -> dict:
             torch._foreach_addcmul_(scores, grads, grads)
 
     else:
-        scores = [torch.zeros(e.rows[1] - e.rows[0], *e.param.shape[1:], device=device) for e in sparse]
-        for e, s in zip(sparse, scores):
-            e.param.requires_grad_(True)
+        from ppt_fast.sensitivity import SensitivityAccumulator
 
-            def hook(p, e=e, s=s):
-                sensitivity_accumulate([s], [p.grad[e.rows[0] : e.rows[1]]], mode="grad_sq")
-                p.grad = None
-
-            handles.append(e.param.register_post_accumulate_grad_hook(hook))
-        impl = "ppt_fast.sensitivity_accumulate in post-accumulate-grad hooks, gradients freed at once"
+        acc = SensitivityAccumulator(lm, scope, mode="grad_sq")
+        acc.__enter__()  # hooks on; left on until the process ends
+        impl = "ppt_fast.SensitivityAccumulator (sensitivity_accumulate in post-accumulate-grad hooks, grads freed)"
 
         def step():
             loss_fn().backward()
