@@ -17,7 +17,9 @@ identifiers):
     θ = base + Σ_c scale_c · (tuned_c − base)      (in fp32, or fp64 for fp64 parameters)
 
 except where exactly one applied concept touches an entry at scale 1, which gets `tuned` itself (cast to the
-parameter's dtype). The result does not depend on the order concepts were applied or removed in.
+parameter's dtype). Concepts of one joint run (same `meta["joint_run"]`) count once at the entries they share (the
+mean of their scaled deltas; the jointly tuned value at scale 1). The result does not depend on the order concepts
+were applied or removed in.
 
 Applying a concept whose identifier is already applied is refused (`ConceptError`); remove it first.
 
@@ -267,6 +269,18 @@ def snapshot_base(
     return snap
 
 
+def _joint_run_id(result: Any, idents: Sequence[str]) -> str:
+    """An id shared by the concepts of one joint tune run (same base, identifiers and settings)."""
+    snap = getattr(result, "base_snapshot", None)
+    fp = snap.fingerprint if isinstance(snap, BaseSnapshot) else getattr(result, "base_fingerprint", None)
+    blob = json.dumps(
+        {"base": fp, "identifiers": sorted(idents), "settings": getattr(result, "settings", None)},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _norm_dense(dense: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int] | None]:
     out: dict[str, tuple[int, int] | None] = {}
     for n, rows in dense.items():
@@ -504,6 +518,7 @@ class Concept:
             meta.setdefault("base_model_sha256", result.base_fingerprint)
         if len(idents) > 1:
             meta.setdefault("trained_with", idents)
+            meta.setdefault("joint_run", _joint_run_id(result, idents))
         dense = {n: (tuple(r) if r is not None else None) for n, r in (getattr(result, "dense_rows", {}) or {}).items()}
         return cls.capture(
             result.model,
@@ -816,12 +831,15 @@ class _Registry:
             p = params[name]
             flat = p.data.view(-1)
             dev = flat.device
-            contrib = []
+            # Contributors in canonical order; concepts of one joint run form one group (see `compose`).
+            groups: dict[Any, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
             for k in order:
                 a = self.applied[k]
                 if name in a.concept.touched_names():
                     pos, tuned = a.concept._tuned(name)
-                    contrib.append((pos.to(dev), tuned.to(dev), a.scale))
+                    gkey = a.concept.meta.get("joint_run") or ("solo", k)
+                    groups.setdefault(gkey, []).append((pos.to(dev), tuned.to(dev), a.scale))
+            contrib = [m for members in groups.values() for m in members]
             parts = [c[0] for c in contrib] + ([extra[name].to(dev)] if name in extra else [])
             if not parts:
                 continue
@@ -833,13 +851,35 @@ class _Registry:
             single = torch.zeros(u.numel(), dtype=compute, device=dev)
             unit = torch.zeros(u.numel(), dtype=torch.bool, device=dev)
             base_c = base.to(compute)
-            for pos, tuned, scale in contrib:
-                j = torch.searchsorted(u, pos)
-                t = tuned.to(compute)
-                acc[j] += scale * (t - base_c[j])
-                count[j] += 1
-                single[j] = t
-                unit[j] = scale == 1.0
+            for members in groups.values():
+                if len(members) == 1:
+                    pos, tuned, scale = members[0]
+                    j = torch.searchsorted(u, pos)
+                    t = tuned.to(compute)
+                    acc[j] += scale * (t - base_c[j])
+                    count[j] += 1
+                    single[j] = t
+                    unit[j] = scale == 1.0
+                    continue
+                # A joint run: members sharing an entry contribute the MEAN of their scaled deltas (one delta, as
+                # trained); the jointly tuned value itself where all of them hold the same value at scale 1.
+                gsum = torch.zeros(u.numel(), dtype=compute, device=dev)
+                gcnt = torch.zeros(u.numel(), dtype=torch.int32, device=dev)
+                gfirst = torch.zeros(u.numel(), dtype=compute, device=dev)
+                gexact = torch.ones(u.numel(), dtype=torch.bool, device=dev)
+                for pos, tuned, scale in members:
+                    j = torch.searchsorted(u, pos)
+                    t = tuned.to(compute)
+                    gsum[j] += scale * (t - base_c[j])
+                    first = gcnt[j] == 0
+                    gfirst[j] = torch.where(first, t, gfirst[j])
+                    gexact[j] &= (scale == 1.0) & (first | (gfirst[j] == t))
+                    gcnt[j] += 1
+                held = gcnt > 0
+                acc[held] += gsum[held] / gcnt[held].to(compute)
+                count[held] += 1
+                single[held] = gfirst[held]
+                unit[held] = gexact[held]
             out = torch.where((count == 1) & unit, single, acc).to(p.dtype)
             out = torch.where(count == 0, base, out)
             flat[u] = out

@@ -588,12 +588,16 @@ def test_capture_from_tune_result_like_object():
     tuned = state(lm)
     ca, cb = Concept.capture(r, "<a>"), Concept.capture(r, "<b>")
     assert ca.meta["preset"] == "dreamstyler" and ca.meta["trained_with"] == ["<a>", "<b>"]
+    assert ca.meta["joint_run"] == cb.meta["joint_run"]
     assert ca.dense_rows == {"in_proj_weight": (12, 36)} and torch.equal(
         ca.dense["in_proj_weight"], tuned["in_proj_weight"][12:36]
     )
     ca.remove(lm)
     cb.remove(lm)
     assert_state_equal(lm, base)
+    C.compose([cb, ca], MG(lm))  # the joint run's concepts together give back the jointly tuned model
+    assert_state_equal(lm, tuned)
+    C.remove_all(lm)
     with pytest.raises(ConceptError, match="not one of"):
         Concept.capture(r, "<c>")
 

@@ -281,8 +281,33 @@ def test_joint_capture_from_one_tuned_model():
             mk = union.to_masks()[n]
             p[mk] += torch.randn(int(mk.sum()), generator=g)
     tuned = snapshot(m)
-    ca = Concept.capture(m, pa, identifiers=["<a>"], base=snap)
-    cb = Concept.capture(m, pb, identifiers=["<b>"], base=snap)
+    ca = Concept.capture(m, pa, identifiers=["<a>"], base=snap, meta={"joint_run": "run1"})
+    cb = Concept.capture(m, pb, identifiers=["<b>"], base=snap, meta={"joint_run": "run1"})
+    assert overlap([ca, cb])["shared"] > 0
+    # Applied together on a fresh base, a joint run's concepts reproduce the jointly tuned model bitwise: shared
+    # entries take the one jointly tuned value, not base + 2 * delta.
+    for order in ([ca, cb], [cb, ca]):
+        f = fresh(base)
+        for x in order:
+            x.apply(f)
+        assert same(snapshot(f), tuned)
+        ca.remove(f)
+        only_b = snapshot(f)
+        for n, idx in cb.pivots:
+            assert torch.equal(only_b[n].reshape(-1)[idx.long()], tuned[n].reshape(-1)[idx.long()])
+    # The same concepts as independent ones (no joint_run) add their deltas at shared entries.
+    ia = Concept(["<a>"], {}, ca.pivots, ca.values, fingerprint=ca.fingerprint)
+    ib = Concept(["<b>"], {}, cb.pivots, cb.values, fingerprint=cb.fingerprint)
+    f = fresh(base)
+    compose([ia, ib], f)
+    b0 = snapshot(base)
+    for n in ia.touched_names():
+        ai = ia.pivots.indices_of(n).long()
+        shared = ai[torch.isin(ai, ib.pivots.indices_of(n).long())]
+        if shared.numel():
+            t, b_ = tuned[n].reshape(-1)[shared], b0[n].reshape(-1)[shared]
+            want = b_ + (t - b_) + (t - b_)
+            assert torch.equal(f.get_parameter(n).detach().reshape(-1)[shared], want)
     # Each file carries the tuned values at its own pivots.
     for n, idx in ca.pivots:
         assert torch.equal(ca.values[ca.pivots.offsets_list[ca.pivots.index(n)] :][: idx.numel()],
