@@ -1247,15 +1247,6 @@ def _decode_entry(e: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pre
     return Concept(idents, tokens, pivots, values, dense, e.get("fingerprint") or {}, e.get("meta") or {}, rows)
 
 
-def file_size_estimate(
-    k: int, storage_dtype: torch.dtype = torch.float16, gap_bytes: float = 1.3, dense_entries: int = 0
-) -> int:
-    """Rough bytes of a concept file: packed gaps (`gap_bytes` per pivot: ~1.3 for uniform pivots at 1 % density,
-    measured) + values + dense values; header and tokens excluded."""
-    item = torch.empty(0, dtype=storage_dtype).element_size()
-    return int(k * gap_bytes + (k + dense_entries) * item)
-
-
 __all__ = [
     "BaseSnapshot",
     "Concept",
