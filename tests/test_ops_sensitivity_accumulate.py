@@ -131,6 +131,18 @@ def test_empty_list_and_empty_tensor(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_pattern_widens_exactly(backend, device, dtype):
+    """All 65536 fp16 / bf16 bit patterns (subnormals, infinities, NaNs included) as signed grads into zero fp32
+    scores: the score must equal the exact fp32 value of the grad."""
+    with use_backend(OP, backend, device) as dev:
+        g = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).to(dev)
+        s = [torch.zeros(g.numel(), device=dev)]
+        sensitivity_accumulate(s, [g], mode="sgd_delta")
+    torch.testing.assert_close(s[0].cpu(), g.cpu().float(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_gradients_reach_the_scores(backend, device):
     """A NaN gradient must poison its score (bf16 rounding included) so that select_pivots can report it."""
     with use_backend(OP, backend, device) as dev:

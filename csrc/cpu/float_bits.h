@@ -35,8 +35,17 @@ inline float load_f32(c10::BFloat16 x) {
 }
 
 inline float load_f32(c10::Half x) {
-  // c10's fp16 -> fp32 is already branch-free bit arithmetic (F16C when the compiler may use it).
-  return static_cast<float>(x);
+  // Exact fp16 -> fp32 with selects instead of c10's branches (so loops over fp16 vectorize): rebias the exponent;
+  // inf/NaN keep their payload; subnormals are renormalised by an exact fp32 subtraction of normal numbers, which
+  // stays right even when the FPU flushes denormals (torch.set_flush_denormal).
+  const uint32_t h = x.x;
+  const uint32_t em = h & 0x7FFFu;
+  const uint32_t exp = em & 0x7C00u;
+  uint32_t o = (em << 13) + ((127u - 15u) << 23);
+  o = exp == 0x7C00u ? o + ((128u - 16u) << 23) : o;
+  const float sub = bits_f32(o + (1u << 23)) - bits_f32(113u << 23);
+  o = exp == 0 ? f32_bits(sub) : o;
+  return bits_f32(o | ((h & 0x8000u) << 16));
 }
 
 template <typename T>
