@@ -71,18 +71,26 @@ std::pair<uint32_t, int64_t> find_bin(const std::vector<int64_t>& hist, int64_t 
 
 // Per-thread histograms, merged once at the end. at::parallel_for calls the body once per thread with one
 // contiguous range of chunks, so each thread fills a private 512 KiB table (no atomics, no shared cache lines).
+// The private table is uint32 (256 KiB, half of int64's, so it stays in L2 next to the streamed scores) and is
+// flushed into the int64 totals every kFlushChunks chunks, before any bin could pass 2^32.
+constexpr int64_t kFlushChunks = (int64_t(1) << 31) / kChunk;
+
 template <typename Fill>
 std::vector<int64_t> histogram(const std::vector<Chunk>& chunks, Fill&& fill) {
   std::vector<int64_t> hist(kBins, 0);
   std::mutex merge;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> local(kBins, 0);
-    for (int64_t c = begin; c < end; ++c) {
-      fill(c, local.data());
-    }
-    std::lock_guard<std::mutex> lock(merge);
-    for (int64_t b = 0; b < kBins; ++b) {
-      hist[b] += local[b];
+    std::vector<uint32_t> local(kBins, 0);
+    for (int64_t c0 = begin; c0 < end; c0 += kFlushChunks) {
+      const int64_t c1 = std::min(end, c0 + kFlushChunks);
+      for (int64_t c = c0; c < c1; ++c) {
+        fill(c, local.data());
+      }
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t b = 0; b < kBins; ++b) {
+        hist[b] += local[b];
+        local[b] = 0;
+      }
     }
   });
   return hist;
@@ -125,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> select_pivots_cpp(at::TensorList scores_in, i
 
   // pass 1: high digit; the largest key per chunk finds NaNs without a branch in the loop.
   std::vector<uint32_t> chunk_max(n_chunks, 0);
-  const auto hist_hi = histogram(chunks, [&](int64_t c, int64_t* row) {
+  const auto hist_hi = histogram(chunks, [&](int64_t c, uint32_t* row) {
     const Chunk& ch = chunks[c];
     with_keys(scores[ch.tensor], ch, [&](auto key) {
       uint32_t mx = 0;
@@ -146,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> select_pivots_cpp(at::TensorList scores_in, i
   const int64_t above_hi = bin_hi.second;
 
   // pass 2: low digit inside bin `hi`.
-  const auto hist_lo = histogram(chunks, [&](int64_t c, int64_t* row) {
+  const auto hist_lo = histogram(chunks, [&](int64_t c, uint32_t* row) {
     const Chunk& ch = chunks[c];
     with_keys(scores[ch.tensor], ch, [&](auto key) {
       for (int64_t j = 0; j < ch.n; ++j) {

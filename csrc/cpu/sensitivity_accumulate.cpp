@@ -27,10 +27,8 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 using ChunkFn = void (*)(void*, const void*, const void*, int64_t);
 
 template <typename S, typename G, typename P, int64_t MODE>
-void accumulate_chunk(void* s_, const void* g_, const void* p_, int64_t n) {
-  S* __restrict__ s = static_cast<S*>(s_);
-  const G* __restrict__ g = static_cast<const G*>(g_);
-  const P* __restrict__ p = static_cast<const P*>(p_);
+__attribute__((always_inline)) inline void accumulate_body(S* __restrict__ s, const G* __restrict__ g,
+                                                           const P* __restrict__ p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const float gj = load_f32(g[j]);
     float upd;
@@ -47,17 +45,44 @@ void accumulate_chunk(void* s_, const void* g_, const void* p_, int64_t n) {
   }
 }
 
+template <typename S, typename G, typename P, int64_t MODE>
+void accumulate_chunk(void* s, const void* g, const void* p, int64_t n) {
+  accumulate_body<S, G, P, MODE>(static_cast<S*>(s), static_cast<const G*>(g), static_cast<const P*>(p), n);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+// The same loop compiled for AVX2 (8 fp32 lanes instead of SSE2's 4), picked at run time: the build targets
+// baseline x86-64, and the fp16/bf16 widening and rounding are integer work that gains from the wider lanes.
+// No FMA is enabled, so both versions round identically.
+#define PPT_FAST_HAVE_AVX2_CLONE 1
+template <typename S, typename G, typename P, int64_t MODE>
+__attribute__((target("avx2"))) void accumulate_chunk_avx2(void* s, const void* g, const void* p, int64_t n) {
+  accumulate_body<S, G, P, MODE>(static_cast<S*>(s), static_cast<const G*>(g), static_cast<const P*>(p), n);
+}
+#endif
+
+template <typename S, typename G, typename P, int64_t MODE>
+ChunkFn pick_isa() {
+#ifdef PPT_FAST_HAVE_AVX2_CLONE
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) {
+    return &accumulate_chunk_avx2<S, G, P, MODE>;
+  }
+#endif
+  return &accumulate_chunk<S, G, P, MODE>;
+}
+
 template <typename S, typename G, typename P>
 ChunkFn pick_mode(int64_t mode) {
   switch (mode) {
     case kGradSq:
-      return &accumulate_chunk<S, G, P, kGradSq>;
+      return pick_isa<S, G, P, kGradSq>();
     case kGradAbs:
-      return &accumulate_chunk<S, G, P, kGradAbs>;
+      return pick_isa<S, G, P, kGradAbs>();
     case kTaylor:
-      return &accumulate_chunk<S, G, P, kTaylor>;
+      return pick_isa<S, G, P, kTaylor>();
     default:
-      return &accumulate_chunk<S, G, P, kSgdDelta>;
+      return pick_isa<S, G, P, kSgdDelta>();
   }
 }
 
