@@ -1,0 +1,271 @@
+// One AdamW step over the pivots of many tensors, in one parallel region, with state only for the pivots.
+//
+// Work is a list of pivot chunks taken across all tensors (a chunk never spans two tensors). Pivots are sorted
+// within a tensor, so the gathers from the dense gradient and parameter walk memory forwards and the hardware
+// prefetcher keeps up. Each chunk runs in small blocks: gather g (and θ when there is no master) into a local
+// buffer, do the AdamW math on contiguous fp32 arrays (this part vectorizes: sqrt and div dominate it), then
+// scatter θ back. Numerics follow torch.optim.AdamW's order of operations in fp32, with the scalar
+// coefficients computed in double and rounded once to fp32, as the PyTorch reference does.
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <vector>
+
+#include "float_bits.h"
+#include "ops.h"
+
+namespace ppt_fast {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // pivots per task: enough to amortise scheduling, small enough to balance
+constexpr int64_t kBlock = 256;  // pivots per inner block: the local buffers stay in L1
+constexpr int64_t kPrefetch = 24;  // pivots of look-ahead: about the misses one core can keep in flight
+
+struct Coeffs {
+  float decay;  // 1 - lr * wd
+  float lerp_weight;  // 1 - beta1
+  bool lerp_small;  // torch's lerp switches formula at weight 0.5 to stay exact at both ends
+  float beta2;
+  float one_minus_beta2;
+  float bias_correction2_sqrt;
+  float eps;
+  float neg_step_size;  // -lr / (1 - beta1^step)
+  bool has_scale;
+  float grad_scale;
+};
+
+struct Chunk {
+  int64_t tensor;
+  int64_t begin;  // pivot range [begin, end) in the packed arrays
+  int64_t end;
+};
+
+// DENSE: the gradient is gathered from grads[i] at the pivot's index; otherwise read from pivot_grads[j].
+template <typename P, typename G, bool DENSE, bool MASTER>
+void step_chunk(P* __restrict__ param, const G* __restrict__ grad, const int32_t* __restrict__ idx,
+                float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t n, const Coeffs& c) {
+  float g[kBlock];
+  float theta[kBlock];
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t nb = std::min(kBlock, n - b0);
+    const int32_t* ib = idx + b0;
+    // At 1 % density consecutive pivots sit ~400 bytes apart: every gather is a cache miss the stream prefetcher
+    // does not predict. Software prefetches kPrefetch pivots ahead keep that many misses in flight.
+    const int64_t ahead = std::min(kPrefetch, n - b0 - nb);
+    for (int64_t j = 0; j < nb; ++j) {
+      if (j + kPrefetch < nb + ahead) {
+        const int32_t far = ib[j + kPrefetch];
+        if constexpr (DENSE) {
+          __builtin_prefetch(grad + far, 0, 0);
+        }
+        __builtin_prefetch(param + far, 1, 0);
+      }
+      g[j] = load_f32(DENSE ? grad[ib[j]] : grad[b0 + j]);
+      if constexpr (!MASTER) {
+        theta[j] = load_f32(param[ib[j]]);
+      }
+    }
+    if constexpr (MASTER) {
+      for (int64_t j = 0; j < nb; ++j) {
+        theta[j] = master[b0 + j];
+      }
+    }
+    float* mb = m + b0;
+    float* vb = v + b0;
+    for (int64_t j = 0; j < nb; ++j) {
+      float gj = g[j];
+      if (c.has_scale) {
+        gj = gj / c.grad_scale;  // a true division, as GradScaler's unscale in the reference
+      }
+      float t = theta[j] * c.decay;
+      const float mj = c.lerp_small ? mb[j] + c.lerp_weight * (gj - mb[j])
+                                    : gj - (gj - mb[j]) * (1.0f - c.lerp_weight);
+      const float vj = vb[j] * c.beta2 + c.one_minus_beta2 * gj * gj;
+      const float denom = std::sqrt(vj) / c.bias_correction2_sqrt + c.eps;
+      t = t + c.neg_step_size * (mj / denom);
+      mb[j] = mj;
+      vb[j] = vj;
+      theta[j] = t;
+    }
+    if constexpr (MASTER) {
+      for (int64_t j = 0; j < nb; ++j) {
+        master[b0 + j] = theta[j];
+      }
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      param[ib[j]] = store_from_f32<P>(theta[j]);
+    }
+  }
+}
+
+using ChunkFn = void (*)(void*, const void*, const int32_t*, float*, float*, float*, int64_t, const Coeffs&);
+
+template <typename P, typename G, bool DENSE, bool MASTER>
+void step_chunk_erased(void* param, const void* grad, const int32_t* idx, float* m, float* v, float* master,
+                       int64_t n, const Coeffs& c) {
+  step_chunk<P, G, DENSE, MASTER>(static_cast<P*>(param), static_cast<const G*>(grad), idx, m, v, master, n, c);
+}
+
+template <typename P, typename G>
+ChunkFn pick_flags(bool dense, bool master) {
+  if (dense) {
+    return master ? &step_chunk_erased<P, G, true, true> : &step_chunk_erased<P, G, true, false>;
+  }
+  return master ? &step_chunk_erased<P, G, false, true> : &step_chunk_erased<P, G, false, false>;
+}
+
+template <typename P>
+ChunkFn pick_grad(c10::ScalarType grad_dtype, bool dense, bool master) {
+  switch (grad_dtype) {
+    case at::kFloat:
+      return pick_flags<P, float>(dense, master);
+    case at::kHalf:
+      return pick_flags<P, c10::Half>(dense, master);
+    case at::kBFloat16:
+      return pick_flags<P, c10::BFloat16>(dense, master);
+    default:
+      TORCH_CHECK(false, "ppt_fast: gradients must be float32, float16 or bfloat16, got ", grad_dtype);
+  }
+}
+
+ChunkFn pick(c10::ScalarType param_dtype, c10::ScalarType grad_dtype, bool dense, bool master) {
+  switch (param_dtype) {
+    case at::kFloat:
+      return pick_grad<float>(grad_dtype, dense, master);
+    case at::kHalf:
+      return pick_grad<c10::Half>(grad_dtype, dense, master);
+    case at::kBFloat16:
+      return pick_grad<c10::BFloat16>(grad_dtype, dense, master);
+    default:
+      TORCH_CHECK(false, "ppt_fast: params must be float32, float16 or bfloat16, got ", param_dtype);
+  }
+}
+
+void check_state(const at::Tensor& t, const char* name, int64_t k) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.numel() == k &&
+                  t.is_contiguous(),
+              "ppt_fast: ", name, " must be a contiguous float32 CPU tensor of shape [", k, "], got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+float scalar_value(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device().is_cpu(), "ppt_fast: ", name,
+              " must be a one-element float32 CPU tensor");
+  return *t.const_data_ptr<float>();
+}
+
+}  // namespace
+
+void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntArrayRef offsets,
+                           const at::Tensor& indices, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                           const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& pivot_grads,
+                           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n_tensors + 1, "ppt_fast: offsets has ", offsets.size(),
+              " entries; expected len(params) + 1 = ", n_tensors + 1);
+  TORCH_CHECK(step >= 1, "ppt_fast: step must be >= 1 (1-based, for bias correction), got ", step);
+  const bool dense = !pivot_grads.has_value();
+  TORCH_CHECK(dense == (static_cast<int64_t>(grads.size()) == n_tensors) &&
+                  (dense || grads.empty()),
+              "ppt_fast: give either one dense grad per param or pivot_grads (got ", grads.size(), " grads for ",
+              n_tensors, " params, pivot_grads ", pivot_grads.has_value() ? "given" : "absent", ")");
+  const int64_t k = offsets[n_tensors];
+  TORCH_CHECK(offsets[0] == 0, "ppt_fast: offsets must start at 0");
+  TORCH_CHECK(indices.device().is_cpu() && indices.scalar_type() == at::kInt && indices.dim() == 1 &&
+                  indices.numel() == k && indices.is_contiguous(),
+              "ppt_fast: indices must be a contiguous int32 CPU tensor of shape [offsets[-1]] = [", k, "]");
+  check_state(exp_avg, "exp_avg", k);
+  check_state(exp_avg_sq, "exp_avg_sq", k);
+  if (master.has_value()) {
+    check_state(*master, "master", k);
+  }
+  at::Tensor pg;
+  if (!dense) {
+    pg = pivot_grads->contiguous();
+    TORCH_CHECK(pg.device().is_cpu() && pg.dim() == 1 && pg.numel() == k, "ppt_fast: pivot_grads must be a CPU tensor "
+                "of shape [", k, "], got ", pg.sizes());
+  }
+  if (found_inf.has_value() && scalar_value(*found_inf, "found_inf") != 0.0f) {
+    return;  // GradScaler found inf/NaN gradients: skip the whole step, write nothing
+  }
+  if (k == 0) {
+    return;
+  }
+
+  Coeffs c;
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.lerp_weight = static_cast<float>(1.0 - beta1);
+  c.lerp_small = std::abs(c.lerp_weight) < 0.5f;
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  c.eps = static_cast<float>(eps);
+  c.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))));
+  c.has_scale = grad_scale.has_value();
+  c.grad_scale = c.has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0f;
+
+  std::vector<at::Tensor> g_keep;
+  std::vector<ChunkFn> fns(n_tensors, nullptr);
+  std::vector<Chunk> chunks;
+  chunks.reserve(static_cast<size_t>(k / kChunk + n_tensors));
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t lo = offsets[i], hi = offsets[i + 1];
+    TORCH_CHECK(lo <= hi && hi <= k, "ppt_fast: offsets must never decrease and end at len(indices)");
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), "ppt_fast: params[", i,
+                "] must be a contiguous CPU tensor (updated in place)");
+    TORCH_CHECK(hi - lo <= p.numel(), "ppt_fast: tensor ", i, " has ", hi - lo, " pivots but params[", i, "] only ",
+                p.numel(), " entries");
+    TORCH_CHECK(master.has_value() || p.scalar_type() == at::kFloat || lo == hi, "ppt_fast: params[", i, "] is ",
+                p.scalar_type(), " and needs an fp32 master copy of its pivots (pass master=)");
+    if (dense) {
+      TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].device().is_cpu(), "ppt_fast: grads[", i,
+                  "] must be a CPU tensor shaped like params[", i, "] ", p.sizes(), ", got ", grads[i].sizes());
+      g_keep.push_back(grads[i].contiguous());
+    }
+    fns[i] = pick(p.scalar_type(), dense ? g_keep.back().scalar_type() : pg.scalar_type(), dense,
+                  master.has_value());
+    for (int64_t b = lo; b < hi; b += kChunk) {
+      chunks.push_back({i, b, std::min(b + kChunk, hi)});
+    }
+  }
+
+  const int32_t* idx = indices.const_data_ptr<int32_t>();
+  // Validate every index before anything is written: an out-of-range index would corrupt memory, and a half-done
+  // step cannot be undone.
+  std::vector<char> bad(chunks.size(), 0);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const uint32_t n = static_cast<uint32_t>(params[chunks[ci].tensor].numel());
+      bool any_bad = false;
+      for (int64_t j = chunks[ci].begin; j < chunks[ci].end; ++j) {
+        any_bad |= static_cast<uint32_t>(idx[j]) >= n;
+      }
+      bad[ci] = any_bad;
+    }
+  });
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    TORCH_CHECK(!bad[ci], "ppt_fast: indices of tensor ", chunks[ci].tensor, " reach outside params[",
+                chunks[ci].tensor, "] (", params[chunks[ci].tensor].numel(),
+                " entries): the PivotSet was built for other tensors");
+  }
+
+  float* m = exp_avg.data_ptr<float>();
+  float* v = exp_avg_sq.data_ptr<float>();
+  float* ms = master.has_value() ? master->data_ptr<float>() : nullptr;
+  const char* pg_base = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
+  const int64_t pg_size = dense ? 0 : pg.element_size();
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ci = begin; ci < end; ++ci) {
+      const Chunk& ch = chunks[ci];
+      const void* grad = dense ? g_keep[ch.tensor].const_data_ptr() : pg_base + ch.begin * pg_size;
+      fns[ch.tensor](params[ch.tensor].data_ptr(), grad, idx + ch.begin, m + ch.begin, v + ch.begin,
+                     ms ? ms + ch.begin : nullptr, ch.end - ch.begin, c);
+    }
+  });
+}
+
+}  // namespace ppt_fast
