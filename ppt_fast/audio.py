@@ -1,7 +1,7 @@
 """Audio I/O without ffmpeg: read any file soundfile reads, write WAVs atomically, and a synthetic reference clip.
 
-Shapes: audio is float32 `[C, T]` (or `[B, C, T]` for `write_wav` with one file per batch item is NOT done: pass
-one clip at a time). Samples are in [-1, 1].
+Shapes: audio is float32 `[C, T]` with samples in [-1, 1]; `write_wav` writes one clip (`[C, T]`, `[T]` or a
+batch of one `[1, C, T]`): write a batch item by item.
 """
 
 from __future__ import annotations

@@ -8,8 +8,10 @@ Phases (DESIGN §2, §6):
    are mapped to flat indices of the whole parameter.
 3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
    (state only for pivots; gradients gathered at the pivots inside backward hooks and freed), cross-entropy
-   exactly as `MusicGenSolver._compute_cross_entropy` (called, not copied), gradient-norm clipping over what is
-   trained, fp32 on CPU and bf16 autocast on GPU.
+   exactly as `MusicGenSolver._compute_cross_entropy` (called, not copied), gradient-norm clipping (`max_norm`)
+   applied per kind of trained tensor: the LM pivots (norm over the pivot gradients only,
+   `SparseAdamW.clip_grad_norm_`), dense LM tensors, and the identifier tokens (their gradients live on another
+   scale); fp32 on CPU and bf16 autocast on GPU (fp32 where bf16 is unsupported).
 
 Recipes (`preset=`):
 - `ppt` (default): pivots chosen globally over self-attention V rows and cross-attention K/V rows; tokens.
@@ -20,6 +22,11 @@ Recipes (`preset=`):
 Several concepts: `tune({"<v1>": a, "<v2>": b})` runs one sensitivity pass and one pivot set per concept, trains
 on the union of the pivot sets with batches that name single identifiers (target: that concept's segments) and
 combinations (target: the mix of one segment of each named concept, encoded once), and returns one Concept each.
+Note: entries in several concepts' pivot sets were trained jointly; each concept stores the jointly tuned value.
+
+Defaults on the tiny model: 150 steps, lr 3e-3 (pivots), token_lr 2e-2, batch 4, 2 s segments; on real models:
+500 steps, lr 1e-4, token_lr 5e-3, batch 4, 10 s segments. Weight decay 0 (decay would pull pivots to zero, not
+back to the base value).
 """
 
 from __future__ import annotations
@@ -218,7 +225,10 @@ def tune_model(
         model, steps, lr, token_lr, batch_size, segment_seconds
     )
     if steps < 0 or batch_size < 1 or sensitivity_batches < 0:
-        raise TuneError(f"steps={steps}, batch_size={batch_size}, sensitivity_batches={sensitivity_batches}: bad")
+        raise TuneError(
+            f"steps={steps}, batch_size={batch_size}, sensitivity_batches={sensitivity_batches}: need steps >= 0, "
+            "batch_size >= 1 and sensitivity_batches >= 0"
+        )
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
