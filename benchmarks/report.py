@@ -45,7 +45,9 @@ def _fmt_s(x: float | None) -> str:
 def _fmt_b(x: float | None) -> str:
     if x is None:
         return "-"
-    return f"{x / GIB:.2f} GiB" if abs(x) >= GIB else f"{x / MIB:.1f} MiB"
+    if abs(x) >= GIB:
+        return f"{x / GIB:.2f} GiB"
+    return f"{x / MIB:.1f} MiB" if abs(x) >= MIB else f"{x / 1024:.1f} KiB"
 
 
 def _fmt_d(d) -> str:
@@ -158,7 +160,8 @@ def figures(fname: str, data: dict) -> list[str]:
             tgt = 50 if e["dtype"] == "fp32" else 25
             ok = e["ratio_dense_over_sparse"] >= tgt
             out.append(
-                f"- optimizer state at 1 %, {e['dtype']} params: {e['ratio_dense_over_sparse']:.1f}x smaller "
+                f"- optimizer state at 1 %, {e['model']} ({e['layers']}/{e['layers_total']} layers), {e['dtype']} "
+                f"params: {e['ratio_dense_over_sparse']:.1f}x smaller "
                 f"(target >= {tgt}x{'' if e['dtype'] == 'fp32' else ', DESIGN §6 expectation'})"
                 + (" - met" if ok else " - MISSED")
             )
