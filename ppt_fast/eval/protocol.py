@@ -166,7 +166,7 @@ def run_protocol(
         manifest_path: a manifest from :func:`ppt_fast.eval.dataset.build`.
         concepts: single-concept methods run on each (default: the first two of the manifest).
         methods: names from :data:`METHODS` (default all).
-        pair: the two concepts for ``pair-*`` methods (default: the first two of `concepts`).
+        pair: the two concepts for ``pair-*`` methods (default: the first two of `concepts`, else of the manifest).
     Returns the results dict (also in ``results.json``).
     """
     from ppt_fast import tune
@@ -182,7 +182,7 @@ def run_protocol(
     unknown = [x for x in chosen if x not in METHODS]
     if unknown:
         raise ValueError(f"methods {unknown}: choose from {', '.join(METHODS)}")
-    pair_names = list(pair) if pair is not None else names[:2]
+    pair_names = list(pair) if pair is not None else (names[:2] if len(names) >= 2 else m.concepts[:2])
     if any(METHODS[x].pair for x in chosen) and len(pair_names) != 2:
         raise ValueError(f"pair methods need two concepts, got {pair_names}")
     os.makedirs(out_dir, exist_ok=True)
