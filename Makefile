@@ -8,7 +8,7 @@ SOURCES := setup.py pyproject.toml scripts/install_audiocraft.sh $(wildcard csrc
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: install demo test test-interpreter test-all check-cuda bench bench-gpu lint clean
+.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(PIP) install -q torch==2.13.0 triton==3.9.0 numpy
 	PIP="$(PIP)" bash scripts/install_audiocraft.sh
+	# Evaluation: GM soundfont renderer + musicnn's checkpoints (its metadata pins TensorFlow, which is never needed:
+	# the taggers run in PyTorch; tinysoundfont's pyaudio is only for live playback).
+	$(PIP) install -q pretty_midi==0.2.11.post0 mido==1.3.3
+	$(PIP) install -q --no-deps tinysoundfont==0.3.7 musicnn==0.1.0
 	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
@@ -30,13 +34,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-interpreter: $(STAMP)
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "interpreter and not slow"
 
 # Compile-only check of the torch-free CUDA kernel files for sm_80 and sm_90 (nothing runs without a GPU).
 check-cuda:
 	@for f in $(wildcard csrc/cuda/*.cu); do \
 		echo "nvcc $$f"; $(NVCC) -std=c++17 -O3 $(CUDA_ARCHS) -c $$f -o /dev/null || exit 1; \
 	done
+
+# Host emulation of the CUDA kernels and a load check of the CUDA binding against CPU torch (no GPU needed, slow).
+check-cuda-emulation: $(STAMP)
+	$(BIN)/python csrc/cuda/emulation/run_emulation.py
+	$(BIN)/python csrc/cuda/emulation/check_bindings.py
 
 test-all: test test-interpreter check-cuda
 
