@@ -24,7 +24,6 @@ not part of this path (audiocraft's datasets carry plain descriptions); use `ppt
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import weakref
 from typing import Any
@@ -46,19 +45,15 @@ def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def scope_rows(name: str, param: torch.Tensor, scope: str, dim: int | None) -> tuple[int, int] | None:
-    """Rows of `param` where pivots may be, for the solver's scopes: `ppt` (self-attn V, cross-attn K/V) or `all`."""
-    if scope == "all":
-        return (0, param.shape[0]) if param.dim() else (0, 1)
-    if scope != "ppt":
+def scope_rows(name: str, param: torch.Tensor, scope: str) -> tuple[int, int] | None:
+    """Rows of `param` where pivots may be: the `ppt` preset of `ppt_fast.scope` (self-attn V, cross-attn K/V rows;
+    `d` read from the tensor) or `all`."""
+    from ..scope import Scope
+
+    if scope not in ("ppt", "all"):
         raise ValueError(f"optim.ppt.scope={scope!r}: use 'ppt' or 'all'")
-    if dim is None:
-        return None
-    if fnmatch.fnmatch(name, "*.self_attn.in_proj_weight"):
-        return (2 * dim, 3 * dim)
-    if fnmatch.fnmatch(name, "*.cross_attention.in_proj_weight"):
-        return (dim, 3 * dim)
-    return None
+    entries = Scope.preset(scope).resolve([(name, param)])
+    return entries[0].rows if entries else None
 
 
 class PptSolverAdamW(torch.optim.Optimizer):
@@ -72,7 +67,7 @@ class PptSolverAdamW(torch.optim.Optimizer):
         criterion: `grad_sq` | `grad_abs` | `taylor` | `sgd_delta` (see ppt_fast.sensitivity_accumulate).
         names: `{param: name}` to resolve the scope (given by the patched builders); without names, scope `ppt`
             falls back to every tensor (logged).
-        scope: `ppt` (default) or `all`. dim: the LM's model dimension (rows of the packed in_proj).
+        scope: `ppt` (default) or `all`.
     """
 
     def __init__(
@@ -89,7 +84,6 @@ class PptSolverAdamW(torch.optim.Optimizer):
         criterion: str = "grad_sq",
         names: dict[torch.Tensor, str] | None = None,
         scope: str = "ppt",
-        dim: int | None = None,
     ) -> None:
         if count is None and (ratio is None or not 0 < ratio <= 1):
             raise ValueError(f"optim.ppt.ratio={ratio!r} must lie in (0, 1] (or give optim.ppt.count)")
@@ -107,7 +101,7 @@ class PptSolverAdamW(torch.optim.Optimizer):
         self._rows: dict[int, tuple[int, int] | None] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                self._rows[id(p)] = scope_rows(names.get(p, ""), p, resolved_scope, dim)
+                self._rows[id(p)] = scope_rows(names.get(p, ""), p, resolved_scope)
         if not any(r is not None for r in self._rows.values()):
             raise ValueError("PptSolverAdamW: the scope selects no tensor; check optim.ppt.scope")
         self._calls = 0
@@ -228,15 +222,15 @@ class PptSolverAdamW(torch.optim.Optimizer):
                 self.state[p][k] = v.to(p.device) if k != "ppt_calls" else v.to(torch.float64)
 
 
-def _names_for(params: Any) -> tuple[dict[torch.Tensor, str], int | None]:
+def _names_for(params: Any) -> dict[torch.Tensor, str]:
     model = _LAST_MODEL[0]() if _LAST_MODEL[0] is not None else None
     if model is None:
-        return {}, None
+        return {}
     names = {p: n for n, p in model.named_parameters()}
     tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     if not all(p in names for p in tensors):
-        return {}, None
-    return names, getattr(model, "dim", None)
+        return {}
+    return names
 
 
 def _get_optim_parameter_groups(model):  # noqa: ANN001 - audiocraft's signature
@@ -252,7 +246,7 @@ def _get_optimizer(params, cfg):  # noqa: ANN001
     if isinstance(params, nn.Module):
         params = _get_optim_parameter_groups(params)
     params = list(params)
-    names, dim = _names_for(params)
+    names = _names_for(params)
     adam = _cfg_get(cfg, "adam", {})
     ppt = _cfg_get(cfg, "ppt", {})
     return PptSolverAdamW(
@@ -260,7 +254,7 @@ def _get_optimizer(params, cfg):  # noqa: ANN001
         eps=float(_cfg_get(adam, "eps", 1e-8)), weight_decay=float(_cfg_get(adam, "weight_decay", 0.0)),
         ratio=_cfg_get(ppt, "ratio", 0.01), count=_cfg_get(ppt, "count", None),
         sensitivity_steps=int(_cfg_get(ppt, "sensitivity_steps", 8)), criterion=_cfg_get(ppt, "criterion", "grad_sq"),
-        scope=_cfg_get(ppt, "scope", "ppt"), names=names, dim=dim,
+        scope=_cfg_get(ppt, "scope", "ppt"), names=names,
     )  # fmt: skip
 
 
