@@ -34,7 +34,7 @@ KERNEL_BACKENDS = ("ref", "cpp", "triton", "cuda")
 PROVIDERS = {
     "sensitivity_accumulate": ("torch_foreach", "ref", "ref_compile", "cpp", "triton", "cuda"),
     "select_pivots": ("dense_masked", "ref", "ref_compile", "cpp", "triton", "cuda"),
-    "sparse_adamw_step": ("dense_masked", "ref", "ref_compile", "cpp", "triton", "cuda"),
+    "sparse_adamw_step": ("dense_masked", "dense_masked_foreach", "ref", "ref_compile", "cpp", "triton", "cuda"),
 }
 BASELINE = {
     "sensitivity_accumulate": "torch_foreach",
@@ -120,7 +120,7 @@ def skip_reason(op: str, provider: str, device: str) -> str | None:
         if dev.type == "cuda" and not torch.utils._triton.has_triton():
             return "torch.compile on CUDA needs triton"
         return None
-    if provider in ("dense_masked", "torch_foreach"):
+    if provider in ("dense_masked", "dense_masked_foreach", "torch_foreach"):
         return None
     return f"unknown provider {provider!r}"
 
@@ -257,36 +257,14 @@ def _fused_supported(device: torch.device) -> bool:
     return True
 
 
-class _MaskedAdamW:
-    """Dense masked AdamW spelled out (used only when ppt_fast.optim.DenseMaskedAdamW is not importable): grads
-    zeroed outside the mask, weight decay only where the mask is 1, then torch AdamW (fused where supported) over
-    full tensors with weight_decay=0. Entries outside the mask keep m = v = 0 and so never move."""
+def _dense_masked_optimizer(names: list[str], params: list[torch.Tensor], pivots, fused: bool | None = None):
+    """The dense masked baseline over `params` (named like `pivots`): ppt_fast.optim.DenseMaskedAdamW over torch's
+    fused AdamW (`fused=None`: where the device supports it, the fastest torch AdamW) or foreach AdamW
+    (`fused=False`). Returns (optimizer, label)."""
+    from ppt_fast.optim import DenseMaskedAdamW
 
-    def __init__(self, params, masks, lr, betas, eps, weight_decay):
-        self.params = params
-        self.masks = masks
-        self.lr, self.wd = lr, weight_decay
-        kw = {"fused": True} if _fused_supported(params[0].device) else {"foreach": True}
-        self.opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kw)
-
-    @torch.no_grad()
-    def step(self):
-        for p, m in zip(self.params, self.masks):
-            p.grad.masked_fill_(~m, 0)
-            p.mul_(torch.where(m, 1.0 - self.lr * self.wd, 1.0).to(p.dtype))
-        self.opt.step()
-
-
-def _dense_masked_optimizer(names: list[str], params: list[torch.Tensor], pivots):
-    """The dense masked baseline over `params` (named like `pivots`): ppt_fast.optim.DenseMaskedAdamW with torch's
-    fused AdamW where the device supports it (the fastest torch AdamW), else foreach. Returns (optimizer, label)."""
-    fused = _fused_supported(params[0].device)
-    try:
-        from ppt_fast.optim import DenseMaskedAdamW
-    except ImportError:
-        masks = [m for m in pivots.to_masks().values()]
-        opt = _MaskedAdamW(params, masks, LR, (BETA1, BETA2), EPS, WD)
-        return opt, "benchmarks.cases._MaskedAdamW (" + ("fused" if fused else "foreach") + ")"
+    if fused is None:
+        fused = _fused_supported(params[0].device)
     opt = DenseMaskedAdamW(
         list(zip(names, params)), pivots, lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD,
         **({"fused": True} if fused else {"foreach": True}),
@@ -302,11 +280,12 @@ def step_case(inp: Inputs, provider: str, density: float, pivots=None) -> Case:
     info = {"k": pivots.count, "n": pivots.total, **{k: v for k, v in floor.items() if k != "bytes"}}
     # Every provider works on the shared params/grads (no copies, so none is charged memory for one): updates touch
     # the pivots only and DenseMaskedAdamW zeroes grads outside them, which changes no later provider's work.
-    if provider == "dense_masked":
+    if provider in ("dense_masked", "dense_masked_foreach"):
         params = [torch.nn.Parameter(p, requires_grad=True) for p in inp.params]  # same storage
         for p, g in zip(params, inp.grads):
             p.grad = g
-        opt, impl = _dense_masked_optimizer(inp.names, params, pivots)
+        fused = False if provider == "dense_masked_foreach" else None
+        opt, impl = _dense_masked_optimizer(inp.names, params, pivots, fused=fused)
         info["dense_impl"] = impl
         return Case(opt.step, floor["bytes"], info)
     params = inp.params
