@@ -13,6 +13,8 @@ import tempfile
 import numpy as np
 import torch
 
+from ._io import give_default_permissions
+
 
 class AudioError(ValueError):
     """A reference or output file cannot be used; the message says which file and what to do."""
@@ -84,6 +86,7 @@ def write_wav(path: str | os.PathLike, audio: torch.Tensor, sample_rate: int) ->
     os.close(fd)
     try:
         sf.write(tmp, a.clamp(-1, 1).t().numpy(), int(sample_rate), subtype="PCM_16", format="WAV")
+        give_default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ._io import give_default_permissions
 from .pivots import PivotSet
 
 logger = logging.getLogger(__name__)
@@ -1150,6 +1151,7 @@ def save_concepts(concepts: Sequence[Concept], path: str | os.PathLike) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        give_default_permissions(tmp)
         os.replace(tmp, path)
         tmp = None
         try:

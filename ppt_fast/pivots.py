@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import give_default_permissions
+
 _INT32_MAX = 2**31 - 1
 
 
@@ -250,6 +252,7 @@ class PivotSet:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=meta)
+            give_default_permissions(tmp)
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):

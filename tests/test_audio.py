@@ -66,3 +66,15 @@ def test_synth_reference_deterministic_and_timbres():
     assert not torch.allclose(a, organ)
     with pytest.raises(ValueError, match="timbre"):
         synth_reference(1.0, timbre="kazoo")
+
+
+def test_written_files_get_umask_permissions_not_0600(tmp_path):
+    """Atomic writers go through mkstemp (0600); the published file must be as shareable as a plain open()."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = write_wav(tmp_path / "a.wav", torch.zeros(1, 1600), 16000)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
