@@ -208,6 +208,9 @@ def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
         for e in b:
             groups[(e["model"], e["layers"], e["dtype"], e["provider"])][e["density"]] = e
         dense = {(m, la, dt): v for (m, la, dt, p), v in groups.items() if p == "dense_masked"}
+        # Colour = provider, line style = model: matplotlib's 10-colour cycle would repeat over ~12 series.
+        providers = sorted({p for (_, _, _, p) in groups})
+        models = sorted({(m, la) for (m, la, _, _) in groups})
         for (m, la, dt, p), by_d in groups.items():
             base = dense.get((m, la, dt))
             if p == "dense_masked" or not base:
@@ -215,11 +218,17 @@ def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
             ds = sorted(d for d in by_d if d in base)
             sp = [base[d]["median_seconds"] / by_d[d]["median_seconds"] for d in ds]
             label = f"{p}, {m} {la}L {dt} [{data['provenance']['device']}]"
-            ax1.plot([100 * d for d in ds], sp, marker="o", label=label)
+            style = {
+                "color": plt.get_cmap("tab10")(providers.index(p) % 10),
+                "linestyle": ("-", "--", ":", "-.")[models.index((m, la)) % 4],
+                "marker": "o",
+                "label": label,
+            }
+            ax1.plot([100 * d for d in ds], sp, **style)
             mem = [(d, by_d[d].get("mem_peak_extra_bytes"), base[d].get("mem_peak_extra_bytes")) for d in ds]
             mem = [(d, a / c) for d, a, c in mem if a is not None and c]
             if mem:
-                ax2.plot([100 * d for d, _ in mem], [r for _, r in mem], marker="o", label=label)
+                ax2.plot([100 * d for d, _ in mem], [r for _, r in mem], **style)
             plotted = True
     if not plotted:
         plt.close(fig)
