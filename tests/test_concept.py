@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from _concept_cases import TinyBank
 from safetensors.torch import load, save
 
 from ppt_fast import PivotSet
@@ -37,26 +38,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class TinyBank:
-    """The identifier-bank interface `Concept.apply` uses (the MusicGen helper's IdentifierBank has the same)."""
-
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.tokens: dict[str, torch.Tensor] = {}
-
-    def add(self, identifier, embeddings):
-        self.tokens[identifier] = embeddings
-
-    def remove(self, identifier):
-        del self.tokens[identifier]
-
-    def has(self, identifier):
-        return identifier in self.tokens
-
-    def identifiers(self):
-        return list(self.tokens)
 
 
 class Net(torch.nn.Module):

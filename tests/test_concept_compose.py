@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from _concept_cases import TinyBank
 
 from ppt_fast import PivotSet
 from ppt_fast import concept as C
@@ -30,24 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-class TinyBank:
-    def __init__(self, dim: int) -> None:
-        self.dim = dim
-        self.tokens: dict[str, torch.Tensor] = {}
-
-    def add(self, identifier, embeddings):
-        self.tokens[identifier] = embeddings
-
-    def remove(self, identifier):
-        del self.tokens[identifier]
-
-    def has(self, identifier):
-        return identifier in self.tokens
-
-    def identifiers(self):
-        return list(self.tokens)
 
 
 class Net(torch.nn.Module):
