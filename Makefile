@@ -8,7 +8,7 @@ SOURCES := setup.py pyproject.toml scripts/install_audiocraft.sh $(wildcard csrc
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu lint clean
+.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu lint clean pretrain eval-default
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: $(STAMP)
 
 bench-gpu:
 	python benchmarks/run.py --suite gpu
+
+# Re-make the embedded default model's weights (ppt_fast/assets/tiny-v1.pt); ~40 min on 2 CPU cores, resumable.
+pretrain: $(STAMP)
+	$(BIN)/ppt-fast pretrain
+
+# Figures of the default model (codec round trip, text control, prior preservation); ~15 min on 2 CPU cores.
+eval-default: $(STAMP)
+	$(BIN)/python -m ppt_fast.eval.default_model --out benchmarks/results/default-model-eval.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check ppt_fast tests benchmarks

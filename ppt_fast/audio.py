@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
 import torch
 
-from ._io import give_default_permissions
+from ._io import atomic_write
 
 
 class AudioError(ValueError):
@@ -80,18 +79,8 @@ def write_wav(path: str | os.PathLike, audio: torch.Tensor, sample_rate: int) ->
         raise AudioError("write_wav: audio holds NaN or inf samples")
     if sample_rate <= 0:
         raise AudioError(f"write_wav: sample_rate must be positive, got {sample_rate}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".wav", dir=folder)
-    os.close(fd)
-    try:
-        sf.write(tmp, a.clamp(-1, 1).t().numpy(), int(sample_rate), subtype="PCM_16", format="WAV")
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    samples = a.clamp(-1, 1).t().numpy()
+    atomic_write(path, lambda tmp: sf.write(tmp, samples, int(sample_rate), subtype="PCM_16", format="WAV"))
     return path
 
 

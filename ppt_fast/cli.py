@@ -17,6 +17,7 @@ EPILOG = """examples:
   ppt-fast demo --out out/demo
   ppt-fast tune reference.wav --identifier "<v1>" --out concept.ppt
   ppt-fast generate "<v1>, funky jazz" --concept concept.ppt --out out.wav
+  ppt-fast pretrain            # re-make the embedded default model (resumable)
 """
 
 
@@ -78,8 +79,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--model", default="tiny", help="the base model the concepts were tuned on (default tiny)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-coef", type=float, default=3.0, help="classifier-free guidance (default 3)")
-    p.add_argument("--top-k", type=int, default=250)
+    p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (default: the model's; 3)")
+    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
     p.add_argument("--scale", type=float, default=1.0, help="concept strength (default 1)")
     p.set_defaults(func=_cmd_generate)
 
@@ -99,6 +101,47 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train the embedded default model (corpus -> codec -> LM; ~35 min on 2 CPU cores; resumable)",
+        description="Render the pretraining corpus (16 instruments, seeded compositions, varied text descriptions; "
+        "violin, marimba, trumpet and nylon guitar held out), fit the mel-RVQ codec, train the small MusicGen LM, and "
+        "write the weights file model='tiny' loads. Interrupted runs resume from the last checkpoint in --workdir.",
+    )
+    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v1.pt)")
+    p.add_argument("--workdir", default=None, help="corpus cache + checkpoints (default: $PPT_FAST_CACHE/pretrain/...)")
+    p.add_argument("--fresh", action="store_true", help="discard the workdir's corpus cache and checkpoint first")
+    p.add_argument("--steps", type=int, default=None, help="LM training steps (default 1100; changes the config)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a seconds-long toy config (tests the pipeline, not a model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plot", default=None, help="also write the LM loss curve as a PNG here")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from dataclasses import replace
+
+    from .musicgen import pretrain as pt
+
+    cfg = pt.QUICK if args.quick else pt.PretrainConfig()
+    cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    out = args.out or pt.ASSET
+    try:
+        prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)
+    except pt.PretrainError as e:
+        raise UsageError(str(e)) from e
+    t = prov["timings"]
+    if args.plot:
+        _plot_losses(prov["losses_every_10"], args.plot, title="ppt-fast pretrain: the default model's LM", every=10)
+    print(f"wrote {out}: {prov['bytes'] / 2**20:.1f} MiB, final loss {prov['final_loss']:.3f}, LM {t['lm_s'] / 60:.1f} "
+          f"min, this run {t['this_run_wall_s'] / 60:.1f} min")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppt-fast",
@@ -112,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_generate(sub)
     _add_demo(sub)
+    _add_pretrain(sub)
     try:
         import importlib
 
@@ -155,29 +199,33 @@ def _cmd_generate(args) -> int:
     model = load_model(args.model)
     audio = generate(
         [args.prompt], model=model, concepts=args.concept, duration=args.duration, seed=args.seed,
-        cfg_coef=args.cfg_coef, top_k=args.top_k, scale=args.scale,
+        cfg_coef=args.cfg_coef, top_k=args.top_k, temperature=args.temperature, scale=args.scale,
     )  # fmt: skip
     write_wav(args.out, audio[0], model.sample_rate)
     print(f"wrote {args.out} ({audio.shape[-1] / model.sample_rate:.1f} s at {model.sample_rate} Hz)")
     return 0
 
 
-def _plot_losses(losses: Sequence[float], path: str) -> None:
+def _plot_losses(
+    losses: Sequence[float], path: str, title: str = "ppt-fast demo: tuning on the reference", every: int = 1
+) -> None:
+    """A loss-curve PNG; `every`: steps per loss value (a curve of means over `every` steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(range(1, len(losses) + 1), losses, lw=1, alpha=0.5, label="loss per step")
+    xs = [every * (i + 1) for i in range(len(losses))]
+    ax.plot(xs, losses, lw=1, alpha=0.5, label="loss per step" if every == 1 else f"mean of {every} steps")
     w = max(1, len(losses) // 15)
     if len(losses) >= w:
         smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
                   for i in range(len(losses))]  # fmt: skip
-        ax.plot(range(1, len(losses) + 1), smooth, lw=2, label=f"moving mean ({w})")
+        ax.plot(xs, smooth, lw=2, label=f"moving mean ({w})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (MusicGen training loss)")
-    ax.set_title("ppt-fast demo: tuning on the reference")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -195,8 +243,16 @@ def _cmd_demo(args) -> int:
     os.makedirs(out, exist_ok=True)
     sr = 16000
     ref_path = os.path.join(out, "reference.wav")
-    write_wav(ref_path, synth_reference(12.0, sr, seed=args.seed, timbre="pluck"), sr)
-    print(f"[1/4] wrote a 12 s synthetic reference clip (plucked-string melody): {ref_path}")
+    try:  # a violin: an instrument the default model never heard (held out of its pretraining corpus)
+        from .musicgen.pretrain import clip_seed, render_clip
+
+        clip = render_clip("violin", clip_seed("violin", args.seed, 400_000), 30.0, sr)
+        write_wav(ref_path, clip.view(1, -1), sr)
+        what = "30 s violin melody rendered from a seeded composition (violin is held out of the model's pretraining)"
+    except (ImportError, RuntimeError, FileNotFoundError) as e:  # no soundfont renderer: a synthetic timbre
+        write_wav(ref_path, synth_reference(12.0, sr, seed=args.seed, timbre="pluck"), sr)
+        what = f"12 s synthetic plucked-string melody (soundfont renderer unavailable: {e})"
+    print(f"[1/4] wrote the reference clip, a {what}: {ref_path}")
 
     ident = "<v1>"
     result = tune_model(ref_path, model="tiny", identifier=ident, steps=args.steps, seed=args.seed,
@@ -228,10 +284,10 @@ def _cmd_demo(args) -> int:
     with_path = os.path.join(out, "with_concept.wav")
     without_path = os.path.join(out, "without_concept.wav")
     if concept is not None:
-        a = generate([prompt], model=base, concepts=[concept_path], duration=args.duration, seed=args.seed, top_k=32)
+        a = generate([prompt], model=base, concepts=[concept_path], duration=args.duration, seed=args.seed)
     else:
-        a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed, top_k=32)
-    b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed, top_k=32)
+        a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed)
+    b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed)
     write_wav(with_path, a[0], base.sample_rate)
     write_wav(without_path, b[0], base.sample_rate)
     diff = float((a - b).abs().mean())

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ._io import give_default_permissions
+from ._io import atomic_write_bytes
 from .pivots import PivotSet
 
 logger = logging.getLogger(__name__)
@@ -1142,33 +1141,10 @@ def save_concepts(concepts: Sequence[Concept], path: str | os.PathLike) -> None:
     _check_distinct(concepts)
     meta, tensors = _encode(concepts)
     data = _serialize(tensors, meta)
-    path = Path(path)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        give_default_permissions(tmp)
-        os.replace(tmp, path)
-        tmp = None
-        try:
-            dfd = os.open(path.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        atomic_write_bytes(path, data)
     except OSError as e:
         raise ConceptError(f"cannot write the concept file {str(path)!r}: {e}; choose a writable path") from e
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def load_concepts(path: str | os.PathLike) -> list[Concept]:

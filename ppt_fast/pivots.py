@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
-from ._io import give_default_permissions
+from ._io import atomic_write
 
 _INT32_MAX = 2**31 - 1
 
@@ -247,17 +246,7 @@ class PivotSet:
             "layout": json.dumps({"names": self.names, "shapes": [list(s) for s in self.shapes]}),
         }
         tensors = {"indices": self.indices.detach().cpu().contiguous(), "offsets": self.offsets.contiguous()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            give_default_permissions(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> PivotSet:

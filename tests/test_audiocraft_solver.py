@@ -64,7 +64,7 @@ def test_apply_revert_and_default_passthrough(patched):
     from audiocraft.solvers import builders
 
     assert solver.is_applied()
-    lm = load_model("tiny").lm
+    lm = load_model("tiny-random").lm
     adamw = builders.get_optimizer(builders.get_optim_parameter_groups(lm), _cfg("adamw"))
     assert type(adamw) is torch.optim.AdamW
     solver.revert_ppt_to_audiocraft()
@@ -80,7 +80,7 @@ def test_apply_revert_and_default_passthrough(patched):
 def test_solver_loop_sparse_adamw_matches_torch_adamw_on_pivots(patched):
     from audiocraft.solvers import builders
 
-    lm = load_model("tiny").lm
+    lm = load_model("tiny-random").lm
     lm.train()
     for p in lm.parameters():
         p.requires_grad_(True)
@@ -135,7 +135,7 @@ def test_solver_loop_sparse_adamw_matches_torch_adamw_on_pivots(patched):
 def test_state_dict_checkpoint_resumes_bitwise(patched):
     from audiocraft.solvers import builders
 
-    lm_a = load_model("tiny").lm
+    lm_a = load_model("tiny-random").lm
     for p in lm_a.parameters():
         p.requires_grad_(True)
     opt_a = builders.get_optimizer(builders.get_optim_parameter_groups(lm_a), _cfg())
@@ -152,7 +152,7 @@ def test_state_dict_checkpoint_resumes_bitwise(patched):
     for (n, pa), pb in zip(lm_a.named_parameters(), lm_b.parameters()):
         assert torch.equal(pa, pb), n
     # Checkpoint taken during the sensitivity warm-up also resumes (scores travel in the state).
-    lm_c = load_model("tiny").lm
+    lm_c = load_model("tiny-random").lm
     for p in lm_c.parameters():
         p.requires_grad_(True)
     opt_c = builders.get_optimizer(builders.get_optim_parameter_groups(lm_c), _cfg())
@@ -166,7 +166,7 @@ def test_state_dict_checkpoint_resumes_bitwise(patched):
 def test_bad_config(patched):
     from audiocraft.solvers import builders
 
-    lm = load_model("tiny").lm
+    lm = load_model("tiny-random").lm
     cfg = _cfg()
     cfg.ppt.ratio = 0.0
     with pytest.raises(ValueError, match="ratio"):

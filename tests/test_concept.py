@@ -449,7 +449,7 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, fail_at):
         raise OSError(28, "No space left on device")
 
     if fail_at == "write":
-        real_fdopen = os.fdopen
+        real_open = open
 
         class Half:
             def __init__(self, f):
@@ -465,7 +465,9 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, fail_at):
                 self.f.write(data[: len(data) // 2])  # half of it lands, then the disk is full
                 raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(C.os, "fdopen", lambda fd, mode: Half(real_fdopen(fd, mode)))
+        from ppt_fast import _io
+
+        monkeypatch.setattr(_io, "open", lambda path, mode: Half(real_open(path, mode)), raising=False)
     elif fail_at == "fsync":
         monkeypatch.setattr(C.os, "fsync", boom)
     else:

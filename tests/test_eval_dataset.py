@@ -65,8 +65,10 @@ def test_compositions_differ_between_seeds_and_styles():
 def test_all_concepts_listed():
     assert len(dataset.CONCEPTS) >= 10
     assert {"piano", "violin", "nylon_guitar", "trumpet", "flute", "organ", "marimba", "drums"} <= set(dataset.CONCEPTS)
-    styles = [c for c in dataset.CONCEPTS.values() if c.style in ("waltz", "arpeggios")]
+    assert set(dataset.EVAL_CONCEPTS) <= set(dataset.CONCEPTS) and len(dataset.EVAL_CONCEPTS) == 10
+    styles = [dataset.CONCEPTS[n] for n in dataset.EVAL_CONCEPTS if dataset.CONCEPTS[n].style in ("waltz", "arpeggios")]
     assert len({c.program for c in styles}) == 1 and len(styles) == 2  # two styles on one instrument
+    assert len(dataset.CONCEPTS) >= 20  # + the pretraining corpus' timbres
 
 
 def test_bad_arguments(tmp_path):

@@ -88,7 +88,7 @@ def test_protocol_wiring_with_stand_in_model(manifest, tmp_path, monkeypatch):
     on_disk = json.load(open(tmp_path / "results.json"))
     assert on_disk["text_alignment_method"] == "musicnn-tag-proxy"
     md = (tmp_path / "report.md").read_text()
-    assert "not CLAP" in md and "tiny built-in" in md
+    assert "not CLAP" in md and "default one trained here" in md
     assert "| ppt-1% |" in md and "pair-3tok" in md
 
 
@@ -143,12 +143,12 @@ def test_cli_retrieval(manifest, tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("audiocraft") is None, reason="needs audiocraft")
 def test_protocol_base_model_generates_and_scores(manifest, tmp_path):
     """The generate -> score half of the protocol on the real tiny MusicGen (no tuning needed)."""
-    s = Settings(model="tiny", duration=3.2, clips_per_prompt=2, prompts=("{}, slow",), top_k=32)
+    s = Settings(model="tiny-random", duration=3.2, clips_per_prompt=2, prompts=("{}, slow",), top_k=32)
     report = run_protocol(manifest, str(tmp_path), settings=s, concepts=["drums"], methods=["base"])
     (row,) = report["results"]
     assert -1.0 <= row["audio_alignment"] <= 1.0 and 0.0 <= row["diversity"] <= 2.0
     assert -1.0 <= row["copying"] <= 1.0 and 0.0 <= row["text_alignment"] <= 1.0  # "slow" is an MTT tag
-    assert "tiny built-in" in (tmp_path / "report.md").read_text()
+    assert "tiny random-init" in (tmp_path / "report.md").read_text()
 
 
 def _has_tune_stack() -> bool:
@@ -160,7 +160,9 @@ def _has_tune_stack() -> bool:
 @needs_musicnn
 @pytest.mark.skipif(not _has_tune_stack(), reason="needs audiocraft and ppt_fast.concept / ppt_fast.musicgen")
 def test_protocol_end_to_end_tiny(manifest, tmp_path):
-    s = Settings(model="tiny", steps=2, duration=3.2, clips_per_prompt=2, prompts=("a piece of music, {}",), top_k=32)
+    s = Settings(
+        model="tiny-random", steps=2, duration=3.2, clips_per_prompt=2, prompts=("a piece of music, {}",), top_k=32
+    )
     methods = ["base", "tokens", "ppt-1%", "dreamstyler", "full", "pair-1tok", "pair-3tok"]
     report = run_protocol(manifest, str(tmp_path), settings=s, concepts=["violin"], methods=methods)
     assert len(report["results"]) == 7
@@ -170,4 +172,4 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
         aligns = [v for k, v in r.items() if k.startswith("audio_alignment")]
         assert aligns and all(-1.0 <= a <= 1.0 for a in aligns)
     assert os.path.exists(tmp_path / "report.md")
-    assert "tiny built-in" in (tmp_path / "report.md").read_text()
+    assert "tiny random-init" in (tmp_path / "report.md").read_text()

@@ -9,7 +9,7 @@ from ppt_fast.musicgen.models import load_model  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_model("tiny", device="cpu")
+    return load_model("tiny-random", device="cpu")
 
 
 def _attrs(texts):

@@ -12,7 +12,7 @@ from ppt_fast.concept import Concept  # noqa: E402
 from ppt_fast.musicgen import generate, load_model, tune  # noqa: E402
 
 T = importlib.import_module("ppt_fast.musicgen.tune")
-FAST = dict(steps=5, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
+FAST = dict(model="tiny-random", steps=5, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def test_fresh_base_plus_concept_file_reproduces_tuned_logits(refs, tmp_path):
     r = T.tune_model(refs[0], **FAST)
     path = tmp_path / "c.ppt"
     T._capture(r)[0].save(path)
-    base = load_model("tiny")
+    base = load_model("tiny-random")
     before = _logits(base, "a piece of music")
     Concept.load(path).apply(base.lm)
     for prompt in ("a piece of music, <v1>", "<v1> jazz", "a piece of music"):
@@ -65,7 +65,7 @@ def test_same_seed_same_file_bytes(refs, tmp_path):
 def test_generate_with_and_without_concept(refs, tmp_path):
     path = tmp_path / "c.ppt"
     tune(refs[0], out=path, **{**FAST, "steps": 20})
-    base = load_model("tiny")
+    base = load_model("tiny-random")
     state = {k: v.clone() for k, v in base.lm.state_dict().items()}
     kw = dict(model=base, duration=0.5, seed=3, top_k=32)
     with_c = generate(["a piece of music, <v1>"], concepts=[str(path)], **kw)
@@ -89,6 +89,7 @@ def test_several_concepts_files_and_combined_prompt(refs, tmp_path):
     audio = generate(
         ["<v1>, <v2>, electronic dance music", "<v2> solo"],
         concepts=[str(out / f) for f in files],
+        model="tiny-random",
         duration=0.3,
         seed=1,
         top_k=16,

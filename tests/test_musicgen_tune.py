@@ -11,7 +11,7 @@ from ppt_fast.musicgen.models import load_model  # noqa: E402
 
 T = importlib.import_module("ppt_fast.musicgen.tune")
 
-FAST = dict(steps=6, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
+FAST = dict(model="tiny-random", steps=6, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
 
 
 @pytest.fixture(autouse=True)
@@ -38,8 +38,10 @@ def _eval_loss(mg, pool_codes, prompt):
 
 
 def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
-    base = {k: v.clone() for k, v in load_model("tiny").lm.state_dict().items()}
-    r = T.tune_model(ref_wav, steps=30, sensitivity_batches=2, batch_size=4, segment_seconds=1.0, verbose=False)
+    base = {k: v.clone() for k, v in load_model("tiny-random").lm.state_dict().items()}
+    r = T.tune_model(
+        ref_wav, model="tiny-random", steps=30, sensitivity_batches=2, batch_size=4, segment_seconds=1.0, verbose=False
+    )
     lm = r.model.lm
     # Loss on the reference (all segments, the training prompt) goes down against the base model + initial tokens.
     from ppt_fast.musicgen import data
@@ -89,7 +91,7 @@ def test_same_seed_same_result(ref_wav):
 
 @pytest.mark.parametrize("preset", ["tokens", "dreamstyler", pytest.param("full", marks=pytest.mark.slow)])
 def test_presets_train_what_they_say(ref_wav, preset):
-    base = load_model("tiny").lm.state_dict()
+    base = load_model("tiny-random").lm.state_dict()
     r = T.tune_model(ref_wav, preset=preset, **FAST)
     now = r.model.lm.state_dict()
     changed = {k for k in now if not torch.equal(now[k], base[k])}
@@ -106,7 +108,7 @@ def test_presets_train_what_they_say(ref_wav, preset):
     else:
         assert len(changed) > 0.8 * len([k for k, v in base.items() if v.is_floating_point()])
     assert not torch.equal(
-        r.tokens["<v1>"], T._init_tokens(load_model("tiny").lm, "music", 3, torch.Generator().manual_seed(0))
+        r.tokens["<v1>"], T._init_tokens(load_model("tiny-random").lm, "music", 3, torch.Generator().manual_seed(0))
     )
 
 
@@ -165,7 +167,7 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
 def test_reference_cache(ref_wav, tmp_path):
     from ppt_fast.musicgen import data
 
-    mg = load_model("tiny")
+    mg = load_model("tiny-random")
     a = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")
     assert a.cache_path and a.codes.dtype == torch.int64 and a.codes.shape[1:] == (4, 50)
     b = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")

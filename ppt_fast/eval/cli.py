@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--prompts", action="append", default=None, help="prompt template, {} = identifiers (repeatable)")
     e.add_argument("--clips", type=int, default=2, help="clips generated per prompt (default 2)")
     e.add_argument("--duration", type=float, default=5.0, help="seconds per generated clip (default 5; >= 3)")
-    e.add_argument("--top-k", type=int, default=250)
+    e.add_argument("--top-k", type=int, default=None, help="default: the model's (tiny: 64; MusicGen: 250)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--embedder", default="musicnn", choices=("musicnn", "mfcc"))
     e.add_argument("--pad", default="error", choices=("error", "repeat"), help="clips shorter than 3 s: error|repeat")

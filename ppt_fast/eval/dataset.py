@@ -73,8 +73,27 @@ CONCEPTS: dict[str, ConceptSpec] = {
                     ("piano", "classical")),
         ConceptSpec("piano_arpeggios", "piano, fast sixteenth-note arpeggios", 0, "arpeggios", 48, 84, (104, 128),
                     ("piano", "fast")),
+        # More timbres for the pretraining corpus of the embedded default model (`ppt-fast pretrain`).
+        ConceptSpec("cello", "solo cello, legato melody", 42, "legato", 36, 67, (60, 92), ("cello", "strings")),
+        ConceptSpec("clarinet", "solo clarinet melody", 71, "legato", 50, 84, (72, 108), ()),
+        ConceptSpec("saxophone", "alto saxophone phrases", 65, "melody", 49, 81, (84, 124), ()),
+        ConceptSpec("electric_guitar", "distorted electric guitar riffs", 30, "melody", 40, 72, (96, 136),
+                    ("guitar", "rock")),
+        ConceptSpec("electric_piano", "electric piano, melody over chords", 4, "melody_chords", 48, 84, (76, 110),
+                    ("piano",)),
+        ConceptSpec("harpsichord", "harpsichord arpeggios", 6, "arpeggios", 48, 84, (90, 120), ("harpsichord",)),
+        ConceptSpec("vibraphone", "vibraphone, repeated-note patterns", 11, "marimba", 53, 89, (90, 124), ()),
+        ConceptSpec("accordion", "accordion chords and melody", 21, "organ", 53, 84, (80, 116), ()),
+        ConceptSpec("bass", "electric bass lines", 33, "melody", 28, 55, (84, 124), ("bass",)),
+        ConceptSpec("harp", "harp arpeggios", 46, "arpeggios", 40, 88, (70, 100), ("harp",)),
+        ConceptSpec("strings", "string ensemble chords and melody", 48, "organ", 48, 84, (60, 90), ("strings",)),
+        ConceptSpec("synth_lead", "sawtooth synth lead", 81, "melody", 55, 84, (110, 140), ("synth", "electronic")),
     )
 }  # fmt: skip
+
+#: The concept dataset's default set (8 timbres + 2 piano playing styles); the rest of CONCEPTS feeds pretraining.
+EVAL_CONCEPTS = ("piano", "violin", "nylon_guitar", "trumpet", "flute", "organ", "marimba", "drums", "piano_waltz",
+                 "piano_arpeggios")  # fmt: skip
 
 SOUNDFONT_LICENCES = {
     "TimGM6mb.sf2": "GPL-2.0 (TimGM6mb by Tim Brechbill, shipped in the pretty_midi wheel)",
@@ -147,11 +166,20 @@ _RHYTHMS_4 = ([1, 1, 1, 1], [2, 1, 1], [1, 1, 2], [1.5, 0.5, 1, 1], [0.5, 0.5, 1
 _RHYTHMS_LEGATO = ([2, 2], [3, 1], [4], [1, 1, 2], [2, 1, 1])
 
 
-def compose(spec: ConceptSpec, seed: int, seconds: float) -> list[Note]:
-    """Note events of one composition for `spec` (deterministic in `seed`), covering `seconds`."""
+def _start(spec: ConceptSpec, seed: int) -> tuple[np.random.Generator, _Harmony, float]:
     rng = np.random.default_rng(seed)
     harmony = _Harmony(rng)
-    bpm = float(rng.integers(spec.tempo[0], spec.tempo[1] + 1))
+    return rng, harmony, float(rng.integers(spec.tempo[0], spec.tempo[1] + 1))
+
+
+def composition_tempo(spec: ConceptSpec, seed: int) -> float:
+    """The tempo (bpm) :func:`compose` picks for `spec` and `seed` (for text descriptions of rendered clips)."""
+    return _start(spec, seed)[2]
+
+
+def compose(spec: ConceptSpec, seed: int, seconds: float) -> list[Note]:
+    """Note events of one composition for `spec` (deterministic in `seed`), covering `seconds`."""
+    rng, harmony, bpm = _start(spec, seed)
     beat = 60.0 / bpm
     beats_per_bar = 3 if spec.style == "waltz" else 4
     bar_len = beat * beats_per_bar
@@ -483,14 +511,14 @@ def build(
     """Render the concept dataset into `out_dir` and return the manifest path (``out_dir/manifest.json``).
 
     Args:
-        concepts: names from :data:`CONCEPTS` (default all 10: 8 timbres + 2 piano playing styles).
+        concepts: names from :data:`CONCEPTS` (default :data:`EVAL_CONCEPTS`: 8 timbres + 2 piano playing styles).
         seconds: reference clip length (the method's "two-minute reference").
         heldout / heldout_seconds: number and length of held-out clips (other compositions, same concept).
         sample_rate: WAV sample rate (32 kHz = MusicGen's). Clips are mono 16-bit PCM.
         renderer / soundfont: see the module docstring; a missing renderer or soundfont raises with an install hint.
         seed: base seed; each clip's composition seed is :func:`concept_seed` (name, seed, index).
     """
-    names = list(CONCEPTS) if concepts is None else list(concepts)
+    names = list(EVAL_CONCEPTS) if concepts is None else list(concepts)
     unknown = [n for n in names if n not in CONCEPTS]
     if unknown or not names:
         raise ValueError(f"concepts={unknown or names!r}: choose from {', '.join(CONCEPTS)}")

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import _env
+from .._io import atomic_write
 from ..audio import AudioError, read_audio, to_model_format
+from .models import module_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def encode_reference(
         except Exception as e:  # a truncated or foreign file: re-encode
             logger.warning("ignoring unreadable cache file %s (%s)", cache_path, e)
     segs = segments(audio, model.sample_rate, segment_seconds)
-    device = next(model.compression_model.parameters()).device
+    device = module_device(model.compression_model)
     parts = []
     with torch.no_grad():
         for i in range(0, segs.shape[0], batch):
@@ -120,9 +122,6 @@ def encode_reference(
             parts.append(codes.cpu().long())
     codes = torch.cat(parts)
     if cache_path:
-        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        tmp = cache_path + f".tmp{os.getpid()}"
-        torch.save(codes, tmp)
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, lambda tmp: torch.save(codes, tmp))
     logger.info("reference %s: %.1f s -> %d segments of codes %s", name, seconds, codes.shape[0], tuple(codes.shape))
     return EncodedReference(codes, name, seconds, cache_path)

@@ -36,9 +36,9 @@ def generate(
     concepts: Any = (),
     duration: float = 5.0,
     seed: int | None = None,
-    cfg_coef: float = 3.0,
-    top_k: int = 250,
-    temperature: float = 1.0,
+    cfg_coef: float | None = None,
+    top_k: int | None = None,
+    temperature: float | None = None,
     scale: float = 1.0,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -52,7 +52,9 @@ def generate(
         concepts: Concept objects or concept file paths (composed in the order given; composition is
             order-independent, see ppt_fast.concept).
         duration: seconds of audio; seed: sampling seed (None: not reseeded); cfg_coef, top_k, temperature:
-            MusicGen's sampling settings (top_k is capped at the model's codebook size).
+            MusicGen's sampling settings (top_k is capped at the model's codebook size); None takes the model's own
+            (MusicGen's: 3.0, 250, 1.0; the trained default `tiny`: 1.0, 64, 0.5, what its figures were measured
+            with).
         scale: strength of every concept's parameter change (1.0 = as tuned).
     """
     if isinstance(prompts, str):
@@ -65,8 +67,12 @@ def generate(
     mg = load_model(model, device=device)
     cs = _as_concepts(concepts)
     card = mg.lm.card
+    own = getattr(mg, "_ppt_fast_sampling", {})  # a model's recommended settings (the trained default sets them)
+    top_k = int(top_k if top_k is not None else own.get("top_k", 250))
+    cfg_coef = float(cfg_coef if cfg_coef is not None else own.get("cfg_coef", 3.0))
+    temperature = float(temperature if temperature is not None else own.get("temp", 1.0))
     mg.set_generation_params(
-        duration=float(duration), top_k=min(int(top_k), card), cfg_coef=float(cfg_coef), temperature=float(temperature),
+        duration=float(duration), top_k=min(top_k, card), cfg_coef=cfg_coef, temperature=temperature,
         extend_stride=min(18.0, mg.max_duration / 2),
     )  # fmt: skip
     applied = []

@@ -5,7 +5,10 @@ Names `load_model` understands:
   cross-attention conditioning on a LUT text conditioner with a word-hash tokenizer; EncodecModel with a small
   SEANet + RVQ), deterministic from `seed`, no downloads, no spaCy model. 16 kHz mono, 50 Hz frames, 4 codebooks of
   64 entries, LM dim 64, 2 layers, 4 heads.
-- `"tiny"`: the embedded default; equal to `"tiny-random"` until a trained default lands.
+- `"tiny"`: the embedded default, trained here (`ppt-fast pretrain`, see `ppt_fast.musicgen.pretrain`): a mel-RVQ codec
+  (16 kHz, 50 Hz frames, 4 x 1024 codes) and a 6.4 M-parameter LMModel (dim 256, 4 layers) trained on 16 rendered
+  instruments; weights in `ppt_fast/assets/tiny-v1.pt` (+ `.json` provenance).
+- a `.pt` weights file written by `ppt-fast pretrain --out FILE`.
 - `"musicgen-small-shapes"`, `"musicgen-medium-shapes"`, `"musicgen-large-shapes"`: random-init LMs with the real
   MusicGen shapes (dim 1024/1536/2048, 24/48/48 layers, 4 x 2048 codes, no biases, norm-first), conditioned through a
   LUT conditioner whose 768-d table feeds a `output_proj` shaped exactly like T5-base's (768 -> dim); with a
@@ -98,7 +101,10 @@ def _text_provider(n_bins: int, lut_dim: int, output_dim: int):
     return ConditioningProvider({"description": cond})
 
 
-def _lm(dim: int, num_heads: int, num_layers: int, n_q: int, card: int, *, lut_bins: int, lut_dim: int, musicgen: bool):
+def _lm(
+    dim: int, num_heads: int, num_layers: int, n_q: int, card: int, *, lut_bins: int, lut_dim: int, musicgen: bool,
+    cfg_dropout: float = 0.1,
+):  # fmt: skip
     from audiocraft.models.lm import LMModel
     from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
     from audiocraft.modules.conditioners import ConditionFuser
@@ -108,7 +114,7 @@ def _lm(dim: int, num_heads: int, num_layers: int, n_q: int, card: int, *, lut_b
     fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
     kwargs: dict[str, Any] = dict(
         n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers, hidden_scale=4,
-        cross_attention=True, causal=True, cfg_dropout=0.1, cfg_coef=3.0, positional_embedding="sin",
+        cross_attention=True, causal=True, cfg_dropout=cfg_dropout, cfg_coef=3.0, positional_embedding="sin",
         activation="gelu", norm="layer_norm",
     )  # fmt: skip
     if musicgen:
@@ -249,8 +255,9 @@ def load_model(model: Any = "tiny", *, device: str | torch.device | None = None,
     """Return an audiocraft `MusicGen` with an identifier bank attached.
 
     Args:
-        model: a built-in name (`"tiny"`, `"tiny-random"`, `"musicgen-{small,medium,large}-shapes"`), a local
-            audiocraft checkpoint directory, a hub id found in the local HF cache, or a `MusicGen` object.
+        model: a built-in name (`"tiny"`, `"tiny-random"`, `"musicgen-{small,medium,large}-shapes"`), a `.pt` file
+            from `ppt-fast pretrain`, a local audiocraft checkpoint directory, a hub id found in the local HF cache,
+            or a `MusicGen` object.
         device: where to put it (default: CUDA when available, else CPU).
         seed: seed of the random-init builders.
     """
@@ -261,13 +268,28 @@ def load_model(model: Any = "tiny", *, device: str | torch.device | None = None,
             identifiers.install(model.lm)
             return model
         raise TypeError(f"model must be a name, a path or an audiocraft MusicGen object, got {type(model).__name__}")
-    if model in TINY_NAMES:
+    if model == "tiny":
+        from .pretrain import ASSET, PretrainConfig, load_trained
+
+        return load_trained(ASSET, expected=PretrainConfig(), device=device, name="tiny")
+    if model == "tiny-random":
         m = build_tiny(seed=seed, device=device)
         m.name = model
         return m
+    if model.endswith(".pt") and os.path.isfile(model):
+        from .pretrain import load_trained
+
+        return load_trained(model, device=device, name=os.path.basename(model))
     if model in SHAPES:
         return build_shapes(model, seed=seed, device=device)
     return _load_checkpoint(model, device)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module lives (its first parameter or buffer; CPU for an empty one). Codecs may hold buffers only."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def fingerprint(module: torch.nn.Module) -> str:

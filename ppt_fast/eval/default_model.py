@@ -1,0 +1,221 @@
+"""Figures of the trained default model (`model="tiny"`): codec round trip, text control, prior preservation.
+
+    python -m ppt_fast.eval.default_model --out benchmarks/results/default-model-eval.json   (make eval-default)
+
+All retrieval is top-1 by cosine between a clip's musicnn embedding (the normalised mean of its 3-s segments, the
+audio-alignment embedder) and a **gallery**: one freshly rendered 20-s composition per instrument (seeds no corpus
+clip uses), i.e. the original soundfont audio, never codec output.
+
+- Codec round trip: new compositions of all 20 instruments (16 trained + 4 held out, which the codec never saw),
+  re-synthesised through the codec (encode -> decode), retrieved among the 20 instruments. Originals are scored too
+  (the embedder's own ceiling).
+- Text control: clips generated for a prompt naming a trained instrument, retrieved among the 16 trained ones
+  (chance 1/16).
+- Prior preservation: the same text-control figure and the diversity of those clips with a concept for a held-out
+  instrument applied (one per method), next to the base model: what tuning costs the model's general ability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import _env
+from . import features
+
+GALLERY_INDEX = 300_000
+TEST_INDEX = 200_000
+
+
+def _embed(audio: torch.Tensor, sample_rate: int, emb) -> torch.Tensor:
+    mono = features.to_mono_16k(features.as_batch(audio, "audio"), sample_rate)
+    out = []
+    for seg, silent in features.embed_clips(mono, emb, pad="repeat"):
+        keep = seg[~silent] if bool((~silent).any()) else seg
+        out.append(F.normalize(keep.mean(0), dim=0))
+    return torch.stack(out)
+
+
+def gallery(names: Sequence[str], sample_rate: int, emb, seconds: float = 12.0, seed: int = 0) -> torch.Tensor:
+    """`[K, D]`: per instrument the normalised mean embedding of three new compositions, one per register (an octave
+    down, as written, an octave up), since corpus and test clips shift registers too."""
+    from ..musicgen.pretrain import clip_seed, render_clip
+
+    rows = []
+    for n in names:
+        clips = [
+            render_clip(n, clip_seed(n, seed, GALLERY_INDEX + j), seconds, sample_rate, shift=j - 1) for j in range(3)
+        ]
+        rows.append(F.normalize(torch.cat([_embed(a.view(1, -1), sample_rate, emb) for a in clips]).mean(0), dim=0))
+    return torch.stack(rows)
+
+
+def _top1(embs: torch.Tensor, table: torch.Tensor, truth: Sequence[int]) -> tuple[float, list[int]]:
+    pred = (embs @ table.T).argmax(1).tolist()
+    return sum(int(p == t) for p, t in zip(pred, truth)) / max(1, len(truth)), pred
+
+
+def codec_roundtrip(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, seconds: float = 8.0,
+                    seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    from ..musicgen.pretrain import clip_seed, render_clip
+
+    sr = model.sample_rate
+    orig, coded, truth = [], [], []
+    for k, n in enumerate(names):
+        for i in range(clips):
+            a = render_clip(n, clip_seed(n, seed, TEST_INDEX + i), seconds, sr).view(1, 1, -1)
+            with torch.no_grad():
+                codes, _ = model.compression_model.encode(a)
+                y = model.compression_model.decode(codes)
+            orig.append(_embed(a[0], sr, emb))
+            coded.append(_embed(y[0], sr, emb))
+            truth.append(k)
+    acc_o, _ = _top1(torch.cat(orig), table, truth)
+    acc_c, pred = _top1(torch.cat(coded), table, truth)
+    per = {n: sum(int(pred[j] == k) for j in range(len(truth)) if truth[j] == k) / clips for k, n in enumerate(names)}
+    return {"top1_codec": acc_c, "top1_original": acc_o, "n": len(truth), "per_instrument": per,
+            "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
+
+
+def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, duration: float = 5.0,
+                 seed: int = 0, concepts: Sequence[Any] = (), top_k: int | None = None,
+                 temperature: float | None = None) -> dict[str, Any]:  # fmt: skip
+    from .. import generate
+    from ..musicgen.pretrain import INSTRUMENT_WORDS
+    from .metrics import diversity
+
+    embs, truth, divs = [], [], []
+    for k, n in enumerate(names):
+        audio = generate([INSTRUMENT_WORDS[n][0]] * clips, model=model, concepts=list(concepts), duration=duration,
+                         seed=seed * 1000 + k, top_k=top_k, temperature=temperature)  # fmt: skip
+        embs.append(_embed(audio, model.sample_rate, emb))
+        truth += [k] * clips
+        if clips > 1:
+            divs.append(diversity(audio, model.sample_rate, pad="repeat"))
+    acc, pred = _top1(torch.cat(embs), table, truth)
+    per = {n: sum(int(pred[j] == k) for j in range(len(truth)) if truth[j] == k) / clips for k, n in enumerate(names)}
+    return {"top1": acc, "chance": 1 / len(names), "n": len(truth), "per_instrument": per,
+            "diversity": sum(divs) / len(divs) if divs else None,
+            "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
+
+
+def preservation(model_name: str, reference: str, names, table, emb, *, methods: Sequence[tuple[str, Any, Any]],
+                 clips: int, duration: float, seed: int) -> list[dict[str, Any]]:  # fmt: skip
+    from .. import load_model, tune
+    from .metrics import audio_alignment
+
+    rows = []
+    ref_audio, ref_sr = _read(reference)
+    for label, preset, ratio in methods:
+        t0 = time.perf_counter()
+        concept = None
+        if preset is not None:
+            kw = {"ratio": ratio} if ratio is not None else {}
+            concept = tune(reference, model=model_name, preset=preset, seed=seed, verbose=False, **kw)
+        tune_s = time.perf_counter() - t0
+        model = load_model(model_name, device="cpu")
+        cs = [concept] if concept is not None else []
+        tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, concepts=cs)
+        from .. import generate
+
+        with_id = generate(["a piece of music, <v1>"] * clips, model=model, concepts=cs, duration=duration,
+                           seed=seed + 7)  # fmt: skip
+        aa = audio_alignment(with_id, ref_audio, model.sample_rate, reference_sample_rate=ref_sr, pad="repeat")
+        rows.append({"method": label, "preset": preset, "ratio": ratio, "tune_seconds": round(tune_s, 2),
+                     "audio_alignment_with_id": aa, "text_control_top1_no_id": tc["top1"],
+                     "diversity_no_id": tc["diversity"],
+                     "trained_entries": None if concept is None else _trained_entries(concept)})  # fmt: skip
+        print(
+            f"[preservation] {label}: audio alignment {aa:.3f}, text control {tc['top1']:.2f}, "
+            f"diversity {tc['diversity']:.3f} (tune {tune_s:.0f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def _trained_entries(concept) -> int:
+    return int(concept.touched_count())
+
+
+def _read(path: str) -> tuple[torch.Tensor, int]:
+    from ..audio import read_audio
+
+    return read_audio(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .. import load_model
+    from ..musicgen import pretrain as P
+    from .dataset import build
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/default-model-eval.json")
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--clips", type=int, default=3)
+    ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", default="violin", help="held-out instrument for the preservation rows")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,text,preservation")
+    args = ap.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    from ..musicgen.models import require_audiocraft
+
+    require_audiocraft()  # importing audiocraft (~10 s) is not loading the model
+    t_load = time.perf_counter()
+    model = load_model(args.model, device="cpu")
+    load_s = time.perf_counter() - t_load
+    emb = features.get_embedder("musicnn")
+    train, held = list(P.TRAIN_CONCEPTS), list(P.HELDOUT_CONCEPTS)
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads()}  # fmt: skip
+    report: dict[str, Any] = {"model": args.model, "load_seconds": round(load_s, 3), "seed": args.seed}
+    report["environment"] = env
+    t0 = time.perf_counter()
+    table_all = gallery(train + held, model.sample_rate, emb, seed=args.seed)
+    if "codec" not in skip:
+        rt = codec_roundtrip(model, train + held, table_all, emb, clips=args.clips, seed=args.seed)
+        k = len(train)
+        per = rt["per_instrument"]
+        rt["top1_codec_trained"] = sum(per[n] for n in train) / k
+        rt["top1_codec_heldout"] = sum(per[n] for n in held) / len(held)
+        report["codec_roundtrip"] = rt
+        print(f"[codec] round trip top-1 {rt['top1_codec']:.3f} (trained {rt['top1_codec_trained']:.3f}, held-out "
+              f"{rt['top1_codec_heldout']:.3f}); originals {rt['top1_original']:.3f}", flush=True)  # fmt: skip
+    table_train = table_all[: len(train)]
+    if "text" not in skip:
+        tc = text_control(model, train, table_train, emb, clips=args.clips, duration=args.duration, seed=args.seed)
+        report["text_control"] = tc
+        print(f"[text] top-1 {tc['top1']:.3f} (chance {tc['chance']:.3f}); diversity {tc['diversity']:.3f}", flush=True)
+        cold = text_control(model, train, table_train, emb, clips=args.clips, duration=args.duration, seed=args.seed,
+                            temperature=0.5)  # fmt: skip
+        report["text_control_temperature_0.5"] = cold
+        print(f"[text] at temperature 0.5: top-1 {cold['top1']:.3f}", flush=True)
+    if "preservation" not in skip:
+        ds = build(os.path.join(_env.cache_dir(), "eval-default-dataset"), concepts=[args.heldout], seconds=120.0,
+                   heldout=0, sample_rate=32000)  # fmt: skip
+        from .dataset import load_manifest
+
+        ref = load_manifest(ds).reference_path(args.heldout)
+        methods = [("base", None, None), ("tokens", "tokens", None), ("ppt-1%", "ppt", 0.01),
+                   ("dreamstyler", "dreamstyler", 0.01), ("full", "full", None)]  # fmt: skip
+        report["preservation"] = {"concept": args.heldout, "rows": preservation(
+            args.model, ref, train, table_train, emb, methods=methods, clips=max(2, args.clips - 1),
+            duration=args.duration, seed=args.seed)}  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

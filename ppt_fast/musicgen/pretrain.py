@@ -1,0 +1,508 @@
+"""Pretraining the embedded default model (`model="tiny"`): corpus -> codec -> LM, resumable, on a 2-core CPU.
+
+No pretrained MusicGen / EnCodec / T5 weights can be had offline, so the default model is trained here from data the
+project renders itself (`ppt_fast.eval.dataset`: seeded MIDI compositions through a General MIDI soundfont):
+
+1. Corpus: `clips` compositions of `clip_seconds` for each of the 16 training instruments (registers shifted an
+   octave down or up at random), each with a varied text description (instrument words, tempo word, register,
+   playing style). Four instruments are **held out** (never seen by the codec or the LM) for concept learning:
+   violin, marimba, trumpet, nylon guitar.
+2. Codec: :class:`~ppt_fast.musicgen.melcodec.MelRVQCodec` (residual VQ over log-mel frames, Griffin-Lim decoder;
+   why not a small EnCodec: see that module) fitted by k-means on the corpus' frames.
+3. LM: audiocraft's `LMModel` (delay pattern, cross-attention on a LUT text conditioner with a word-hash tokenizer),
+   trained with `MusicGenSolver`'s cross-entropy, AdamW, warmup + cosine, CFG dropout (so classifier-free guidance
+   works at generation).
+
+Everything is deterministic from `PretrainConfig.seed`. The LM phase writes a checked checkpoint (magic header +
+sha256, atomic) every `checkpoint_every` steps and resumes from it; a corrupted checkpoint is refused with a clear
+message; a checkpoint or weights file whose config differs from the run's is refused.
+
+The result is one checked file (`ppt_fast/assets/tiny-v1.pt`: fp16 LM weights, fp32 codec buffers, the config) and
+a JSON sidecar with provenance (command, seed, versions, timings, losses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from .. import _env
+from .._io import CorruptFileError, atomic_write_bytes, load_checked, save_checked
+from .melcodec import MelCodecConfig, MelRVQCodec
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "ppt_fast.tiny_model/1"
+ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-v1.pt")
+
+TRAIN_CONCEPTS = (
+    "piano", "organ", "drums", "flute", "cello", "clarinet", "saxophone", "electric_guitar", "electric_piano",
+    "harpsichord", "vibraphone", "accordion", "bass", "harp", "strings", "synth_lead",
+)  # fmt: skip
+HELDOUT_CONCEPTS = ("violin", "marimba", "trumpet", "nylon_guitar")
+
+#: Words that name each instrument in prompts (the first is the canonical one, used by the text-control figure).
+INSTRUMENT_WORDS: dict[str, tuple[str, ...]] = {
+    "piano": ("piano", "acoustic piano", "grand piano"),
+    "organ": ("organ", "church organ", "pipe organ"),
+    "drums": ("drums", "drum kit", "drum groove"),
+    "flute": ("flute", "solo flute"),
+    "cello": ("cello", "solo cello"),
+    "clarinet": ("clarinet", "solo clarinet"),
+    "saxophone": ("saxophone", "alto sax", "sax"),
+    "electric_guitar": ("electric guitar", "distorted guitar"),
+    "electric_piano": ("electric piano", "rhodes"),
+    "harpsichord": ("harpsichord",),
+    "vibraphone": ("vibraphone", "vibes"),
+    "accordion": ("accordion",),
+    "bass": ("bass", "electric bass", "bass guitar"),
+    "harp": ("harp", "concert harp"),
+    "strings": ("strings", "string ensemble"),
+    "synth_lead": ("synth lead", "sawtooth synth", "synthesizer"),
+    "violin": ("violin",),
+    "marimba": ("marimba",),
+    "trumpet": ("trumpet",),
+    "nylon_guitar": ("nylon guitar", "classical guitar"),
+}
+STYLE_WORDS = {
+    "melody_chords": ("melody and chords", "chords"), "melody": ("melodic phrases", "riffs"),
+    "legato": ("legato melody", "singing melody"), "organ": ("sustained chords", "chords and melody"),
+    "fingerpick": ("fingerpicked", "picking pattern"), "arpeggios": ("arpeggios", "broken chords"),
+    "marimba": ("repeated notes", "pattern"), "drums": ("groove", "beat"), "waltz": ("waltz",),
+}  # fmt: skip
+TEMPLATES = (
+    "{inst}", "{inst}, {tempo}", "{tempo} {inst}, {style}", "{inst} {style}", "a {tempo} piece for {inst}",
+    "{inst}, {style}, {tempo}, {register}", "{register} {inst} {style}", "{tempo} {style} on {inst}",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    dim: int = 256
+    num_heads: int = 8
+    num_layers: int = 4
+    lut_bins: int = 1024
+    lut_dim: int = 128
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything that determines the trained default model (recorded in the weights file)."""
+
+    seed: int = 0
+    train_concepts: tuple[str, ...] = TRAIN_CONCEPTS
+    heldout_concepts: tuple[str, ...] = HELDOUT_CONCEPTS
+    clips: int = 48  # compositions per training instrument
+    clip_seconds: float = 8.0
+    codec: MelCodecConfig = field(default_factory=MelCodecConfig)
+    kmeans_iters: int = 12
+    kmeans_sample: int = 120_000
+    lm: LMConfig = field(default_factory=LMConfig)
+    steps: int = 1100
+    batch_size: int = 16
+    segment_seconds: float = 4.0
+    lr: float = 1.5e-3
+    warmup: int = 60
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    cfg_dropout: float = 0.15
+    checkpoint_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train_concepts"] = list(self.train_concepts)
+        d["heldout_concepts"] = list(self.heldout_concepts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown pretraining config keys {sorted(unknown)}")
+        d = dict(d)
+        d["codec"] = MelCodecConfig(**d.get("codec", {}))
+        d["lm"] = LMConfig(**d.get("lm", {}))
+        for k in ("train_concepts", "heldout_concepts"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: A configuration small enough for unit tests (seconds, not minutes); same code path.
+QUICK = PretrainConfig(
+    train_concepts=("piano", "flute", "drums"), clips=3, clip_seconds=3.0,
+    codec=MelCodecConfig(n_mels=64, bins=32, griffin_lim_iters=4), kmeans_iters=3, kmeans_sample=4000,
+    lm=LMConfig(dim=32, num_heads=2, num_layers=1, lut_bins=64, lut_dim=16), steps=6, batch_size=2,
+    segment_seconds=1.0, warmup=2, checkpoint_every=2,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------------------------------------------------
+def clip_seed(name: str, base_seed: int, index: int) -> int:
+    """Seeds of pretraining compositions, disjoint from the concept dataset's (which use indices < 1000)."""
+    from ..eval.dataset import concept_seed
+
+    return concept_seed(name, base_seed, 100_000 + index)
+
+
+def _clip_spec(name: str, seed: int, shift: int | None = None):
+    """The concept spec of one corpus clip (register shifted -12 / 0 / +12 by the seed, or by `shift` in octaves)
+    and its register word."""
+    import numpy as np
+
+    from ..eval.dataset import CONCEPTS
+
+    spec = CONCEPTS[name]
+    if spec.is_drum:
+        return spec, ""
+    if shift is None:
+        shift = int(np.random.default_rng(seed ^ 0x5EED).integers(-1, 2))
+    if not (12 <= spec.low + 12 * shift and spec.high + 12 * shift <= 108):
+        shift = 0
+    word = {-1: "low", 0: "", 1: "high"}[shift]
+    return replace(spec, low=spec.low + 12 * shift, high=spec.high + 12 * shift), word
+
+
+def tempo_word(bpm: float) -> str:
+    return "slow" if bpm < 85 else ("medium tempo" if bpm < 115 else "fast")
+
+
+def describe(name: str, seed: int, g: torch.Generator) -> str:
+    """A random text description of corpus clip (name, seed): instrument words, tempo, register, style."""
+    from ..eval.dataset import CONCEPTS, composition_tempo
+
+    spec, register = _clip_spec(name, seed)
+
+    def pick(options):
+        return options[int(torch.randint(0, len(options), (1,), generator=g))]
+
+    template = pick(TEMPLATES)
+    if "{register}" in template and not register:
+        template = "{inst}, {style}, {tempo}"
+    text = template.format(
+        inst=pick(INSTRUMENT_WORDS[name]),
+        tempo=tempo_word(composition_tempo(CONCEPTS[name], seed)),
+        style=pick(STYLE_WORDS.get(spec.style, ("music",))),
+        register=f"{register} register" if register else "",
+    )
+    return " ".join(text.split())
+
+
+def render_clip(name: str, seed: int, seconds: float, sample_rate: int, shift: int | None = None) -> torch.Tensor:
+    """Mono float32 `[T]` of one composition of `name` (register as in the corpus, or `shift` octaves)."""
+    from ..eval.dataset import compose, render
+
+    spec, _ = _clip_spec(name, seed, shift)
+    return torch.from_numpy(render(compose(spec, seed, seconds), spec, seconds, sample_rate=sample_rate))
+
+
+@dataclass
+class Corpus:
+    names: list[str]  # instrument of each clip
+    seeds: list[int]
+    codes: torch.Tensor  # int16 [N, K, F]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+def build_lm(cfg: PretrainConfig):
+    from .models import _lm
+
+    c = cfg.lm
+    lm = _lm(c.dim, c.num_heads, c.num_layers, n_q=cfg.codec.n_q, card=cfg.codec.bins, lut_bins=c.lut_bins,
+             lut_dim=c.lut_dim, musicgen=False, cfg_dropout=cfg.cfg_dropout)  # fmt: skip
+    return lm
+
+
+def build_musicgen(cfg: PretrainConfig, codec: MelRVQCodec, lm, name: str = "tiny"):
+    from audiocraft.models import MusicGen
+
+    from . import identifiers
+
+    model = MusicGen(name, codec.eval(), lm.eval(), max_duration=30.0)
+    # Sampling settings for the trained default (docs/default_model.md): this small, briefly trained LM drifts into
+    # noise at temperature 1 and with classifier-free guidance, and collapses into silence at 0.5 once a concept is
+    # applied; 0.7 without guidance was the best compromise measured.
+    model._ppt_fast_sampling = {"top_k": min(64, cfg.codec.bins), "cfg_coef": 1.0, "temp": 0.7}
+    model.set_generation_params(duration=4.0, top_k=min(64, cfg.codec.bins), cfg_coef=1.0, temperature=0.7)
+    identifiers.install(model.lm)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+class PretrainError(ValueError):
+    """Pretraining cannot go on (a corrupted or mismatched checkpoint / weights file); the message says why and how."""
+
+
+def _lr(step: int, cfg: PretrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def _check_config(found: dict, cfg: PretrainConfig, path: str, what: str) -> None:
+    if found != cfg.to_dict():
+        diff = sorted(k for k in set(found) | set(cfg.to_dict()) if found.get(k) != cfg.to_dict().get(k))
+        raise PretrainError(
+            f"{path}: this {what} was made with a different pretraining config (differs in {', '.join(diff)}); "
+            "use the config it was made with, or pass a fresh --workdir (or --fresh) to start over"
+        )
+
+
+def prepare(cfg: PretrainConfig, workdir: str, *, verbose: bool = True) -> tuple[MelRVQCodec, Corpus, dict]:
+    """Render the corpus, fit the codec and encode the corpus (cached in `workdir/data.pt`)."""
+    path = os.path.join(workdir, "data.pt")
+    fix = "delete it (or pass --fresh) to rebuild it"
+    codec = MelRVQCodec(cfg.codec)
+    if os.path.isfile(path):
+        try:
+            data = load_checked(path, "pretraining corpus cache", fix)
+        except CorruptFileError as e:
+            raise PretrainError(str(e)) from e
+        _check_config(data["config"], cfg, path, "corpus cache")
+        codec.load_state_dict(data["codec"])
+        return codec, Corpus(data["names"], data["seeds"], data["codes"]), data["timings"]
+    timings: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    names, seeds, audio = [], [], []
+    for name in cfg.train_concepts:
+        for i in range(cfg.clips):
+            s = clip_seed(name, cfg.seed, i)
+            names.append(name)
+            seeds.append(s)
+            audio.append(render_clip(name, s, cfg.clip_seconds, cfg.codec.sample_rate))
+    timings["render_s"] = time.perf_counter() - t0
+    if verbose:
+        print(f"[pretrain] corpus: {len(audio)} clips x {cfg.clip_seconds:g} s rendered in {timings['render_s']:.1f} s")
+    t0 = time.perf_counter()
+    batch = torch.stack(audio).unsqueeze(1)  # [N, 1, T]
+    with torch.no_grad():
+        frames = torch.cat([codec.log_mel(batch[i : i + 32]).flatten(0, 1) for i in range(0, batch.shape[0], 32)])
+    fit = codec.fit(frames, iters=cfg.kmeans_iters, sample=cfg.kmeans_sample, seed=cfg.seed)
+    timings["codec_fit_s"] = time.perf_counter() - t0
+    if verbose:
+        res = ", ".join(f"{e:.3f}" for e in fit["residual_energy"])
+        print(f"[pretrain] codec: {cfg.codec.n_q} x {cfg.codec.bins} codes fitted on {frames.shape[0]} frames in "
+              f"{timings['codec_fit_s']:.1f} s (residual energy per level: {res})")  # fmt: skip
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        codes = torch.cat([codec.encode(batch[i : i + 32])[0] for i in range(0, batch.shape[0], 32)]).to(torch.int16)
+    timings["encode_s"] = time.perf_counter() - t0
+    data = {"config": cfg.to_dict(), "codec": codec.state_dict(), "names": names, "seeds": seeds, "codes": codes,
+            "timings": timings, "residual_energy": fit["residual_energy"]}  # fmt: skip
+    save_checked(data, path)
+    return codec, Corpus(names, seeds, codes), timings
+
+
+def _batch(corpus: Corpus, cfg: PretrainConfig, g: torch.Generator):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    n, _, f = corpus.codes.shape
+    seg = min(f, int(round(cfg.segment_seconds * cfg.codec.frame_rate)))
+    pick = torch.randint(0, n, (cfg.batch_size,), generator=g).tolist()
+    starts = torch.randint(0, f - seg + 1, (cfg.batch_size,), generator=g).tolist()
+    codes = torch.stack([corpus.codes[i, :, s : s + seg] for i, s in zip(pick, starts)]).long()
+    attrs = [ConditioningAttributes(text={"description": describe(corpus.names[i], corpus.seeds[i], g)}) for i in pick]
+    return codes, attrs
+
+
+def _loss(lm, codes, attrs):
+    from .tune import _cross_entropy
+
+    attrs = lm.cfg_dropout(attrs)  # classifier-free guidance dropout (train mode), as MusicGenSolver does
+    provider = lm.condition_provider
+    cond = provider(provider.tokenize(attrs))
+    out = lm.compute_predictions(codes, [], cond)
+    ce, _ = _cross_entropy()(out.logits, codes, out.mask)
+    return ce
+
+
+def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool = True, stop_after: int | None = None):
+    """Train the LM; resume from `workdir/checkpoint.pt` when present. Returns (lm, losses, seconds)."""
+    torch.manual_seed(cfg.seed + 1)
+    lm = build_lm(cfg)
+    opt = torch.optim.AdamW(lm.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    ckpt = os.path.join(workdir, "checkpoint.pt")
+    step, losses, seconds = 0, [], 0.0
+    if os.path.isfile(ckpt):
+        fix = "delete it (or pass --fresh) to restart the LM phase from step 0"
+        try:
+            state = load_checked(ckpt, "pretraining checkpoint", fix)
+        except CorruptFileError as e:
+            raise PretrainError(str(e)) from e
+        _check_config(state["config"], cfg, ckpt, "checkpoint")
+        lm.load_state_dict(state["lm"])
+        opt.load_state_dict(state["opt"])
+        g.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        lm.cfg_dropout.rng.set_state(state["cfg_dropout_rng"])  # audiocraft's CFG dropout has its own generator
+        step, losses, seconds = state["step"], list(state["losses"]), float(state["seconds"])
+        if verbose:
+            print(f"[pretrain] resuming the LM phase at step {step}/{cfg.steps} from {ckpt}")
+    lm.train()
+    bar = None
+    if verbose:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="pretrain lm", unit="step", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    while step < cfg.steps:
+        codes, attrs = _batch(corpus, cfg, g)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        loss = _loss(lm, codes, attrs)
+        if not torch.isfinite(loss):
+            raise PretrainError(f"LM loss became {float(loss)} at step {step}; lower --lr or check the corpus")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_grad_norm)
+        opt.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        now = time.perf_counter()
+        seconds += now - t_last
+        t_last = now
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{_lr(step - 1, cfg):.1e}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            state = {"config": cfg.to_dict(), "step": step, "lm": lm.state_dict(), "opt": opt.state_dict(),
+                     "generator": g.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cfg_dropout_rng": lm.cfg_dropout.rng.get_state(), "losses": losses,
+                     "seconds": seconds}  # fmt: skip
+            save_checked(state, ckpt)
+            t_last = time.perf_counter()  # checkpoint time is not training time
+        if stop_after is not None and step >= stop_after:
+            break
+    if bar is not None:
+        bar.close()
+    return lm.eval(), losses, seconds
+
+
+def export(cfg: PretrainConfig, codec: MelRVQCodec, lm, out: str, provenance: dict) -> dict:
+    """Write the weights file (fp16 LM floats, fp32 codec buffers, config) and its JSON sidecar (returned)."""
+    lm_state = {k: (v.half() if v.is_floating_point() else v) for k, v in lm.state_dict().items()}
+    payload = {"format": FORMAT, "config": cfg.to_dict(), "codec": codec.state_dict(), "lm": lm_state}
+    sha = save_checked(payload, out)
+    provenance = dict(provenance, sha256=sha, bytes=os.path.getsize(out), format=FORMAT, config=cfg.to_dict())
+    atomic_write_bytes(os.path.splitext(out)[0] + ".json", (json.dumps(provenance, indent=2) + "\n").encode())
+    return provenance
+
+
+_PAYLOADS: dict[tuple, dict] = {}
+
+
+def load_trained(path: str = ASSET, *, expected: PretrainConfig | None = None, device: str | torch.device = "cpu",
+                 name: str = "tiny"):  # fmt: skip
+    """Load a weights file written by :func:`export` as an audiocraft `MusicGen` (identifier bank installed)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"default-model weights {path} are missing; run `ppt-fast pretrain` (`make pretrain`) to make them, or use "
+            "model='tiny-random'"
+        )
+    fix = "restore it from git (`git checkout -- ppt_fast/assets`) or re-make it with `ppt-fast pretrain`"
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_mtime_ns, st.st_size)
+    payload = _PAYLOADS.get(key)
+    if payload is None:  # parsed once per file version; every call still builds fresh modules (tune mutates them)
+        payload = load_checked(path, "default-model weights file", fix)
+        _PAYLOADS.clear()
+        _PAYLOADS[key] = payload
+    if payload.get("format") != FORMAT:
+        raise PretrainError(f"{path}: format {payload.get('format')!r} is not {FORMAT!r}; {fix}")
+    cfg = PretrainConfig.from_dict(payload["config"])
+    if expected is not None:
+        _check_config(payload["config"], expected, path, "weights file")
+    codec = MelRVQCodec(cfg.codec)
+    lm = build_lm(cfg)
+    try:
+        codec.load_state_dict(payload["codec"])
+        lm.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["lm"].items()})
+    except RuntimeError as e:
+        raise PretrainError(f"{path}: weights do not match the config stored with them ({e}); {fix}") from e
+    model = build_musicgen(cfg, codec, lm, name=name)
+    model.compression_model.to(device)
+    model.lm.to(device)
+    return model
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": str(torch.get_num_threads()),
+    }
+    for mod in ("audiocraft", "tinysoundfont"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = "unknown"
+    return out
+
+
+def pretrain(cfg: PretrainConfig = PretrainConfig(), *, out: str = ASSET, workdir: str | None = None,
+             fresh: bool = False, verbose: bool = True, stop_after: int | None = None) -> dict:  # fmt: skip
+    """The whole pretraining (corpus, codec, LM), resumable; writes `out` (+ `.json`). Returns the provenance dict.
+
+    `stop_after`: stop the LM phase after that many steps (as an interruption would) without exporting.
+    """
+    workdir = workdir or os.path.join(_env.cache_dir(), "pretrain", cfg.digest())
+    if fresh:
+        for f in ("data.pt", "checkpoint.pt"):
+            if os.path.exists(os.path.join(workdir, f)):
+                os.unlink(os.path.join(workdir, f))
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    codec, corpus, timings = prepare(cfg, workdir, verbose=verbose)
+    lm, losses, lm_seconds = train_lm(cfg, corpus, workdir, verbose=verbose, stop_after=stop_after)
+    if len(losses) < cfg.steps:
+        return {"stopped_at": len(losses), "workdir": workdir}
+    provenance = {
+        "command": " ".join(["ppt-fast", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("ppt-fast") else None,
+        "workdir": workdir,
+        "seed": cfg.seed,
+        "timings": dict(timings, lm_s=lm_seconds, this_run_wall_s=time.perf_counter() - t0),
+        "losses_every_10": [
+            round(sum(losses[i : i + 10]) / len(losses[i : i + 10]), 4) for i in range(0, len(losses), 10)
+        ],
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "corpus": {
+            "clips": len(corpus.names),
+            "seconds": len(corpus.names) * cfg.clip_seconds,
+            "frames": int(corpus.codes.shape[0] * corpus.codes.shape[2]),
+        },  # fmt: skip
+        "versions": _versions(),
+        "lm_parameters": sum(p.numel() for p in lm.parameters()),
+    }
+    provenance = export(cfg, codec, lm, out, provenance)
+    if verbose:
+        size = os.path.getsize(out) / 2**20
+        print(f"[pretrain] wrote {out} ({size:.1f} MiB); final loss {provenance['final_loss']:.3f}")
+    return provenance

@@ -1,0 +1,168 @@
+"""The embedded default model: mel-RVQ codec, corpus descriptions, resumable pretraining, checked weights files."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("audiocraft")
+
+from ppt_fast.musicgen import pretrain as P  # noqa: E402
+from ppt_fast.musicgen.melcodec import MelCodecConfig, MelRVQCodec, mel_triangles  # noqa: E402
+
+SMALL = MelCodecConfig(n_mels=64, bins=16, griffin_lim_iters=8)
+
+
+def _tone(seconds=1.0, f=440.0, sr=16000, harmonics=4):
+    t = torch.arange(int(seconds * sr)) / sr
+    return sum(0.3 / k * torch.sin(2 * torch.pi * f * k * t) for k in range(1, harmonics + 1)).view(1, 1, -1)
+
+
+def test_triangles_partition_unity():
+    tri = mel_triangles(16000, 1024, 256)
+    assert tri.shape == (256, 513)
+    torch.testing.assert_close(tri.sum(0), torch.ones(513), atol=1e-5, rtol=0)
+    # Below ~100 Hz, 256 mel centres are closer than the 15.6-Hz bins: a few bands catch no bin. Their feature is a
+    # constant (log of the floor) and decoding never reads them (zero weight on every bin).
+    assert int((tri.sum(1) == 0).sum()) <= 8
+
+
+def test_codec_interface_and_determinism():
+    from audiocraft.models.encodec import CompressionModel
+
+    codec = MelRVQCodec(SMALL)
+    assert isinstance(codec, CompressionModel)
+    frames = torch.cat([codec.log_mel(_tone(1.0, f))[0] for f in (220.0, 330.0, 440.0, 660.0)])
+    codec.fit(frames, iters=3, seed=0)
+    x = _tone(0.5, 330.0)
+    codes, scale = codec.encode(x)
+    assert scale is None and codes.shape == (1, SMALL.n_q, 25) and codes.dtype == torch.long
+    assert int(codes.max()) < SMALL.bins
+    y = codec.decode(codes)
+    assert y.shape == (1, 1, 25 * SMALL.hop) and torch.isfinite(y).all()
+    assert torch.equal(y, codec.decode(codes)) and torch.equal(codes, codec.encode(x)[0])
+    assert codec.frame_rate == 50 and codec.cardinality == 16 and codec.num_codebooks == SMALL.n_q
+    res = codec(_tone(0.51, 330.0))  # audiocraft's forward(): QuantizedResult at the input's length
+    assert res.x.shape == (1, 1, 8160) and res.codes.shape == (1, SMALL.n_q, 25)
+    assert float(res.bandwidth) == pytest.approx(4 * 4 * 50 / 1000)
+    with pytest.raises(ValueError, match="mono"):
+        codec.encode(torch.zeros(1, 2, 16000))
+
+
+def test_codec_residual_levels_reduce_error():
+    codec = MelRVQCodec(SMALL)
+    frames = torch.cat([codec.log_mel(_tone(1.0, f, harmonics=h))[0] for f in (200.0, 310.0, 520.0) for h in (1, 3)])
+    fit = codec.fit(frames, iters=4, seed=1)
+    e = fit["residual_energy"]
+    assert all(b < a for a, b in zip(e, e[1:])) and e[-1] < 0.5
+
+
+def test_corpus_descriptions_name_the_instrument_and_vary():
+    g = torch.Generator().manual_seed(0)
+    texts = {P.describe("cello", P.clip_seed("cello", 0, i), g) for i in range(12)}
+    assert len(texts) >= 6
+    assert all(any(w in t for w in P.INSTRUMENT_WORDS["cello"]) for t in texts)
+    assert not set(P.TRAIN_CONCEPTS) & set(P.HELDOUT_CONCEPTS)
+    assert len(P.TRAIN_CONCEPTS) >= 12
+
+
+def _run(tmp_path, cfg=P.QUICK, name="w", **kw):
+    return P.pretrain(cfg, out=str(tmp_path / f"{name}.pt"), workdir=str(tmp_path / name), verbose=False, **kw)
+
+
+def test_pretrain_quick_end_to_end_and_resume_is_exact(tmp_path):
+    full = _run(tmp_path, name="a")
+    assert full["corpus"]["clips"] == len(P.QUICK.train_concepts) * P.QUICK.clips
+    stopped = _run(tmp_path, name="b", stop_after=3)  # an interruption after step 3 (last checkpoint: step 2)
+    assert stopped["stopped_at"] == 3 and not (tmp_path / "b.pt").exists()
+    _run(tmp_path, name="b")  # resumes from step 2
+    a = P.load_trained(str(tmp_path / "a.pt"))
+    b = P.load_trained(str(tmp_path / "b.pt"))
+    for (k, va), vb in zip(a.lm.state_dict().items(), b.lm.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert a.sample_rate == 16000
+    a.set_generation_params(duration=0.4, top_k=8)
+    torch.manual_seed(0)
+    audio = a.generate(["piano, slow"])
+    assert audio.shape == (1, 1, 6400) and torch.isfinite(audio).all()
+
+
+def test_corrupted_checkpoint_and_mismatched_config_are_refused(tmp_path):
+    _run(tmp_path, name="c", stop_after=2)
+    ckpt = tmp_path / "c" / "checkpoint.pt"
+    data = ckpt.read_bytes()
+    with pytest.raises(P.PretrainError, match="different pretraining config.*lr"):
+        _run(tmp_path, cfg=replace(P.QUICK, lr=1e-4), name="c")
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(P.PretrainError, match="corrupted or truncated.*delete it"):
+        _run(tmp_path, name="c")
+    tampered = bytearray(data)
+    tampered[-100] ^= 0xFF
+    ckpt.write_bytes(bytes(tampered))
+    with pytest.raises(P.PretrainError, match="corrupted or truncated"):
+        _run(tmp_path, name="c")
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(P.PretrainError, match="not a ppt_fast pretraining checkpoint"):
+        _run(tmp_path, name="c")
+    _run(tmp_path, name="c", fresh=True)  # --fresh starts over
+    assert (tmp_path / "c.pt").exists()
+
+
+def test_weights_file_checks(tmp_path):
+    from ppt_fast._io import CorruptFileError
+
+    _run(tmp_path, name="d")
+    path = tmp_path / "d.pt"
+    with pytest.raises(P.PretrainError, match="different pretraining config"):
+        P.load_trained(str(path), expected=replace(P.QUICK, steps=7))
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match="corrupted or truncated"):
+        P.load_trained(str(bad))
+    with pytest.raises(FileNotFoundError, match="ppt-fast pretrain"):
+        P.load_trained(str(tmp_path / "missing.pt"))
+    from ppt_fast import load_model
+
+    m = load_model(str(path), device="cpu")
+    assert m.lm._ppt_fast_identifier_bank is not None
+
+
+@pytest.mark.skipif(not os.path.isfile(P.ASSET), reason="the default model's weights are not in this checkout")
+def test_shipped_default_model():
+    import json
+
+    from ppt_fast import load_model
+
+    m = load_model("tiny", device="cpu")
+    assert m.name == "tiny" and m.sample_rate == 16000
+    assert os.path.getsize(P.ASSET) <= 20 * 2**20
+    meta = json.loads(open(os.path.splitext(P.ASSET)[0] + ".json").read())
+    assert meta["config"] == P.PretrainConfig().to_dict() and meta["seed"] == 0
+    assert not set(meta["config"]["train_concepts"]) & set(meta["config"]["heldout_concepts"])
+    assert m._ppt_fast_sampling == {"top_k": 64, "cfg_coef": 1.0, "temp": 0.7}  # what generate() uses by default
+
+
+def test_default_model_figures_on_a_quick_model(tmp_path):
+    """The figure code (gallery, codec round trip, text control) runs on a toy model and returns sane fractions."""
+    from ppt_fast.eval import default_model as DM
+    from ppt_fast.eval import features, musicnn
+
+    if not musicnn.is_available():
+        pytest.skip("musicnn checkpoint not installed")
+    _run(tmp_path, name="e")
+    model = P.load_trained(str(tmp_path / "e.pt"))
+    emb = features.get_embedder("musicnn")
+    names = list(P.QUICK.train_concepts)
+    table = DM.gallery(names, model.sample_rate, emb, seconds=4.0)
+    assert table.shape == (len(names), 200)
+    torch.testing.assert_close(table.norm(dim=1), torch.ones(len(names)))
+    rt = DM.codec_roundtrip(model, names, table, emb, clips=1, seconds=3.0)
+    assert rt["n"] == len(names) and 0.0 <= rt["top1_codec"] <= 1.0
+    assert rt["top1_original"] >= 2 / 3  # the embedder tells piano, flute and drums apart on the originals
+    tc = DM.text_control(model, names, table, emb, clips=2, duration=1.0, top_k=8)
+    assert tc["n"] == 2 * len(names) and 0.0 <= tc["top1"] <= 1.0 and tc["chance"] == pytest.approx(1 / 3)
