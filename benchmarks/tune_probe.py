@@ -18,6 +18,7 @@ K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `
 Pivots: uniformly random at `density` of the in-scope entries (what a global top-k over noise-like scores gives;
 the real ones come from the sensitivity pass, which does not change time or memory). No identifier tokens: they
 add 3 x dim parameters, the same to both methods. No gradient clipping in either method.
+`"checkpointing": "torch"` turns on audiocraft's per-layer activation checkpointing (same for both methods).
 Peak memory: CPU peak RSS (VmHWM reset after the model is built), GPU `torch.cuda.max_memory_allocated`; both
 absolute (model included) and over the built model.
 """
@@ -60,6 +61,8 @@ def measure(spec: dict) -> dict:
     cuda = device.startswith("cuda")
     mg = _build(spec["model"], device)
     lm = mg.lm.eval()
+    if spec.get("checkpointing", "none") != "none":  # audiocraft's per-layer activation checkpointing, both arms alike
+        lm.transformer.checkpointing = spec["checkpointing"]
     for p in lm.parameters():
         p.requires_grad_(False)
     frames = int(round(spec.get("seconds", 5.0) * mg.compression_model.frame_rate))

@@ -89,6 +89,17 @@ def test_same_seed_same_result(ref_wav):
     assert a.losses == b.losses
 
 
+def test_activation_checkpointing_same_result(ref_wav):
+    """Recomputing activations in backward changes memory, not results; the model's setting is restored."""
+    a = T.tune_model(ref_wav, seed=3, **FAST)
+    b = T.tune_model(ref_wav, seed=3, activation_checkpointing=True, **FAST)
+    assert a.losses == b.losses
+    assert torch.equal(a.tokens["<v1>"], b.tokens["<v1>"])
+    sa, sb = a.model.lm.state_dict(), b.model.lm.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.model.lm.transformer.checkpointing == "none"
+
+
 @pytest.mark.parametrize("preset", ["tokens", "dreamstyler", pytest.param("full", marks=pytest.mark.slow)])
 def test_presets_train_what_they_say(ref_wav, preset):
     base = load_model("tiny-random").lm.state_dict()

@@ -214,6 +214,7 @@ def tune_model(
     use_cache: bool = True,
     verbose: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    activation_checkpointing: bool = False,
 ) -> TuneResult:
     """tune() returning the tuned model and the run's details (see `tune` for the arguments)."""
     from tqdm.auto import tqdm
@@ -339,6 +340,12 @@ def tune_model(
 
     all_pools = list(pools.values()) + combos
     losses: list[float] = []
+    transformer = getattr(lm, "transformer", None)
+    saved_ckpt = getattr(transformer, "checkpointing", None)
+    if activation_checkpointing and saved_ckpt is not None:
+        # audiocraft's per-layer torch checkpointing: activations are recomputed in backward instead of kept; the
+        # results are bitwise the same (tested), the peak memory lower and each step ~1.3x slower.
+        transformer.checkpointing = "torch"
     t1 = time.perf_counter()
     bar = tqdm(range(steps), desc="tune", disable=not verbose, dynamic_ncols=True)
     try:
@@ -370,6 +377,8 @@ def tune_model(
             if callback is not None:
                 callback(step, losses[-1])
     finally:
+        if saved_ckpt is not None:
+            transformer.checkpointing = saved_ckpt
         if sparse_opt is not None:
             sparse_opt.remove_hooks()
         if freeze is not None:
@@ -479,7 +488,9 @@ def tune(
         seed: everything random (token init, batches) derives from it; on CPU a fixed seed gives the same file.
         verbose: a tqdm bar per phase (phase, step, loss, steps/s); False silences it.
         **kwargs: lr, token_lr, batch_size, sensitivity_batches, criterion, n_tokens, init_text, templates,
-            segment_seconds, max_norm, weight_decay, device, use_cache, callback (see `tune_model`).
+            segment_seconds, max_norm, weight_decay, device, use_cache, callback, activation_checkpointing
+            (recompute activations in backward: lower peak memory for large models, ~1.3x slower steps; the
+            result is the same) (see `tune_model`).
     """
     count = kwargs.pop("count", None)
     result = tune_model(
