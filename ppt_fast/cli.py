@@ -125,10 +125,10 @@ def _cmd_pretrain(args) -> int:
 
     from .musicgen import pretrain as pt
 
-    cfg = pt.QUICK if args.quick else pt.PretrainConfig()
-    cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    cfg = pt.QUICK if args.quick else pt.PretrainConfig()
+    cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
     out = args.out or pt.ASSET
     try:
         prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)

@@ -109,11 +109,12 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
 
 def preservation(model_name: str, reference: str, names, table, emb, *, methods: Sequence[tuple[str, Any, Any]],
                  clips: int, duration: float, seed: int) -> list[dict[str, Any]]:  # fmt: skip
-    from .. import load_model, tune
+    from .. import generate, load_model, tune
+    from ..audio import read_audio
     from .metrics import audio_alignment
 
     rows = []
-    ref_audio, ref_sr = _read(reference)
+    ref_audio, ref_sr = read_audio(reference)
     for label, preset, ratio in methods:
         t0 = time.perf_counter()
         concept = None
@@ -124,8 +125,6 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
         model = load_model(model_name, device="cpu")
         cs = [concept] if concept is not None else []
         tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, concepts=cs)
-        from .. import generate
-
         with_id = generate(["a piece of music, <v1>"] * clips, model=model, concepts=cs, duration=duration,
                            seed=seed + 7)  # fmt: skip
         aa = audio_alignment(with_id, ref_audio, model.sample_rate, reference_sample_rate=ref_sr, pad="repeat")
@@ -143,12 +142,6 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
 
 def _trained_entries(concept) -> int:
     return int(concept.touched_count())
-
-
-def _read(path: str) -> tuple[torch.Tensor, int]:
-    from ..audio import read_audio
-
-    return read_audio(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,8 +34,6 @@ try:  # audiocraft is optional for `import ppt_fast`; the codec is only built wh
 except ImportError:  # pragma: no cover - exercised only without audiocraft
     _Base = torch.nn.Module  # type: ignore[assignment,misc]
 
-LOG_FLOOR = 1e-5
-
 
 @dataclass(frozen=True)
 class MelCodecConfig:
@@ -138,10 +136,10 @@ class MelRVQCodec(_Base):
     def forward(self, x: torch.Tensor):
         from audiocraft.quantization import QuantizedResult
 
-        codes, _ = self.encode(x)
-        z = self.decode_latent(codes)
+        self._check_mono(x)
         feats = self.features(x)
-        penalty = ((z - feats) ** 2).mean()
+        codes = self._quantize(feats)
+        penalty = ((self.decode_latent(codes) - feats) ** 2).mean()
         y = self.decode(codes)
         y = torch.nn.functional.pad(y, (0, max(0, x.shape[-1] - y.shape[-1])))[..., : x.shape[-1]]
         bandwidth = torch.tensor(self._n_q * math.log2(self.config.bins) * self.frame_rate / 1000)  # kbps
@@ -150,9 +148,16 @@ class MelRVQCodec(_Base):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         """`[B, 1, T]` float audio at `sample_rate` -> codes int64 `[B, K, T // hop]`."""
+        self._check_mono(x)
+        return self._quantize(self.features(x)), None
+
+    @staticmethod
+    def _check_mono(x: torch.Tensor) -> None:
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"MelRVQCodec.encode expects [B, 1, T] mono audio, got {tuple(x.shape)}")
-        z = self.features(x)  # [B, F, M] standardised
+
+    def _quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardised frames `[B, F, M]` -> codes `[B, K, F]` (residual nearest neighbours)."""
         b, f, m = z.shape
         residual = z.reshape(b * f, m)
         codes = []
@@ -160,7 +165,7 @@ class MelRVQCodec(_Base):
             idx = nearest(residual, self.codebooks[k])
             codes.append(idx)
             residual = residual - self.codebooks[k][idx]
-        return torch.stack(codes, 0).view(self._n_q, b, f).permute(1, 0, 2).contiguous(), None
+        return torch.stack(codes, 0).view(self._n_q, b, f).permute(1, 0, 2).contiguous()
 
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """codes `[B, K, F]` -> standardised log-mel frames `[B, F, M]` (sum of the K code vectors)."""

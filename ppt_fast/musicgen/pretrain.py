@@ -23,6 +23,7 @@ a JSON sidecar with provenance (command, seed, versions, timings, losses).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -269,17 +270,22 @@ def _check_config(found: dict, cfg: PretrainConfig, path: str, what: str) -> Non
         )
 
 
+def _load_run_file(path: str, cfg: PretrainConfig, what: str, fix: str) -> dict:
+    """A checked file of this run (corpus cache or checkpoint): refused when corrupted or made with another config."""
+    try:
+        data = load_checked(path, f"pretraining {what}", fix)
+    except CorruptFileError as e:
+        raise PretrainError(str(e)) from e
+    _check_config(data["config"], cfg, path, what)
+    return data
+
+
 def prepare(cfg: PretrainConfig, workdir: str, *, verbose: bool = True) -> tuple[MelRVQCodec, Corpus, dict]:
     """Render the corpus, fit the codec and encode the corpus (cached in `workdir/data.pt`)."""
     path = os.path.join(workdir, "data.pt")
-    fix = "delete it (or pass --fresh) to rebuild it"
     codec = MelRVQCodec(cfg.codec)
     if os.path.isfile(path):
-        try:
-            data = load_checked(path, "pretraining corpus cache", fix)
-        except CorruptFileError as e:
-            raise PretrainError(str(e)) from e
-        _check_config(data["config"], cfg, path, "corpus cache")
+        data = _load_run_file(path, cfg, "corpus cache", "delete it (or pass --fresh) to rebuild it")
         codec.load_state_dict(data["codec"])
         return codec, Corpus(data["names"], data["seeds"], data["codes"]), data["timings"]
     timings: dict[str, float] = {}
@@ -327,15 +333,11 @@ def _batch(corpus: Corpus, cfg: PretrainConfig, g: torch.Generator):
     return codes, attrs
 
 
-def _loss(lm, codes, attrs):
-    from .tune import _cross_entropy
+def _loss(lm, codes, attrs, ce_fn):
+    """MusicGenSolver's loss (`tune._loss`) after classifier-free-guidance dropout (train mode), as the solver does."""
+    from .tune import _loss as solver_loss
 
-    attrs = lm.cfg_dropout(attrs)  # classifier-free guidance dropout (train mode), as MusicGenSolver does
-    provider = lm.condition_provider
-    cond = provider(provider.tokenize(attrs))
-    out = lm.compute_predictions(codes, [], cond)
-    ce, _ = _cross_entropy()(out.logits, codes, out.mask)
-    return ce
+    return solver_loss(lm, codes, lm.cfg_dropout(attrs), ce_fn, contextlib.nullcontext)
 
 
 def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool = True, stop_after: int | None = None):
@@ -347,12 +349,9 @@ def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool
     ckpt = os.path.join(workdir, "checkpoint.pt")
     step, losses, seconds = 0, [], 0.0
     if os.path.isfile(ckpt):
-        fix = "delete it (or pass --fresh) to restart the LM phase from step 0"
-        try:
-            state = load_checked(ckpt, "pretraining checkpoint", fix)
-        except CorruptFileError as e:
-            raise PretrainError(str(e)) from e
-        _check_config(state["config"], cfg, ckpt, "checkpoint")
+        state = _load_run_file(
+            ckpt, cfg, "checkpoint", "delete it (or pass --fresh) to restart the LM phase from step 0"
+        )
         lm.load_state_dict(state["lm"])
         opt.load_state_dict(state["opt"])
         g.set_state(state["generator"])
@@ -367,12 +366,15 @@ def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="pretrain lm", unit="step", dynamic_ncols=True)
+    from .tune import _cross_entropy
+
+    ce_fn = _cross_entropy()
     t_last = time.perf_counter()
     while step < cfg.steps:
         codes, attrs = _batch(corpus, cfg, g)
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        loss = _loss(lm, codes, attrs)
+        loss = _loss(lm, codes, attrs, ce_fn)
         if not torch.isfinite(loss):
             raise PretrainError(f"LM loss became {float(loss)} at step {step}; lower --lr or check the corpus")
         opt.zero_grad(set_to_none=True)
