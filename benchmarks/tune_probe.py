@@ -10,11 +10,12 @@ K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `
   "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss`.
 - phase `train`, method `dense_masked`: the trained tensors get full gradients and a dense masked AdamW step
   (ppt_fast.optim.DenseMaskedAdamW, fused torch AdamW where supported). Method `ppt_fast`: what `tune()` does:
-  `SparseAdamW(gather_in_backward=True)`: hooks gather the gradient at the pivots and free it at once; one
-  `sparse_adamw_step` over all pivots (state for pivots only).
+  `SparseAdamW(gather_in_backward=True)` with row-scoped weight gradients (`ppt_fast.rowgrad`: only the rows
+  holding pivots are computed, and their pivots gathered in backward; `"row_grads": false` turns that off and
+  hooks gather from whole gradients instead); one `sparse_adamw_step` over all pivots (state for pivots only).
 - phase `sensitivity`, method `dense_masked`: full gradients of the in-scope tensors are kept and then scored in
-  one `torch._foreach_addcmul_`; `ppt_fast`: `SensitivityAccumulator` (hooks call `sensitivity_accumulate` on the
-  in-scope rows and free each gradient at once: no full gradient set ever lives).
+  one `torch._foreach_addcmul_`; `ppt_fast`: `SensitivityAccumulator` with row-scoped gradients (only the in-scope
+  rows are computed and scored in backward; `"row_grads": false`: hooks score whole gradients and free them).
 Pivots: uniformly random at `density` of the in-scope entries (what a global top-k over noise-like scores gives;
 the real ones come from the sensitivity pass, which does not change time or memory). No identifier tokens: they
 add 3 x dim parameters, the same to both methods. No gradient clipping in either method.
@@ -96,8 +97,13 @@ def measure(spec: dict) -> dict:
     def loss_fn():
         return tune_mod._loss(lm, codes, attrs, ce_fn, autocast)
 
+    from ppt_fast.rowgrad import RowGrads
+
     handles = []
     impl = None
+    # ppt_fast's arm runs as tune() does: row-scoped weight gradients on unless the spec says "row_grads": false.
+    row_grads = method == "ppt_fast" and bool(spec.get("row_grads", True))
+    rg = RowGrads()
     if phase == "train" and method == "dense_masked":
         from ppt_fast.pivots import PivotSet
 
@@ -124,9 +130,18 @@ def measure(spec: dict) -> dict:
         opt = SparseAdamW(list(zip(names, t_params)), pivots, lr=cases.LR, weight_decay=cases.WD,
                           gather_in_backward=True)  # fmt: skip
         impl = "ppt_fast.optim.SparseAdamW(gather_in_backward=True), as ppt_fast.tune runs it"
+        if row_grads:
+            rg = tune_mod._row_grads(
+                lm, [(n, [tune_mod._pivot_rows(pivots.indices_of(n), p)], opt.row_sink(p))
+                     for n, p in zip(names, t_params) if pivots.indices_of(n).numel()],
+            ).install()  # fmt: skip
+            impl += " with row-scoped gradients (ppt_fast.rowgrad)"
 
         def step():
-            loss_fn().backward()
+            with rg.forward():
+                loss = loss_fn()
+            with rg.backward():
+                loss.backward()
             opt.step()
             opt.zero_grad()
 
@@ -149,10 +164,18 @@ def measure(spec: dict) -> dict:
         acc = SensitivityAccumulator(lm, scope, mode="grad_sq")
         acc.__enter__()  # hooks on; left on until the process ends
         impl = "ppt_fast.SensitivityAccumulator (sensitivity_accumulate in post-accumulate-grad hooks, grads freed)"
+        if row_grads:
+            rg = tune_mod._row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries]).install()
+            impl += " with row-scoped gradients (ppt_fast.rowgrad)"
 
         def step():
-            loss_fn().backward()
+            with rg.forward():
+                loss = loss_fn()
+            with rg.backward():
+                loss.backward()
 
+    routing = tune_mod._checkpoint_routing(lm, rg)  # checkpointing's recomputation sees the row-scoped linears
+    routing.__enter__()
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -184,6 +207,7 @@ def measure(spec: dict) -> dict:
         "entries_in_scope": n_scope_total,
         "entries_in_trained_tensors": n_trained_tensors,
         "trained_tensors": len(t_params),
+        "row_grads": len(rg),
         "frames": frames,
         "impl": impl,
         "backends": {op: _backend.select(op, torch.device(device)) for op in cases.OPS},

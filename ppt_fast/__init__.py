@@ -19,6 +19,7 @@ _LAZY = {
     "DenseMaskedAdamW": "ppt_fast.optim",
     "freeze_unpivoted": "ppt_fast.optim",
     "SensitivityAccumulator": "ppt_fast.sensitivity",
+    "RowGrads": "ppt_fast.rowgrad",
     "Scope": "ppt_fast.scope",
     "Concept": "ppt_fast.concept",
     "ConceptDelta": "ppt_fast.concept",

@@ -63,6 +63,17 @@ def _add_tune(sub) -> None:
         help="training prompt template, {} marks the identifier (repeatable; default 'a piece of music, {}')",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute activations in backward: lower peak memory, slower steps, same result",
+    )
+    p.add_argument(
+        "--no-row-grads",
+        dest="row_grads",
+        action="store_false",
+        help="compute whole weight gradients (default: only the scored / trained rows of the attention projections)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tune)
 
@@ -171,7 +182,8 @@ def _cmd_tune(args) -> int:
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
-    kwargs = dict(n_tokens=args.n_tokens)
+    kwargs = dict(n_tokens=args.n_tokens, activation_checkpointing=args.activation_checkpointing,
+                  row_grads=args.row_grads)  # fmt: skip
     if args.count is not None:
         kwargs["count"] = args.count
     if args.lr is not None:

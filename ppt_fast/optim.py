@@ -304,6 +304,40 @@ class SparseAdamW(torch.optim.Optimizer):
 
         return hook
 
+    def row_sink(self, param: torch.Tensor):
+        """A `ppt_fast.rowgrad.RowGrads` sink for `param` (needs ``gather_in_backward=True``): adds the pivots that
+        fall in a block of rows of its gradient to the gathered pivot gradients, as the gather hook does for a
+        whole gradient."""
+        if not self.gather_in_backward:
+            raise RuntimeError(
+                "SparseAdamW.row_sink needs gather_in_backward=True (the sink writes the gather buffers)"
+            )
+        hit = next(
+            ((gi, ti) for gi, lay in enumerate(self._layouts) for ti, p in enumerate(lay.params) if p is param), None
+        )
+        if hit is None:
+            raise ValueError("SparseAdamW.row_sink: the parameter has no pivots in this optimizer")
+        gi, ti = hit
+        lay = self._layouts[gi]
+        lo = lay.offsets[ti]
+        idx = lay.indices[lo : lay.offsets[ti + 1]]
+        buf = self._buffers[gi]
+        cols = param[0].numel() if param.dim() > 1 else 1
+        spans: dict[tuple[int, int], tuple[int, int, torch.Tensor]] = {}
+
+        def sink(block: torch.Tensor, row0: int, generation: int) -> None:  # noqa: ARG001
+            key = (row0, block.shape[0])
+            if key not in spans:
+                bounds = torch.tensor([row0 * cols, (row0 + block.shape[0]) * cols], dtype=idx.dtype, device=idx.device)
+                a, b = (int(v) for v in torch.searchsorted(idx, bounds))
+                spans[key] = (lo + a, lo + b, idx[a:b] - row0 * cols)
+            s, e, local = spans[key]
+            if e > s:
+                buf[s:e].add_(block.reshape(-1).index_select(0, local).float())
+            self._gathered[gi] = True
+
+        return sink
+
     def remove_hooks(self) -> None:
         """Detach the gather-in-backward hooks (the optimizer then reads ``p.grad`` again)."""
         for h in self._hook_handles:

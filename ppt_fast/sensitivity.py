@@ -100,6 +100,27 @@ class SensitivityAccumulator:
 
         return hook
 
+    def row_sink(self, name: str):
+        """A `ppt_fast.rowgrad.RowGrads` sink for the in-scope tensor `name`: scores a block of rows of its gradient
+        (the rows outside the scope are ignored). Each backward pass counts once per tensor, like the hook."""
+        i = self.names.index(name)
+        entry = self.entries[i]
+        score = self.scores[name]
+        s0, s1 = entry.rows
+        mode = self.mode
+        last = [-1]
+
+        def sink(block: torch.Tensor, row0: int, generation: int) -> None:
+            a, b = max(row0, s0), min(row0 + block.shape[0], s1)
+            if a < b:
+                params = [entry.param.detach()[a:b]] if mode == "taylor" else None
+                sensitivity_accumulate([score[a - s0 : b - s0]], [block[a - row0 : b - row0]], params=params, mode=mode)
+            if generation != last[0]:
+                last[0] = generation
+                self._calls[i] += 1
+
+        return sink
+
     # ---- facts ---------------------------------------------------------------------------------------------------
     @property
     def steps(self) -> int:

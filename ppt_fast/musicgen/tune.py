@@ -2,12 +2,14 @@
 
 Phases (DESIGN §2, §6):
 1. Sensitivity: S batches of (reference codes, training prompt naming the identifier) in `eval()` mode; backward;
-   a post-accumulate-grad hook on every in-scope tensor adds `f(grad)` of the in-scope rows to a score buffer and
-   frees the gradient at once (no full gradient set ever lives).
+   only the in-scope rows of the attention projections' weight gradients are computed (`ppt_fast.rowgrad`,
+   `row_grads=True`) and scored in backward; any other in-scope tensor is scored by a post-accumulate-grad hook that
+   frees its gradient at once (no full gradient set ever lives).
 2. Selection: a global top-k over all scores (`select_pivots`, ratio or count of the entries in scope); indices
    are mapped to flat indices of the whole parameter.
 3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
-   (state only for pivots; gradients gathered at the pivots inside backward hooks and freed), cross-entropy
+   (state only for pivots; gradients gathered at the pivots inside backward, from row-scoped blocks or from hooks
+   that free each whole gradient), cross-entropy
    exactly as `MusicGenSolver._compute_cross_entropy` (called, not copied), gradient-norm clipping (`max_norm`)
    applied per kind of trained tensor: the LM pivots (norm over the pivot gradients only,
    `SparseAdamW.clip_grad_norm_`), dense LM tensors, and the identifier tokens (their gradients live on another
@@ -31,6 +33,7 @@ back to the base value).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -215,6 +218,7 @@ def tune_model(
     verbose: bool = True,
     callback: Callable[[int, float], None] | None = None,
     activation_checkpointing: bool = False,
+    row_grads: bool = True,
 ) -> TuneResult:
     """tune() returning the tuned model and the run's details (see `tune` for the arguments)."""
     from tqdm.auto import tqdm
@@ -282,6 +286,7 @@ def tune_model(
         p.requires_grad_(False)
 
     from ..optim import SparseAdamW, freeze_unpivoted
+    from ..rowgrad import RowGrads
     from ..scope import Scope
     from ..sensitivity import SensitivityAccumulator
 
@@ -297,12 +302,20 @@ def tune_model(
             pivots[ident] = _on_layout(names, params, {}, dev)
             continue
         with SensitivityAccumulator(lm, scope, mode=criterion) as acc:
+            rg = (
+                _row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries])
+                if row_grads
+                else RowGrads()
+            )
             bar = tqdm(range(sensitivity_batches), desc=f"sensitivity {ident}", disable=not verbose, leave=False)
-            for _ in bar:
-                codes, attrs = _make_batch(pools[ident], templates, batch_size, g)
-                loss = _loss(lm, codes, attrs, ce_fn, autocast)
-                loss.backward()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+            with rg, _checkpoint_routing(lm, rg):
+                for _ in bar:
+                    codes, attrs = _make_batch(pools[ident], templates, batch_size, g)
+                    with rg.forward():
+                        loss = _loss(lm, codes, attrs, ce_fn, autocast)
+                    with rg.backward():
+                        loss.backward()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
             if acc.steps == 0:
                 raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
             # ---- phase 2: selection (global top-k over the scope) ----------------------------------------------
@@ -335,6 +348,14 @@ def tune_model(
     dense_opt = (
         torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay, foreach=False) if dense_params else None
     )
+    rg = RowGrads()
+    if sparse_opt is not None and row_grads:
+        rg = _row_grads(
+            lm,
+            [(n, [_pivot_rows(trained.indices_of(n), params[n])], sparse_opt.row_sink(params[n]))
+             for n, idx in trained if idx.numel()],
+        )  # fmt: skip
+    rg.install()
     token_list = list(tokens.values())
     token_opt = torch.optim.AdamW(token_list, lr=token_lr, weight_decay=0.0, foreach=False)
 
@@ -344,11 +365,13 @@ def tune_model(
     saved_ckpt = getattr(transformer, "checkpointing", None)
     if activation_checkpointing and saved_ckpt is not None:
         # audiocraft's per-layer torch checkpointing: activations are recomputed in backward instead of kept; the
-        # results are bitwise the same (tested), the peak memory lower and each step ~1.3x slower.
+        # results are bitwise the same (tested), the peak memory lower, each step slower (one more forward).
         transformer.checkpointing = "torch"
     t1 = time.perf_counter()
     bar = tqdm(range(steps), desc="tune", disable=not verbose, dynamic_ncols=True)
+    routing = contextlib.ExitStack()
     try:
+        routing.enter_context(_checkpoint_routing(lm, rg))
         for step in bar:
             # Single-concept batches in turn, and a combination batch every 4th step when several train together.
             if combos and step % 4 == 3:
@@ -356,10 +379,12 @@ def tune_model(
             else:
                 pool = all_pools[step % len(pools)]
             codes, attrs = _make_batch(pool, COMBO_TEMPLATES if pool in combos else templates, batch_size, g)
-            loss = _loss(lm, codes, attrs, ce_fn, autocast)
+            with rg.forward():
+                loss = _loss(lm, codes, attrs, ce_fn, autocast)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or token_lr")
-            loss.backward()
+            with rg.backward():
+                loss.backward()
             # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
             # tensors, and the identifier tokens (whose gradients live on another scale).
             if max_norm:
@@ -377,6 +402,8 @@ def tune_model(
             if callback is not None:
                 callback(step, losses[-1])
     finally:
+        routing.close()
+        rg.remove()
         if saved_ckpt is not None:
             transformer.checkpointing = saved_ckpt
         if sparse_opt is not None:
@@ -405,6 +432,63 @@ def tune_model(
         ),
         base_snapshot=base_snapshot,
     )  # fmt: skip
+
+
+def _row_grad_weights(lm) -> dict[str, torch.Tensor]:
+    """The LM weights row-scoped gradients can serve: the packed ``in_proj_weight`` of audiocraft's custom
+    attention (``StreamingMultiheadAttention(custom=True)``, what MusicGen's memory-efficient layers use), which
+    projects with ``F.linear`` on the whole weight (self-attention) or on row slices of it (cross-attention)."""
+    out = {}
+    for mname, mod in lm.named_modules():
+        if type(mod).__name__ == "StreamingMultiheadAttention" and getattr(mod, "custom", False):
+            w = getattr(mod, "in_proj_weight", None)
+            if isinstance(w, torch.Tensor) and w.dim() == 2:
+                out[f"{mname}.in_proj_weight" if mname else "in_proj_weight"] = w
+    return out
+
+
+def _row_grads(lm, targets):
+    """A RowGrads over the eligible ones of ``targets`` [(name, rows, sink)]; the others keep whole gradients."""
+    from ..rowgrad import RowGrads
+
+    eligible = _row_grad_weights(lm)
+    rg = RowGrads()
+    for name, rows, sink in targets:
+        if name in eligible:
+            rg.add(name, eligible[name], rows, sink)
+    return rg
+
+
+@contextlib.contextmanager
+def _checkpoint_routing(lm, rg):
+    """While audiocraft's per-layer checkpointing is on (``transformer.checkpointing == "torch"``), run it with
+    ``context_fn=rg.checkpoint_contexts`` so the recomputation in backward sees the row-scoped linears too."""
+    transformer = getattr(lm, "transformer", None)
+    method = getattr(transformer, "checkpointing", "none")
+    if not len(rg) or method == "none":
+        yield
+        return
+    if method != "torch":
+        raise TuneError(
+            f"row-scoped gradients do not support audiocraft's {method!r} checkpointing; use checkpointing='torch' "
+            "or tune(..., row_grads=False)"
+        )
+    from torch.utils.checkpoint import checkpoint
+
+    def apply_layer(layer, *args, **kwargs):
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=rg.checkpoint_contexts, **kwargs)
+
+    transformer._apply_layer = apply_layer  # instance attribute: shadows StreamingTransformer._apply_layer
+    try:
+        yield
+    finally:
+        del transformer._apply_layer
+
+
+def _pivot_rows(idx: torch.Tensor, param: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[first, last + 1)`` holding a tensor's (sorted, non-empty) pivots."""
+    cols = param[0].numel()
+    return int(idx[0]) // cols, int(idx[-1]) // cols + 1
 
 
 def _snapshot(lm, trained: PivotSet, dense_rows: dict, preset: str):
@@ -489,8 +573,9 @@ def tune(
         verbose: a tqdm bar per phase (phase, step, loss, steps/s); False silences it.
         **kwargs: lr, token_lr, batch_size, sensitivity_batches, criterion, n_tokens, init_text, templates,
             segment_seconds, max_norm, weight_decay, device, use_cache, callback, activation_checkpointing
-            (recompute activations in backward: lower peak memory for large models, ~1.3x slower steps; the
-            result is the same) (see `tune_model`).
+            (recompute activations in backward: lower peak memory, slower steps; the result is the same),
+            row_grads (default True: compute only the scored / trained rows of the attention projections'
+            weight gradients, `ppt_fast.rowgrad`; False computes whole gradients) (see `tune_model`).
     """
     count = kwargs.pop("count", None)
     result = tune_model(
