@@ -40,6 +40,11 @@ def pytest_addoption(parser):
     g.addoption("--bench-case-seconds", type=float, default=10.0, help="time budget per case: fewer rounds if slow")
     g.addoption("--bench-optmem-size", default="small", help="model whose optimizer state is measured")
     g.addoption("--bench-e2e-models", default="tiny,small", help="end-to-end models: tiny,small")
+    g.addoption(
+        "--bench-e2e-sensitivity",
+        default="tiny,small",
+        help="end-to-end models whose sensitivity phase is measured too (the train phase always is)",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,7 @@ class BenchConfig:
     case_seconds: float
     e2e_models: list[str]
     optmem_size: str
+    e2e_sensitivity: list[str]
 
     def layers_for(self, size: str) -> int | None:
         return self.layers.get(size)
@@ -69,6 +70,7 @@ def _config(config) -> BenchConfig:
         case_seconds=config.getoption("--bench-case-seconds"),
         e2e_models=[m for m in config.getoption("--bench-e2e-models").split(",") if m],
         optmem_size=config.getoption("--bench-optmem-size"),
+        e2e_sensitivity=[m for m in config.getoption("--bench-e2e-sensitivity").split(",") if m],
     )
 
 
@@ -116,8 +118,23 @@ def versions_brief() -> dict:
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton}
 
 
-def measure_peak_memory(spec: dict, timeout: float = 600.0) -> dict:
-    """Run `memprobe.py` for one case in a fresh interpreter; returns its JSON (or {'error': ...})."""
+_MEM_CACHE: dict[tuple, dict] = {}
+
+
+def peak_memory_for(spec: dict, densities: list[float] | None) -> dict:
+    """Peak memory of one case: the first density of an (op, provider, shapes) group runs `memprobe.py` once for all
+    of the suite's densities (one fresh process builds the shared inputs once), the others read its result."""
+    key = tuple((k, spec[k]) for k in ("op", "provider", "size", "layers", "dtype", "device"))
+    if key not in _MEM_CACHE:
+        _MEM_CACHE[key] = measure_peak_memory({**spec, "densities": densities or [None]})
+    res = _MEM_CACHE[key]
+    if "error" in res:
+        return res
+    return res["by_density"].get(str(spec.get("density")), {"error": "density not measured"})
+
+
+def measure_peak_memory(spec: dict, timeout: float = 900.0) -> dict:
+    """Run `memprobe.py` for one case group in a fresh interpreter; returns its JSON (or {'error': ...})."""
     env = dict(os.environ)
     env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")  # fixed threshold: freed big blocks leave RSS at once
     try:
@@ -219,6 +236,6 @@ def run_op_benchmark(benchmark, cfg: BenchConfig, op: str, provider: str, size: 
     elif size in cfg.mem_sizes:
         spec = {"op": op, "provider": provider, "size": size, "layers": layers, "dtype": dtype, "device": cfg.device}
         spec["density"] = density
-        mem = measure_peak_memory(spec)
+        mem = peak_memory_for(spec, cfg.densities if density is not None else None)
         info.update({f"mem_{k}": v for k, v in mem.items()})
     benchmark.extra_info.update(info)

@@ -1,14 +1,17 @@
-"""Peak memory of one op-level case, measured in a fresh process (so no other case's allocations interfere).
+"""Peak memory of op-level cases, measured in a fresh process (so no other benchmark's allocations interfere).
 
     python benchmarks/memprobe.py '{"op": ..., "provider": ..., "size": ..., "layers": ..., "dtype": ...,
-                                    "device": ..., "density": ...}'
+                                    "device": ..., "densities": [0.001, 0.01, 0.05]}'
 
-CPU: the inputs every provider shares (params, grads) are built first; then the peak-RSS mark is reset (Linux
-`/proc/self/clear_refs`), the provider's own structures are built (masks, optimizer state, pivot state) and its op
-runs twice; `peak_extra_bytes` = peak RSS - RSS after the shared inputs. GPU: the same with
-`torch.cuda.reset_peak_memory_stats` / `max_memory_allocated`. The parent sets MALLOC_MMAP_THRESHOLD_ so glibc maps
-(and returns) every large block instead of keeping freed memory resident, which would hide allocations from RSS.
-Prints one JSON line.
+CPU: the inputs every provider shares (params, grads; scores for select_pivots) are built once; then, for each
+density in turn (one value `null` for ops without a density), the pivot set is built (an input of every step
+provider), the peak-RSS mark is reset (Linux `/proc/self/clear_refs`), the provider's own structures are built (masks,
+optimizer state, pivot state) and its op runs (twice for the stateful sparse step, whose first call allocates the
+optimizer state; once for the stateless ops); `peak_extra_bytes` = peak RSS - RSS before the provider's structures.
+Everything the case built is freed before the next density. GPU: the same with `torch.cuda.reset_peak_memory_stats` /
+`max_memory_allocated`. The parent sets MALLOC_MMAP_THRESHOLD_ so glibc maps (and returns) every large block instead
+of keeping freed memory resident, which would hide allocations from RSS (and carry one density's peak into the next).
+Prints one JSON line: ``{"by_density": {"<density>": {...}}}``.
 """
 
 from __future__ import annotations
@@ -37,18 +40,16 @@ def _warm_up(spec: dict) -> None:
     gc.collect()
 
 
-def measure(spec: dict) -> dict:
+def _one(spec: dict, inp, density) -> dict:
     device = spec["device"]
-    _warm_up(spec)
-    inp = cases.make_inputs(spec["size"], spec.get("layers"), spec["dtype"], device)
+    cuda = device.startswith("cuda")
     pivots = None
     if spec["op"] == "sparse_adamw_step":  # the pivot set is an input to every step provider, dense ones included
-        pivots = cases.random_pivots(inp, spec["density"])
-    if spec["op"] == "select_pivots":  # so are the scores to every select provider
-        cases.ensure_scores(inp)
-    cuda = device.startswith("cuda")
+        pivots = cases.random_pivots(inp, density)
+    gc.collect()
     if cuda:
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -56,13 +57,12 @@ def measure(spec: dict) -> dict:
         if not provenance.reset_peak_rss():
             return {"error": "cannot reset peak RSS (/proc/self/clear_refs not writable)"}
     if spec["op"] == "sparse_adamw_step":
-        case = cases.step_case(inp, spec["provider"], spec["density"], pivots=pivots)
+        case = cases.step_case(inp, spec["provider"], density, pivots=pivots)
     else:
-        case = cases.build_case(spec["op"], inp, spec["provider"], spec.get("density"))
-    out = case.run()
-    del out
-    out = case.run()
-    del out
+        case = cases.build_case(spec["op"], inp, spec["provider"], density)
+    for _ in range(2 if spec["op"] == "sparse_adamw_step" else 1):
+        out = case.run()
+        del out
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -70,7 +70,17 @@ def measure(spec: dict) -> dict:
     else:
         peak = provenance.peak_rss_bytes()
         kind = "peak RSS (VmHWM, reset after the shared inputs)"
+    del case, pivots
     return {"peak_extra_bytes": int(peak - base), "base_bytes": int(base), "peak_bytes": int(peak), "kind": kind}
+
+
+def measure(spec: dict) -> dict:
+    densities = spec.get("densities", [spec.get("density")])
+    _warm_up({**spec, "density": densities[0]})
+    inp = cases.make_inputs(spec["size"], spec.get("layers"), spec["dtype"], spec["device"])
+    if spec["op"] == "select_pivots":  # the scores are an input to every select provider
+        cases.ensure_scores(inp)
+    return {"by_density": {str(d): _one(spec, inp, d) for d in densities}}
 
 
 if __name__ == "__main__":

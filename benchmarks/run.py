@@ -28,11 +28,13 @@ sys.path.insert(0, str(HERE))
 
 SUITES = {
     # CPU: musicgen-small whole (300 tensors), medium and large as 2- and 1-layer slices (+ all heads): a dense
-    # AdamW step over a whole medium/large needs 29/52 GB here and minutes per call.
+    # AdamW step over a whole medium/large needs 29/52 GB here and minutes per call. End to end: the train phase of
+    # tiny and small, the sensitivity phase of tiny only (small's adds a minute; the GPU suite runs both). ~14 min.
     "cpu": {
         "device": "cpu",
         "args": ["--bench-sizes", "small,medium,large", "--bench-layers", "small=24,medium=2,large=1",
-                 "--bench-dtypes", "fp32", "--bench-mem-sizes", "small", "--bench-e2e-models", "tiny,small"],
+                 "--bench-dtypes", "fp32", "--bench-mem-sizes", "small", "--bench-e2e-models", "tiny,small",
+                 "--bench-e2e-sensitivity", "tiny"],
     },
     "gpu": {
         "device": "cuda",
