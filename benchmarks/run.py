@@ -34,7 +34,7 @@ SUITES = {
         "device": "cpu",
         "args": ["--bench-sizes", "small,medium,large", "--bench-layers", "small=24,medium=2,large=1",
                  "--bench-dtypes", "fp32", "--bench-mem-sizes", "small", "--bench-e2e-models", "tiny,small",
-                 "--bench-e2e-sensitivity", "tiny"],
+                 "--bench-e2e-sensitivity", "tiny", "--bench-case-seconds", "6"],
     },
     "gpu": {
         "device": "cuda",

@@ -69,10 +69,11 @@ def _add_tune(sub) -> None:
         help="recompute activations in backward: lower peak memory, slower steps, same result",
     )
     p.add_argument(
-        "--no-row-grads",
-        dest="row_grads",
-        action="store_false",
-        help="compute whole weight gradients (default: only the scored / trained rows of the attention projections)",
+        "--row-grads",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compute only the scored / trained rows of the attention projections' weight gradients: on, off, or "
+        "auto (default: on for real MusicGen sizes, off for the tiny model)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tune)
@@ -183,7 +184,7 @@ def _cmd_tune(args) -> int:
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
     kwargs = dict(n_tokens=args.n_tokens, activation_checkpointing=args.activation_checkpointing,
-                  row_grads=args.row_grads)  # fmt: skip
+                  row_grads={"auto": None, "on": True, "off": False}[args.row_grads])  # fmt: skip
     if args.count is not None:
         kwargs["count"] = args.count
     if args.lr is not None:

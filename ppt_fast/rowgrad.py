@@ -29,10 +29,12 @@ raises ``CheckpointError``: different saved tensors); `ppt_fast.tune` does this 
 checkpointing.
 
 Guarantees, each checked rather than assumed: a target used by any torch op other than ``F.linear`` or row slicing
-(an op that would need its gradient) is an error naming it; a target never reached by ``F.linear`` in a forward is an
+(an op that would need its gradient) is an error naming it (checked on every op until one forward pass came through
+clean, then skipped: it costs a few microseconds per op); a target never reached by ``F.linear`` in a forward is an
 error after that forward (its rows would silently get no gradient); a row block used twice in one forward is an error
-(its per-use blocks would reach a non-linear score separately). Under autocast the matmuls run in the autocast dtype,
-as ``F.linear`` itself would. The forward result is bitwise the same as the plain ``F.linear``.
+(its per-use blocks would reach a non-linear score separately). Both are checked on every forward. Under autocast
+the matmuls run in the autocast dtype, as ``F.linear`` itself would. The forward result is bitwise the same as the
+plain ``F.linear``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ class _Mode(TorchFunctionMode):
         super().__init__()
         self.owner = owner
         self.counting = counting
+        # Scan every other op's arguments for a target until one forward pass came through clean (the check costs
+        # a few microseconds per op: on the tiny model ~20 % of a step if kept on for every pass).
+        self.scan = counting and not owner._validated
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -138,7 +143,7 @@ class _Mode(TorchFunctionMode):
             hit = owner._locate(w)
             if hit is not None:
                 return owner._linear(x, w, b, *hit, counting=self.counting)
-        elif owner._targets and getattr(func, "__name__", "") not in _PASSTHROUGH:
+        elif self.scan and getattr(func, "__name__", "") not in _PASSTHROUGH:
             for a in _tensors(args, kwargs):
                 hit = owner._locate(a)
                 if hit is not None:
@@ -168,6 +173,7 @@ class RowGrads:
         self._targets: dict[int, _Target] = {}
         self._by_storage: dict[tuple[int, int], _Target] = {}
         self._installed = False
+        self._validated = False  # a forward pass has shown every target is used only through F.linear
         self.generation = 0  # backward passes run through `backward()`
         self._anchors: dict[torch.device, torch.Tensor] = {}
 
@@ -218,7 +224,8 @@ class RowGrads:
             return
         for t in self._targets.values():
             t.uses.clear()
-        with _Mode(self, counting=True):
+        mode = _Mode(self, counting=True)
+        with mode:
             yield
         unused = [t.name for t in self._targets.values() if not t.uses]
         if unused:
@@ -227,6 +234,8 @@ class RowGrads:
                 f"pass (first: {unused[0]!r}), so their rows would get no gradient; turn row-scoped gradients off "
                 "(tune(..., row_grads=False)) for a model whose attention does not project with F.linear"
             )
+        if mode.scan:
+            self._validated = True
 
     @contextlib.contextmanager
     def backward(self) -> Iterator[None]:

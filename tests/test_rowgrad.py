@@ -347,3 +347,21 @@ def test_tune_with_and_without_row_grads(preset, ckpt):
         torch.testing.assert_close(pb[n], pa[n], **tol(torch.float32))
     torch.testing.assert_close(b.tokens["<v1>"], a.tokens["<v1>"], **tol(torch.float32))
     assert all(not p.requires_grad for p in b.model.lm.parameters())
+
+
+def test_auto_turns_row_grads_on_only_for_large_projections():
+    pytest.importorskip("audiocraft")
+    tune_mod = importlib.import_module("ppt_fast.musicgen.tune")
+    from ppt_fast.musicgen.models import load_model
+
+    lm = load_model("tiny-random").lm
+    names = list(tune_mod._row_grad_weights(lm))
+    targets = [(n, [(0, 1)], lambda *a: None) for n in names]
+    assert len(tune_mod._row_grads(lm, targets, True)) == 4
+    assert len(tune_mod._row_grads(lm, targets, None)) == 0  # 4 x [192, 64]: far below ROW_GRADS_AUTO_MIN
+    old = tune_mod.ROW_GRADS_AUTO_MIN
+    try:
+        tune_mod.ROW_GRADS_AUTO_MIN = 1
+        assert len(tune_mod._row_grads(lm, targets, None)) == 4
+    finally:
+        tune_mod.ROW_GRADS_AUTO_MIN = old

@@ -3,8 +3,9 @@
 Phases (DESIGN §2, §6):
 1. Sensitivity: S batches of (reference codes, training prompt naming the identifier) in `eval()` mode; backward;
    only the in-scope rows of the attention projections' weight gradients are computed (`ppt_fast.rowgrad`,
-   `row_grads=True`) and scored in backward; any other in-scope tensor is scored by a post-accumulate-grad hook that
-   frees its gradient at once (no full gradient set ever lives).
+   `row_grads`: on by default for models whose projections hold >= 8 M entries) and scored in backward; any other
+   in-scope tensor is scored by a post-accumulate-grad hook that frees its gradient at once (no full gradient set
+   ever lives).
 2. Selection: a global top-k over all scores (`select_pivots`, ratio or count of the entries in scope); indices
    are mapped to flat indices of the whole parameter.
 3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
@@ -218,7 +219,7 @@ def tune_model(
     verbose: bool = True,
     callback: Callable[[int, float], None] | None = None,
     activation_checkpointing: bool = False,
-    row_grads: bool = True,
+    row_grads: bool | None = None,
 ) -> TuneResult:
     """tune() returning the tuned model and the run's details (see `tune` for the arguments)."""
     from tqdm.auto import tqdm
@@ -303,8 +304,8 @@ def tune_model(
             continue
         with SensitivityAccumulator(lm, scope, mode=criterion) as acc:
             rg = (
-                _row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries])
-                if row_grads
+                _row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries], row_grads)
+                if row_grads is not False
                 else RowGrads()
             )
             bar = tqdm(range(sensitivity_batches), desc=f"sensitivity {ident}", disable=not verbose, leave=False)
@@ -349,11 +350,12 @@ def tune_model(
         torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay, foreach=False) if dense_params else None
     )
     rg = RowGrads()
-    if sparse_opt is not None and row_grads:
+    if sparse_opt is not None and row_grads is not False:
         rg = _row_grads(
             lm,
             [(n, [_pivot_rows(trained.indices_of(n), params[n])], sparse_opt.row_sink(params[n]))
              for n, idx in trained if idx.numel()],
+            row_grads,
         )  # fmt: skip
     rg.install()
     token_list = list(tokens.values())
@@ -447,15 +449,24 @@ def _row_grad_weights(lm) -> dict[str, torch.Tensor]:
     return out
 
 
-def _row_grads(lm, targets):
-    """A RowGrads over the eligible ones of ``targets`` [(name, rows, sink)]; the others keep whole gradients."""
+# row_grads=None (auto) turns row-scoped gradients on when the weights they serve hold at least this many entries.
+# Below it the Python dispatch of the torch-function mode (a microsecond or two per op) costs more than the matmul
+# work saved: tiny (1.6 M entries) +14 % per step with it, musicgen-small (151 M) -15 % (benchmarks/tune_probe.py).
+ROW_GRADS_AUTO_MIN = 8_000_000
+
+
+def _row_grads(lm, targets, enable: bool | None = True):
+    """A RowGrads over the eligible ones of ``targets`` [(name, rows, sink)]; the others keep whole gradients.
+    ``enable=None``: only when the eligible weights hold >= ROW_GRADS_AUTO_MIN entries (else an empty RowGrads)."""
     from ..rowgrad import RowGrads
 
     eligible = _row_grad_weights(lm)
+    chosen = [(name, rows, sink) for name, rows, sink in targets if name in eligible]
     rg = RowGrads()
-    for name, rows, sink in targets:
-        if name in eligible:
-            rg.add(name, eligible[name], rows, sink)
+    if enable is None and sum(eligible[n].numel() for n, _, _ in chosen) < ROW_GRADS_AUTO_MIN:
+        return rg
+    for name, rows, sink in chosen:
+        rg.add(name, eligible[name], rows, sink)
     return rg
 
 
@@ -574,8 +585,10 @@ def tune(
         **kwargs: lr, token_lr, batch_size, sensitivity_batches, criterion, n_tokens, init_text, templates,
             segment_seconds, max_norm, weight_decay, device, use_cache, callback, activation_checkpointing
             (recompute activations in backward: lower peak memory, slower steps; the result is the same),
-            row_grads (default True: compute only the scored / trained rows of the attention projections'
-            weight gradients, `ppt_fast.rowgrad`; False computes whole gradients) (see `tune_model`).
+            row_grads (compute only the scored / trained rows of the attention projections' weight gradients,
+            `ppt_fast.rowgrad`: True, False = whole gradients, None (default) = on when those weights hold >= 8 M
+            entries, e.g. every real MusicGen, off for the tiny model, where it costs more than it saves)
+            (see `tune_model`).
     """
     count = kwargs.pop("count", None)
     result = tune_model(
