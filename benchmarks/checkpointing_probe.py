@@ -8,7 +8,8 @@ Runs `tune_probe.py` (a fresh process per configuration) for the 6 configuration
 slow drift of a shared machine hits every configuration alike), and writes every run plus, per configuration, the
 median over rounds of the step time and of the peak memory, and the ratios to dense masked: against dense masked with
 the same checkpointing setting, and against dense masked without checkpointing (what dense masked tuning runs by
-default). Checkpointing is audiocraft's per-layer `transformer.checkpointing = "torch"`.
+default). Checkpointing is audiocraft's per-layer `transformer.checkpointing = "torch"`. Allocator: as in
+`bench_tune_step.py`, MALLOC_MMAP_THRESHOLD_=131072 unless set.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +41,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(HERE / "results" / f"cpu-checkpointing-{dt.date.today().isoformat()}.json"))
     args = ap.parse_args()
+    # The allocator setting of bench_tune_step.py (make bench): glibc maps every block over 128 KiB, so freed
+    # memory leaves RSS at once and the peak is that of live tensors, not of what glibc keeps for reuse.
+    env = dict(os.environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     rows = []
     for rep in range(args.repeats):
         for ck in ("none", "torch"):
@@ -46,7 +52,7 @@ def main() -> int:
                 spec = {"model": "small", "method": method, "phase": "train", "density": 0.01, "device": "cpu",
                         "seconds": 5.0, "steps": args.steps, "checkpointing": ck, "row_grads": rg}  # fmt: skip
                 proc = subprocess.run([sys.executable, str(HERE / "tune_probe.py"), json.dumps(spec)],
-                                      capture_output=True, text=True, check=True)  # fmt: skip
+                                      capture_output=True, text=True, check=True, env=env)  # fmt: skip
                 res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
                 rows.append({"spec": spec, "repeat": rep, **res})
                 print(

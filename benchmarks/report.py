@@ -20,6 +20,54 @@ GIB = 1024**3
 MIB = 1024**2
 
 
+def _load_probes(paths: list[Path]) -> list[tuple[str, dict]]:
+    """The checkpointing probe's files (benchmarks/checkpointing_probe.py, schema 2), oldest first."""
+    out = []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("suite") == "checkpointing-probe" and "summary_medians" in data:
+            out.append((Path(p).name, data))
+    return sorted(out, key=lambda fd: fd[1]["provenance"]["date_utc"])
+
+
+def probe_rows(fname: str, data: dict) -> list[str]:
+    rows = []
+    plain_dense = data["summary_medians"]["dense_masked/none"]
+    for key, v in data["summary_medians"].items():
+        label, ck = key.split("/")
+        r = data["ratios"].get(key)
+        if r:
+            same, plain = r["vs_dense_same_checkpointing"], r["vs_dense_without_checkpointing"]
+            cells = (f"{same['peak_memory']:.3f}x, {same['step_time']:.3f}x",
+                     f"{plain['peak_memory']:.3f}x, {plain['step_time']:.3f}x")  # fmt: skip
+        else:  # dense masked itself
+            m = v["peak_bytes"] / plain_dense["peak_bytes"]
+            t = v["step_seconds"] / plain_dense["step_seconds"]
+            cells = ("1x, 1x", f"{m:.3f}x, {t:.3f}x")
+        rows.append(
+            f"| {label} | {'per layer' if ck == 'torch' else 'none'} | {_fmt_s(v['step_seconds'])} | "
+            f"{_fmt_b(v['peak_bytes'])} | {cells[0]} | {cells[1]} | {fname} |"
+        )
+    return rows
+
+
+def probe_figures(fname: str, data: dict) -> list[str]:
+    out = []
+    for ck, what in (("none", "no checkpointing"), ("torch", "activation checkpointing in both arms")):
+        r = data["ratios"].get(f"ppt_fast/{ck}", {}).get("vs_dense_same_checkpointing")
+        if r:
+            ok = r["peak_memory"] <= 0.6 and r["step_time"] <= 1.0
+            out.append(
+                f"- end-to-end tune step, musicgen-small shapes, {what} (median of {data['repeats']} rounds): "
+                f"{r['peak_memory']:.2f}x dense masked peak memory, {r['step_time']:.2f}x its step time (target <= "
+                f"0.6x and no slower) - " + ("met" if ok else "MISSED") + f"  ({fname})"
+            )
+    return out
+
+
 def _load(paths: list[Path]) -> list[tuple[str, dict]]:
     out = []
     for p in paths:
@@ -275,6 +323,9 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
             newest[dev] = (fname, data)
     for fname, data in newest.values():
         lines += figures(fname, data)
+    probes = _load_probes(paths)
+    if probes:
+        lines += probe_figures(*probes[-1])
     lines += ["", "## Op level", "",
               "Speed-up = baseline median / provider median (baselines: `torch_foreach` for sensitivity_accumulate, "
               "`dense_masked` for select_pivots and sparse_adamw_step). GB/s = the op's floor bytes (DESIGN.md §4) / "
@@ -294,6 +345,15 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
               "file |", "|---" * 11 + "|"]  # fmt: skip
     for fname, data in results:
         lines += e2e_rows(fname, data)
+    if probes:
+        lines += ["", "## Tune step: activation checkpointing and row-scoped gradients", "",
+                  "`benchmarks/checkpointing_probe.py`: musicgen-small shapes, B = 1, 5 s, recipe `ppt` at 1 %, one "
+                  "fresh process per configuration, medians over rounds run in turn. `ppt_fast_wholegrads` is ppt_fast "
+                  "with `row_grads=False`.", "",
+                  "| method | checkpointing | step | peak | vs dense, same checkpointing (memory, time) | "
+                  "vs dense without checkpointing (memory, time) | file |", "|---" * 7 + "|"]  # fmt: skip
+        for fname, data in probes:
+            lines += probe_rows(fname, data)
     lines += ["", "## Skipped", ""]
     for fname, data in results:
         reasons = defaultdict(list)
