@@ -54,7 +54,7 @@ def main() -> int:
                 proc = subprocess.run([sys.executable, str(HERE / "tune_probe.py"), json.dumps(spec)],
                                       capture_output=True, text=True, check=True, env=env)  # fmt: skip
                 res = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
-                rows.append({"spec": spec, "repeat": rep, **res})
+                rows.append({"spec": spec, "label": _label(method, rg), "repeat": rep, **res})
                 print(
                     f"round {rep} checkpointing={ck:5s} {_label(method, rg):21s} peak {res['peak_bytes'] / 2**30:.3f} "
                     f"GiB, over model {res['peak_extra_bytes'] / 2**20:.0f} MiB, step {res['step_seconds']:.2f} s",
@@ -63,8 +63,7 @@ def main() -> int:
     summary: dict[str, dict] = {}
     for ck in ("none", "torch"):
         for method, rg in ARMS:
-            runs = [r for r in rows if r["spec"]["checkpointing"] == ck and _label(r["spec"]["method"],
-                    r["spec"]["row_grads"]) == _label(method, rg)]  # fmt: skip
+            runs = [r for r in rows if r["spec"]["checkpointing"] == ck and r["label"] == _label(method, rg)]
             summary[f"{_label(method, rg)}/{ck}"] = {
                 "peak_bytes": statistics.median(r["peak_bytes"] for r in runs),
                 "step_seconds": statistics.median(r["step_seconds"] for r in runs),

@@ -20,17 +20,23 @@ GIB = 1024**3
 MIB = 1024**2
 
 
-def _load_probes(paths: list[Path]) -> list[tuple[str, dict]]:
-    """The checkpointing probe's files (benchmarks/checkpointing_probe.py, schema 2), oldest first."""
+def _read(paths: list[Path], keep) -> list[tuple[str, dict]]:
+    """(file name, data) of every readable JSON file whose data `keep` accepts."""
     out = []
     for p in paths:
         try:
             data = json.loads(Path(p).read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and data.get("suite") == "checkpointing-probe" and "summary_medians" in data:
+        if isinstance(data, dict) and keep(data):
             out.append((Path(p).name, data))
-    return sorted(out, key=lambda fd: fd[1]["provenance"]["date_utc"])
+    return out
+
+
+def _load_probes(paths: list[Path]) -> list[tuple[str, dict]]:
+    """The checkpointing probe's files (benchmarks/checkpointing_probe.py, schema 2), oldest first."""
+    found = _read(paths, lambda d: d.get("suite") == "checkpointing-probe" and "summary_medians" in d)
+    return sorted(found, key=lambda fd: fd[1]["provenance"]["date_utc"])
 
 
 def probe_rows(fname: str, data: dict) -> list[str]:
@@ -69,15 +75,7 @@ def probe_figures(fname: str, data: dict) -> list[str]:
 
 
 def _load(paths: list[Path]) -> list[tuple[str, dict]]:
-    out = []
-    for p in paths:
-        try:
-            data = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(data, dict) and "benchmarks" in data and "provenance" in data:
-            out.append((Path(p).name, data))
-    return out
+    return _read(paths, lambda d: "benchmarks" in d and "provenance" in d)
 
 
 def _key(e: dict) -> tuple:

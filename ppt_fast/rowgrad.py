@@ -171,7 +171,6 @@ class RowGrads:
 
     def __init__(self) -> None:
         self._targets: dict[int, _Target] = {}
-        self._by_storage: dict[tuple[int, int], _Target] = {}
         self._installed = False
         self._validated = False  # a forward pass has shown every target is used only through F.linear
         self.generation = 0  # backward passes run through `backward()`
@@ -185,7 +184,6 @@ class RowGrads:
             raise ValueError(f"RowGrads: {name!r} must be a contiguous 2-D weight, got shape {tuple(param.shape)}")
         t = _Target(name, param, _merge(rows, param.shape[0], name), sink, row_len=param.shape[1])
         self._targets[id(param)] = t
-        self._by_storage[(param.untyped_storage().data_ptr(), param.storage_offset())] = t
 
     @property
     def names(self) -> list[str]:

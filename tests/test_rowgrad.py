@@ -58,6 +58,15 @@ def _float64_grads(model, x, src):
     return gs[0], gs[1]
 
 
+def _step(rg, forward, *args, **kwargs):
+    """``forward(*args, **kwargs)`` inside ``rg.forward()`` and its backward inside ``rg.backward()`` (rg
+    installed)."""
+    with rg.forward():
+        loss = forward(*args, **kwargs)
+    with rg.backward():
+        loss.backward()
+
+
 class Collect:
     def __init__(self, shape):
         self.full = torch.zeros(shape)
@@ -81,10 +90,7 @@ def test_blocks_match_float64_autograd(rows, bias):
     rg.add("w", model.w, rows, cw)
     rg.add("w2", model.w2, rows, cw2)
     with rg:
-        with rg.forward():
-            loss = model(x, src)
-        with rg.backward():
-            loss.backward()
+        _step(rg, model, x, src)
     assert model.w.grad is None and model.w2.grad is None  # nothing whole was computed
     mask = torch.zeros(21, dtype=torch.bool)
     for a, b in rows:
@@ -115,10 +121,7 @@ def test_input_and_bias_gradients_equal_plain_autograd(bias):
     rg.add("w", model.w, [(14, 21)], Collect(model.w.shape))
     rg.add("w2", model.w2, [(7, 21)], Collect(model.w2.shape))
     with rg:
-        with rg.forward():
-            loss = model(x, src)
-        with rg.backward():
-            loss.backward()
+        _step(rg, model, x, src)
     got = [x.grad, src.grad] + ([model.b.grad] if bias else [])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol(torch.float32))
@@ -137,10 +140,7 @@ def test_blocks_arrive_when_nothing_upstream_requires_grad():
     rg.add("w", model.w, [(0, 21)], c)
     rg.add("w2", model.w2, [(7, 21)], Collect(model.w2.shape))
     with rg:
-        with rg.forward():
-            loss = model(x, src)
-        with rg.backward():
-            loss.backward()
+        _step(rg, model, x, src)
     torch.testing.assert_close(c.full, gw64.float(), **MM_FP32)
 
 
@@ -159,13 +159,10 @@ def test_activation_checkpointing_gives_the_same_blocks():
         rg.add("w", model.w, [(14, 21)], c)
         rg.add("w2", model.w2, [(7, 21)], c2)
         with rg:
-            with rg.forward():
-                if ckpt:
-                    loss = checkpoint(model, x, src, use_reentrant=False, context_fn=rg.checkpoint_contexts)
-                else:
-                    loss = model(x, src)
-            with rg.backward():
-                loss.backward()
+            if ckpt:
+                _step(rg, checkpoint, model, x, src, use_reentrant=False, context_fn=rg.checkpoint_contexts)
+            else:
+                _step(rg, model, x, src)
         results.append((c.full, c2.full, x.grad.clone()))
         x.grad = src.grad = None
     for a, b in zip(*results):
@@ -187,10 +184,7 @@ def test_autocast_bf16_blocks():
     rg.add("w", model.w, [(32, 48)], c)
     rg.add("w2", model.w2, [(16, 48)], Collect(model.w2.shape))
     with rg, torch.autocast("cpu", dtype=torch.bfloat16):
-        with rg.forward():
-            loss = model(x, src)
-        with rg.backward():
-            loss.backward()
+        _step(rg, model, x, src)
     assert x.grad.dtype == torch.float32
     torch.testing.assert_close(c.full[32:48], want, **tol(torch.bfloat16))
     torch.testing.assert_close(x.grad, want_x, **tol(torch.bfloat16))
@@ -207,10 +201,7 @@ def test_requires_grad_restored_and_generation_counts():
         assert not model.w.requires_grad
         x, src = _inputs(torch.Generator().manual_seed(0))
         for _ in range(2):
-            with rg.forward():
-                loss = model(x, src)
-            with rg.backward():
-                loss.backward()
+            _step(rg, model, x, src)
     assert model.w.requires_grad and not model.w2.requires_grad
     assert rg.generation == 2
 
@@ -243,6 +234,10 @@ def test_errors_name_the_tensor_and_the_fix():
 # ---- the sinks ---------------------------------------------------------------------------------------------------
 
 
+def _mse(model, x, y):
+    return F.mse_loss(model(x), y)
+
+
 class Net(torch.nn.Module):
     def __init__(self, d: int = 6) -> None:
         super().__init__()
@@ -266,10 +261,7 @@ def test_sensitivity_row_sink_equals_hooks(mode):
                 rg.add("attn.weight", model.attn.weight, [(12, 18)], acc.row_sink("attn.weight"))
             with rg:
                 for x, y in batches:
-                    with rg.forward():
-                        loss = F.mse_loss(model(x), y)
-                    with rg.backward():
-                        loss.backward()
+                    _step(rg, _mse, model, x, y)
             scores.append(acc.scores["attn.weight"].clone())
             assert acc.steps == 3
     torch.testing.assert_close(scores[1], scores[0], **MM_FP32)
@@ -295,10 +287,7 @@ def test_sparse_adamw_row_sink_equals_hooks():
             rg.add("attn.weight", model.attn.weight, [(lo, hi)], opt.row_sink(model.attn.weight))
         with rg:
             for x, y in batches:
-                with rg.forward():
-                    loss = F.mse_loss(model(x), y)
-                with rg.backward():
-                    loss.backward()
+                _step(rg, _mse, model, x, y)
                 opt.clip_grad_norm_(1.0)
                 opt.step()
                 opt.zero_grad()

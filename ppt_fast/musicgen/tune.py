@@ -303,11 +303,7 @@ def tune_model(
             pivots[ident] = _on_layout(names, params, {}, dev)
             continue
         with SensitivityAccumulator(lm, scope, mode=criterion) as acc:
-            rg = (
-                _row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries], row_grads)
-                if row_grads is not False
-                else RowGrads()
-            )
+            rg = _row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries], row_grads)
             bar = tqdm(range(sensitivity_batches), desc=f"sensitivity {ident}", disable=not verbose, leave=False)
             with rg, _checkpoint_routing(lm, rg):
                 for _ in bar:
@@ -350,13 +346,12 @@ def tune_model(
         torch.optim.AdamW(dense_params, lr=lr, weight_decay=weight_decay, foreach=False) if dense_params else None
     )
     rg = RowGrads()
-    if sparse_opt is not None and row_grads is not False:
+    if sparse_opt is not None:
         rg = _row_grads(
             lm,
-            [(n, [_pivot_rows(trained.indices_of(n), params[n])], sparse_opt.row_sink(params[n]))
-             for n, idx in trained if idx.numel()],
+            [(n, [_pivot_rows(idx, params[n])], sparse_opt.row_sink(params[n])) for n, idx in trained if idx.numel()],
             row_grads,
-        )  # fmt: skip
+        )
     rg.install()
     token_list = list(tokens.values())
     token_opt = torch.optim.AdamW(token_list, lr=token_lr, weight_decay=0.0, foreach=False)
@@ -457,12 +452,15 @@ ROW_GRADS_AUTO_MIN = 8_000_000
 
 def _row_grads(lm, targets, enable: bool | None = True):
     """A RowGrads over the eligible ones of ``targets`` [(name, rows, sink)]; the others keep whole gradients.
-    ``enable=None``: only when the eligible weights hold >= ROW_GRADS_AUTO_MIN entries (else an empty RowGrads)."""
+    ``enable=False``: an empty RowGrads; ``None``: only when the eligible weights hold >= ROW_GRADS_AUTO_MIN
+    entries (else an empty RowGrads)."""
     from ..rowgrad import RowGrads
 
+    rg = RowGrads()
+    if enable is False:
+        return rg
     eligible = _row_grad_weights(lm)
     chosen = [(name, rows, sink) for name, rows, sink in targets if name in eligible]
-    rg = RowGrads()
     if enable is None and sum(eligible[n].numel() for n, _, _ in chosen) < ROW_GRADS_AUTO_MIN:
         return rg
     for name, rows, sink in chosen:
