@@ -121,10 +121,10 @@ def _add_pretrain(sub) -> None:
         "violin, marimba, trumpet and nylon guitar held out), fit the mel-RVQ codec, train the small MusicGen LM, and "
         "write the weights file model='tiny' loads. Interrupted runs resume from the last checkpoint in --workdir.",
     )
-    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v1.pt)")
+    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v2.pt)")
     p.add_argument("--workdir", default=None, help="corpus cache + checkpoints (default: $PPT_FAST_CACHE/pretrain/...)")
     p.add_argument("--fresh", action="store_true", help="discard the workdir's corpus cache and checkpoint first")
-    p.add_argument("--steps", type=int, default=None, help="LM training steps (default 1100; changes the config)")
+    p.add_argument("--steps", type=int, default=None, help="LM training steps (default: the config's; changes it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a seconds-long toy config (tests the pipeline, not a model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -60,6 +60,30 @@ def test_codec_residual_levels_reduce_error():
     assert all(b < a for a, b in zip(e, e[1:])) and e[-1] < 0.5
 
 
+def test_codec_packed_state_round_trip_and_checks():
+    """The weights file stores the codebooks as int8 + one scale per code vector: each entry within scale / 2,
+    standardisation exact, the same codes for the fitted frames, and a state of another shape is refused."""
+    codec = MelRVQCodec(SMALL)
+    frames = torch.cat([codec.log_mel(_tone(1.0, f, harmonics=h))[0] for f in (200.0, 310.0, 520.0) for h in (1, 3)])
+    codec.fit(frames, iters=4, seed=1)
+    packed = codec.packed_state()
+    assert packed["codebooks_int8"].dtype == torch.int8 and "bands" not in packed
+    other = MelRVQCodec(SMALL)
+    other.load_packed_state(packed)
+    err = (other.codebooks - codec.codebooks).abs()
+    assert bool((err <= packed["codebooks_scale"][..., None] / 2 + 1e-7).all()) and float(err.max()) > 0
+    assert torch.equal(other.mean, codec.mean) and torch.equal(other.std, codec.std)
+    z = codec.features(_tone(0.5, 310.0, harmonics=3))  # coding error through each codec's own encode + decode
+    e_full = float((codec.decode_latent(codec.encode(_tone(0.5, 310.0, harmonics=3))[0]) - z).pow(2).mean())
+    e_packed = float((other.decode_latent(other.encode(_tone(0.5, 310.0, harmonics=3))[0]) - z).pow(2).mean())
+    bound = float(packed["codebooks_scale"].amax(1).sum() / 2) ** 2  # each level's vector within scale / 2
+    assert e_packed <= e_full + bound and bound < 1e-2 * float(z.pow(2).mean())
+    with pytest.raises(ValueError, match="codebooks_int8.*shape"):
+        MelRVQCodec(replace(SMALL, bins=32)).load_packed_state(packed)
+    with pytest.raises(ValueError, match="lacks 'std'"):
+        other.load_packed_state({k: v for k, v in packed.items() if k != "std"})
+
+
 def test_corpus_descriptions_name_the_instrument_and_vary():
     g = torch.Generator().manual_seed(0)
     texts = {P.describe("cello", P.clip_seed("cello", 0, i), g) for i in range(12)}
@@ -165,4 +189,7 @@ def test_default_model_figures_on_a_quick_model(tmp_path):
     assert rt["n"] == len(names) and 0.0 <= rt["top1_codec"] <= 1.0
     assert rt["top1_original"] >= 2 / 3  # the embedder tells piano, flute and drums apart on the originals
     tc = DM.text_control(model, names, table, emb, clips=2, duration=1.0, top_k=8)
+    rows = DM.sampling_sweep(model, names, table, emb, grid=((8, 0.7), (4, 1.0)), clips=1, duration=1.0)
+    assert [(r["top_k"], r["temperature"]) for r in rows] == [(8, 0.7), (4, 1.0)]
+    assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
     assert tc["n"] == 2 * len(names) and 0.0 <= tc["top1"] <= 1.0 and tc["chance"] == pytest.approx(1 / 3)

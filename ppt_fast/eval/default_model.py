@@ -11,6 +11,8 @@ clip uses), i.e. the original soundfont audio, never codec output.
   (the embedder's own ceiling).
 - Text control: clips generated for a prompt naming a trained instrument, retrieved among the 16 trained ones
   (chance 1/16).
+- Sampling sweep: the text-control figure for a grid of (top-k, temperature) on **validation** sampling seeds
+  (`--sweep-seed`, not the figures' seed): how the model's recommended settings (`build_musicgen`) were chosen.
 - Prior preservation: the same text-control figure and the diversity of those clips with a concept for a held-out
   instrument applied (one per method), next to the base model: what tuning costs the model's general ability.
 """
@@ -107,6 +109,21 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
             "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
 
 
+SWEEP_GRID = ((64, 0.7), (32, 0.7), (16, 0.7), (16, 1.0), (8, 0.7))
+
+
+def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, grid=SWEEP_GRID, clips: int = 3,
+                   duration: float = 5.0, seed: int = 1) -> list[dict[str, Any]]:  # fmt: skip
+    """Text-control top-1 for each (top_k, temperature) of `grid`, sampled with `seed` (use one the figures do not)."""
+    rows = []
+    for top_k, temperature in grid:
+        tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, top_k=top_k,
+                          temperature=temperature)  # fmt: skip
+        rows.append({"top_k": top_k, "temperature": temperature, "top1": tc["top1"], "diversity": tc["diversity"]})
+        print(f"[sweep] top-k {top_k}, temperature {temperature}: top-1 {tc['top1']:.3f}", flush=True)
+    return rows
+
+
 def preservation(model_name: str, reference: str, names, table, emb, *, methods: Sequence[tuple[str, Any, Any]],
                  clips: int, duration: float, seed: int) -> list[dict[str, Any]]:  # fmt: skip
     from .. import generate, load_model, tune
@@ -156,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", default="violin", help="held-out instrument for the preservation rows")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,text,preservation")
+    ap.add_argument("--sweep-seed", type=int, default=1, help="sampling seed of the sampling sweep (validation)")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,sweep,text,preservation")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     from ..musicgen.models import require_audiocraft
@@ -183,6 +201,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[codec] round trip top-1 {rt['top1_codec']:.3f} (trained {rt['top1_codec_trained']:.3f}, held-out "
               f"{rt['top1_codec_heldout']:.3f}); originals {rt['top1_original']:.3f}", flush=True)  # fmt: skip
     table_train = table_all[: len(train)]
+    if "sweep" not in skip:
+        if args.sweep_seed == args.seed:
+            raise SystemExit("--sweep-seed must differ from --seed: the sweep chooses settings the figures then test")
+        rows = sampling_sweep(model, train, table_train, emb, clips=args.clips, duration=args.duration,
+                              seed=args.sweep_seed)  # fmt: skip
+        report["sampling_sweep"] = {"seed": args.sweep_seed, "rows": rows}
     if "text" not in skip:
         tc = text_control(model, train, table_train, emb, clips=args.clips, duration=args.duration, seed=args.seed)
         report["text_control"] = tc

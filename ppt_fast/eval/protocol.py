@@ -275,7 +275,7 @@ def _caveats(report: Mapping[str, Any]) -> list[str]:
     notes = []
     if report.get("model") == "tiny":
         notes.append(
-            "**The model is the small default one trained here** (`ppt-fast pretrain`: a mel-RVQ codec and a 6.4 M-"
+            "**The model is the small default one trained here** (`ppt-fast pretrain`: a mel-RVQ codec and an 8.6 M-"
             "parameter MusicGen LM trained on 16 soundfont-rendered instruments; violin, marimba, trumpet and nylon "
             "guitar held out). The numbers compare the methods on it; expect different absolute values on MusicGen."
         )

@@ -53,7 +53,7 @@ def generate(
             order-independent, see ppt_fast.concept).
         duration: seconds of audio; seed: sampling seed (None: not reseeded); cfg_coef, top_k, temperature:
             MusicGen's sampling settings (top_k is capped at the model's codebook size); None takes the model's own
-            (MusicGen's: 3.0, 250, 1.0; the trained default `tiny`: 1.0, 64, 0.5, what its figures were measured
+            (MusicGen's: 3.0, 250, 1.0; the trained default `tiny`: 1.0, 64, 0.7, what its figures were measured
             with).
         scale: strength of every concept's parameter change (1.0 = as tuned).
     """

@@ -6,8 +6,8 @@ Names `load_model` understands:
   SEANet + RVQ), deterministic from `seed`, no downloads, no spaCy model. 16 kHz mono, 50 Hz frames, 4 codebooks of
   64 entries, LM dim 64, 2 layers, 4 heads.
 - `"tiny"`: the embedded default, trained here (`ppt-fast pretrain`, see `ppt_fast.musicgen.pretrain`): a mel-RVQ codec
-  (16 kHz, 50 Hz frames, 4 x 1024 codes) and a 6.4 M-parameter LMModel (dim 256, 4 layers) trained on 16 rendered
-  instruments; weights in `ppt_fast/assets/tiny-v1.pt` (+ `.json` provenance).
+  (16 kHz, 50 Hz frames, 8 x 1024 codes) and an 8.6 M-parameter LMModel (dim 256, 4 layers) trained on 16 rendered
+  instruments; weights in `ppt_fast/assets/tiny-v2.pt` (+ `.json` provenance).
 - a `.pt` weights file written by `ppt-fast pretrain --out FILE`.
 - `"musicgen-small-shapes"`, `"musicgen-medium-shapes"`, `"musicgen-large-shapes"`: random-init LMs with the real
   MusicGen shapes (dim 1024/1536/2048, 24/48/48 layers, 4 x 2048 codes, no biases, norm-first), conditioned through a
@@ -103,7 +103,7 @@ def _text_provider(n_bins: int, lut_dim: int, output_dim: int):
 
 def _lm(
     dim: int, num_heads: int, num_layers: int, n_q: int, card: int, *, lut_bins: int, lut_dim: int, musicgen: bool,
-    cfg_dropout: float = 0.1,
+    cfg_dropout: float = 0.1, dropout: float = 0.1,
 ):  # fmt: skip
     from audiocraft.models.lm import LMModel
     from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
@@ -115,7 +115,7 @@ def _lm(
     kwargs: dict[str, Any] = dict(
         n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers, hidden_scale=4,
         cross_attention=True, causal=True, cfg_dropout=cfg_dropout, cfg_coef=3.0, positional_embedding="sin",
-        activation="gelu", norm="layer_norm",
+        activation="gelu", norm="layer_norm", dropout=dropout,
     )  # fmt: skip
     if musicgen:
         # musicgen_lm.yaml: no biases, norm-first, gaussian init scaled by depth, memory-efficient attention.
