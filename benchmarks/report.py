@@ -295,24 +295,28 @@ def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
     return [path]
 
 
+def _table(title: str, columns: list[str], rows: list[str], intro: str | None = None) -> list[str]:
+    """A report section: blank line, `## title`, optional intro paragraph, then a markdown table of `rows`."""
+    head = ["", f"## {title}", ""] + ([intro, ""] if intro else [])
+    return head + ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"] + rows
+
+
+def run_row(fname: str, data: dict) -> str:
+    pv = data["provenance"]
+    ext = (pv.get("ppt_fast") or {}).get("extension_loaded")
+    return (
+        f"| {fname} | {pv.get('device_name')} ({pv.get('device')}, {pv.get('torch_threads')} threads) | "
+        f"{pv.get('torch')} | {pv.get('triton')} | {pv.get('torch_cuda')} | {str(pv.get('git_commit'))[:12]} | "
+        f"{'loaded' if ext else 'not loaded'} | {data.get('wall_seconds', 0):.0f} s |"
+    )
+
+
 def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, list[Path]]:
     results = _load(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Benchmark results", "", "Rendered by `benchmarks/report.py` from the JSON files in this folder.", ""]
-    lines += [
-        "## Runs",
-        "",
-        "| file | device | torch | triton | CUDA | commit | ppt_fast._C | wall |",
-        "|---" * 8 + "|",
-    ]
-    for fname, data in results:
-        pv = data["provenance"]
-        ext = (pv.get("ppt_fast") or {}).get("extension_loaded")
-        lines.append(
-            f"| {fname} | {pv.get('device_name')} ({pv.get('device')}, {pv.get('torch_threads')} threads) | "
-            f"{pv.get('torch')} | {pv.get('triton')} | {pv.get('torch_cuda')} | {str(pv.get('git_commit'))[:12]} | "
-            f"{'loaded' if ext else 'not loaded'} | {data.get('wall_seconds', 0):.0f} s |"
-        )
+    lines = ["# Benchmark results", "", "Rendered by `benchmarks/report.py` from the JSON files in this folder."]
+    lines += _table("Runs", ["file", "device", "torch", "triton", "CUDA", "commit", "ppt_fast._C", "wall"],
+                    [run_row(fname, data) for fname, data in results])  # fmt: skip
     lines += ["", "## Figures to reach", ""]
     newest: dict[str, tuple[str, dict]] = {}
     for fname, data in results:
@@ -324,34 +328,31 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
     probes = _load_probes(paths)
     if probes:
         lines += probe_figures(*probes[-1])
-    lines += ["", "## Op level", "",
-              "Speed-up = baseline median / provider median (baselines: `torch_foreach` for sensitivity_accumulate, "
-              "`dense_masked` for select_pivots and sparse_adamw_step). GB/s = the op's floor bytes (DESIGN.md §4) / "
-              "median time; % of copy = time of a `copy_` moving the same bytes on the same machine in the same run / "
-              "the op's time. Peak extra = peak memory over the shared inputs, in a fresh subprocess.", "",
-              "| op | shapes | dtype | density | provider | median | speed-up | GB/s | % of copy | peak extra | "
-              "mem vs baseline | file |", "|---" * 12 + "|"]  # fmt: skip
-    for fname, data in results:
-        lines += op_rows(fname, data)
-    lines += ["", "## Optimizer state", "",
-              "| model | params | density | pivots | dense masked AdamW | SparseAdamW | B/pivot | smaller by | file |",
-              "|---" * 9 + "|"]  # fmt: skip
-    for fname, data in results:
-        lines += optmem_rows(fname, data)
-    lines += ["", "## End to end (one tuning step, B = 1, 5 s, recipe `ppt`)", "",
-              "| model | phase | method | density | step | speed-up | peak | vs dense | peak over model | vs dense | "
-              "file |", "|---" * 11 + "|"]  # fmt: skip
-    for fname, data in results:
-        lines += e2e_rows(fname, data)
+    lines += _table("Op level",
+                    ["op", "shapes", "dtype", "density", "provider", "median", "speed-up", "GB/s", "% of copy",
+                     "peak extra", "mem vs baseline", "file"],
+                    [r for fname, data in results for r in op_rows(fname, data)],
+                    intro="Speed-up = baseline median / provider median (baselines: `torch_foreach` for "
+                    "sensitivity_accumulate, `dense_masked` for select_pivots and sparse_adamw_step). GB/s = the op's "
+                    "floor bytes (DESIGN.md §4) / median time; % of copy = time of a `copy_` moving the same bytes on "
+                    "the same machine in the same run / the op's time. Peak extra = peak memory over the shared "
+                    "inputs, in a fresh subprocess.")  # fmt: skip
+    lines += _table("Optimizer state",
+                    ["model", "params", "density", "pivots", "dense masked AdamW", "SparseAdamW", "B/pivot",
+                     "smaller by", "file"],
+                    [r for fname, data in results for r in optmem_rows(fname, data)])  # fmt: skip
+    lines += _table("End to end (one tuning step, B = 1, 5 s, recipe `ppt`)",
+                    ["model", "phase", "method", "density", "step", "speed-up", "peak", "vs dense", "peak over model",
+                     "vs dense", "file"],
+                    [r for fname, data in results for r in e2e_rows(fname, data)])  # fmt: skip
     if probes:
-        lines += ["", "## Tune step: activation checkpointing and row-scoped gradients", "",
-                  "`benchmarks/checkpointing_probe.py`: musicgen-small shapes, B = 1, 5 s, recipe `ppt` at 1 %, one "
-                  "fresh process per configuration, medians over rounds run in turn. `ppt_fast_wholegrads` is ppt_fast "
-                  "with `row_grads=False`.", "",
-                  "| method | checkpointing | step | peak | vs dense, same checkpointing (memory, time) | "
-                  "vs dense without checkpointing (memory, time) | file |", "|---" * 7 + "|"]  # fmt: skip
-        for fname, data in probes:
-            lines += probe_rows(fname, data)
+        lines += _table("Tune step: activation checkpointing and row-scoped gradients",
+                        ["method", "checkpointing", "step", "peak", "vs dense, same checkpointing (memory, time)",
+                         "vs dense without checkpointing (memory, time)", "file"],
+                        [r for fname, data in probes for r in probe_rows(fname, data)],
+                        intro="`benchmarks/checkpointing_probe.py`: musicgen-small shapes, B = 1, 5 s, recipe `ppt` "
+                        "at 1 %, one fresh process per configuration, medians over rounds run in turn. "
+                        "`ppt_fast_wholegrads` is ppt_fast with `row_grads=False`.")  # fmt: skip
     lines += ["", "## Skipped", ""]
     for fname, data in results:
         reasons = defaultdict(list)

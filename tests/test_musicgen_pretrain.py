@@ -73,9 +73,10 @@ def test_codec_packed_state_round_trip_and_checks():
     err = (other.codebooks - codec.codebooks).abs()
     assert bool((err <= packed["codebooks_scale"][..., None] / 2 + 1e-7).all()) and float(err.max()) > 0
     assert torch.equal(other.mean, codec.mean) and torch.equal(other.std, codec.std)
-    z = codec.features(_tone(0.5, 310.0, harmonics=3))  # coding error through each codec's own encode + decode
-    e_full = float((codec.decode_latent(codec.encode(_tone(0.5, 310.0, harmonics=3))[0]) - z).pow(2).mean())
-    e_packed = float((other.decode_latent(other.encode(_tone(0.5, 310.0, harmonics=3))[0]) - z).pow(2).mean())
+    x = _tone(0.5, 310.0, harmonics=3)
+    z = codec.features(x)  # coding error through each codec's own encode + decode
+    e_full = float((codec.decode_latent(codec.encode(x)[0]) - z).pow(2).mean())
+    e_packed = float((other.decode_latent(other.encode(x)[0]) - z).pow(2).mean())
     bound = float(packed["codebooks_scale"].amax(1).sum() / 2) ** 2  # each level's vector within scale / 2
     assert e_packed <= e_full + bound and bound < 1e-2 * float(z.pow(2).mean())
     with pytest.raises(ValueError, match="codebooks_int8.*shape"):
