@@ -11,7 +11,14 @@ import torch
 pytest.importorskip("audiocraft")
 
 from ppt_fast.musicgen import pretrain as P  # noqa: E402
-from ppt_fast.musicgen.melcodec import MelCodecConfig, MelRVQCodec, mel_triangles  # noqa: E402
+from ppt_fast.musicgen.melcodec import (  # noqa: E402
+    MelCodecConfig,
+    MelRVQCodec,
+    beam_encode,
+    greedy_encode,
+    mel_triangles,
+    refine_codebooks,
+)
 
 SMALL = MelCodecConfig(n_mels=64, bins=16, griffin_lim_iters=8)
 
@@ -85,6 +92,56 @@ def test_codec_packed_state_round_trip_and_checks():
         other.load_packed_state({k: v for k, v in packed.items() if k != "std"})
 
 
+def _coding_error(x, codebooks, codes):
+    return ((x - sum(codebooks[k][codes[:, k]] for k in range(codebooks.shape[0]))) ** 2).sum(1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beam_encode_against_exhaustive_search_and_greedy(seed):
+    """A beam as wide as all partial paths (C^(K-1)) is exhaustive search: its error is the minimum over all C^K
+    code tuples; beam 1 is greedy, code for code; a beam in between is on average no worse than greedy."""
+    g = torch.Generator().manual_seed(seed)
+    k_levels, c, d = 3, 5, 6
+    codebooks = torch.randn(k_levels, c, d, generator=g) * torch.tensor([1.0, 0.6, 0.3]).view(-1, 1, 1)
+    x = torch.randn(300, d, generator=g)
+    grid = torch.cartesian_prod(*[torch.arange(c)] * k_levels)  # [C^K, K]
+    best = torch.stack([_coding_error(x, codebooks, t.expand(x.shape[0], -1)) for t in grid], 1).min(1).values
+    exact = beam_encode(x, codebooks, beam=c ** (k_levels - 1), chunk=77)  # chunking must not matter
+    torch.testing.assert_close(_coding_error(x, codebooks, exact), best, rtol=1e-5, atol=1e-5)
+    greedy = greedy_encode(x, codebooks)
+    assert torch.equal(beam_encode(x, codebooks, beam=1), greedy)
+    e_greedy, e_beam = _coding_error(x, codebooks, greedy), _coding_error(x, codebooks, beam_encode(x, codebooks, 3))
+    assert float(e_beam.mean()) < float(e_greedy.mean()) and float(best.mean()) <= float(e_beam.mean())
+
+
+def test_codec_encodes_with_its_beam_and_refinement_lowers_coding_error():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(12, 16, generator=g) * 3
+    frames = centres[torch.randint(0, 12, (3000,), generator=g)] + torch.randn(3000, 16, generator=g)
+    cfg = MelCodecConfig(n_mels=16, n_q=3, bins=8, encode_beam=4)
+    codec = MelRVQCodec(cfg)
+    fit = codec.fit(frames, iters=4, seed=0, refine_passes=3)
+    errs = fit["refined_error"]
+    assert len(errs) == 4 and all(b <= a for a, b in zip(errs, errs[1:])) and errs[-1] < 0.995 * errs[0]
+    z = (frames - codec.mean) / codec.std
+    codes = codec._quantize(z[None])[0].T  # the codec's own encoder: the beam of its config
+    assert torch.equal(codes, beam_encode(z, codec.codebooks, 4))
+    recorded = float(_coding_error(z, codec.codebooks, codes).sum() / (z**2).sum())
+    assert recorded == pytest.approx(errs[-1], rel=1e-4)  # the figure reported is the encoder's, not the fit's
+    again = codec.codebooks.clone()
+    assert refine_codebooks(z, again, 0, beam=4) == pytest.approx([errs[-1]], rel=1e-4)
+
+
+def test_configs_written_before_a_key_existed_still_match():
+    """tiny-v2's weights file has no `encode_beam` / `codec_refine_passes`: read as their defaults (greedy, none)."""
+    old = P.PretrainConfig().to_dict()
+    del old["codec"]["encode_beam"], old["codec_refine_passes"]
+    then = replace(P.PretrainConfig(), codec=replace(P.PretrainConfig().codec, encode_beam=1), codec_refine_passes=0)
+    P._check_config(old, then, "w.pt", "weights file")
+    with pytest.raises(P.PretrainError, match="differs in codec, codec_refine_passes"):
+        P._check_config(old, P.PretrainConfig(), "w.pt", "weights file")
+
+
 def test_corpus_descriptions_name_the_instrument_and_vary():
     g = torch.Generator().manual_seed(0)
     texts = {P.describe("cello", P.clip_seed("cello", 0, i), g) for i in range(12)}
@@ -113,6 +170,11 @@ def test_pretrain_quick_end_to_end_and_resume_is_exact(tmp_path):
     torch.manual_seed(0)
     audio = a.generate(["piano, slow"])
     assert audio.shape == (1, 1, 6400) and torch.isfinite(audio).all()
+    # max_duration is the LM's training segment; longer clips are generated in windows (audiocraft's extension)
+    assert a.max_duration == P.QUICK.segment_seconds
+    a.set_generation_params(duration=2.5, top_k=8)
+    audio = a.generate(["piano, slow"])
+    assert audio.shape == (1, 1, 40000) and torch.isfinite(audio).all()
 
 
 def test_corrupted_checkpoint_and_mismatched_config_are_refused(tmp_path):
@@ -193,4 +255,7 @@ def test_default_model_figures_on_a_quick_model(tmp_path):
     rows = DM.sampling_sweep(model, names, table, emb, grid=((8, 0.7), (4, 1.0)), clips=1, duration=1.0)
     assert [(r["top_k"], r["temperature"]) for r in rows] == [(8, 0.7), (4, 1.0)]
     assert all(0.0 <= r["top1"] <= 1.0 for r in rows)
+    lc = DM.long_clips(model, names, table, emb, clips=1, seconds=2.0, window=1.0)
+    assert len(lc["windowed"]) == len(lc["single_pass"]) == 2 and all(0.0 <= x <= 1.0 for x in lc["windowed"])
+    assert model.max_duration == P.QUICK.segment_seconds == lc["max_duration"]  # restored after the single pass
     assert tc["n"] == 2 * len(names) and 0.0 <= tc["top1"] <= 1.0 and tc["chance"] == pytest.approx(1 / 3)

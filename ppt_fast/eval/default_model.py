@@ -13,6 +13,8 @@ clip uses), i.e. the original soundfont audio, never codec output.
   (chance 1/16).
 - Sampling sweep: the text-control figure for a grid of (top-k, temperature) on **validation** sampling seeds
   (`--sweep-seed`, not the figures' seed): how the model's recommended settings (`build_musicgen`) were chosen.
+- Long clips: text-control top-1 per 3-s stretch of 9-s clips (validation seed), generated in windows of the
+  model's training segment and in one pass: why `max_duration` is the training segment.
 - Prior preservation: the same text-control figure and the diversity of those clips with a concept for a held-out
   instrument applied (one per method), next to the base model: what tuning costs the model's general ability.
 """
@@ -109,7 +111,33 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
             "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
 
 
-SWEEP_GRID = ((64, 0.7), (32, 0.7), (16, 0.7), (16, 1.0), (8, 0.7))
+SWEEP_GRID = ((64, 0.7), (32, 0.7), (16, 0.7), (16, 1.0), (8, 0.7), (64, 0.6), (64, 0.5))
+
+
+def long_clips(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, seconds: float = 9.0,
+               window: float = 3.0, seed: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Text-control top-1 per `window`-second stretch of `seconds`-long clips, generated in windows of the model's
+    `max_duration` (its training segment; audiocraft's extension) and in one pass (positions past the training
+    segment): how far the model drifts from the prompt over time, and what the windowing buys."""
+    from .. import generate
+    from ..musicgen.pretrain import INSTRUMENT_WORDS
+
+    out: dict[str, Any] = {"seconds": seconds, "window": window, "seed": seed, "max_duration": model.max_duration}
+    own = model.max_duration
+    for label, max_duration in (("windowed", own), ("single_pass", max(30.0, seconds + 1))):
+        model.max_duration = max_duration
+        hits = [0] * int(seconds // window)
+        try:
+            for k, n in enumerate(names):
+                audio = generate([INSTRUMENT_WORDS[n][0]] * clips, model=model, duration=seconds, seed=seed * 1000 + k)
+                for w in range(len(hits)):
+                    seg = audio[..., int(w * window * model.sample_rate) : int((w + 1) * window * model.sample_rate)]
+                    hits[w] += int(((_embed(seg, model.sample_rate, emb) @ table.T).argmax(1) == k).sum())
+        finally:
+            model.max_duration = own
+        out[label] = [h / (clips * len(names)) for h in hits]
+        print(f"[long clips] {label}: top-1 per {window:g}-s window {[round(x, 3) for x in out[label]]}", flush=True)
+    return out
 
 
 def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, grid=SWEEP_GRID, clips: int = 3,
@@ -174,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", default="violin", help="held-out instrument for the preservation rows")
     ap.add_argument("--sweep-seed", type=int, default=1, help="sampling seed of the sampling sweep (validation)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,sweep,text,preservation")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,sweep,long,text,preservation")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     from ..musicgen.models import require_audiocraft
@@ -207,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = sampling_sweep(model, train, table_train, emb, clips=args.clips, duration=args.duration,
                               seed=args.sweep_seed)  # fmt: skip
         report["sampling_sweep"] = {"seed": args.sweep_seed, "rows": rows}
+    if "long" not in skip:
+        report["long_clips"] = long_clips(model, train, table_train, emb, clips=args.clips, seed=args.sweep_seed)
     if "text" not in skip:
         tc = text_control(model, train, table_train, emb, clips=args.clips, duration=args.duration, seed=args.seed)
         report["text_control"] = tc

@@ -47,6 +47,9 @@ class MelCodecConfig:
     momentum: float = 0.99
     log_floor: float = 1e-2  # added before the log: quiet bins (the noise floor) compress to one value
     per_band_std: bool = False  # False: one global scale, so quiet noisy bands do not get the codebooks' attention
+    # Encoding: 1 = greedy residual search (level by level, nearest code); > 1 = beam search keeping that many partial
+    # sums, which finds codes closer to the frame than greedy (see `_quantize`).
+    encode_beam: int = 1
 
     @property
     def frame_rate(self) -> int:
@@ -157,15 +160,16 @@ class MelRVQCodec(_Base):
             raise ValueError(f"MelRVQCodec.encode expects [B, 1, T] mono audio, got {tuple(x.shape)}")
 
     def _quantize(self, z: torch.Tensor) -> torch.Tensor:
-        """Standardised frames `[B, F, M]` -> codes `[B, K, F]` (residual nearest neighbours)."""
+        """Standardised frames `[B, F, M]` -> codes `[B, K, F]`: greedy residual nearest neighbours, or a beam search
+        over the levels when `config.encode_beam > 1`."""
         b, f, m = z.shape
-        residual = z.reshape(b * f, m)
-        codes = []
-        for k in range(self._n_q):
-            idx = nearest(residual, self.codebooks[k])
-            codes.append(idx)
-            residual = residual - self.codebooks[k][idx]
-        return torch.stack(codes, 0).view(self._n_q, b, f).permute(1, 0, 2).contiguous()
+        flat = z.reshape(b * f, m)
+        codebooks = self.codebooks[: self._n_q]
+        if self.config.encode_beam > 1:
+            codes = beam_encode(flat, codebooks, self.config.encode_beam).T
+        else:
+            codes = greedy_encode(flat, codebooks).T
+        return codes.reshape(self._n_q, b, f).permute(1, 0, 2).contiguous()
 
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """codes `[B, K, F]` -> standardised log-mel frames `[B, F, M]` (sum of the K code vectors)."""
@@ -222,10 +226,13 @@ class MelRVQCodec(_Base):
 
     # ---- fitting ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fit(self, frames: torch.Tensor, *, iters: int = 12, sample: int = 120_000, seed: int = 0) -> dict:
-        """Fit the standardisation and the K codebooks on unstandardised log-mel frames `[N, M]` (residual k-means).
+    def fit(self, frames: torch.Tensor, *, iters: int = 12, sample: int = 120_000, seed: int = 0,
+            refine_passes: int = 0) -> dict:  # fmt: skip
+        """Fit the standardisation and the K codebooks on unstandardised log-mel frames `[N, M]` (residual k-means),
+        then `refine_passes` rounds of joint refinement (`refine_codebooks`).
 
-        Returns per-level relative residual energies (how much of the signal's variance each level leaves).
+        Returns per-level relative residual energies (how much of the signal's variance each level leaves) and, when
+        refined, the relative coding error of the sample after each pass.
         """
         g = torch.Generator().manual_seed(seed)
         frames = frames.float()
@@ -243,7 +250,10 @@ class MelRVQCodec(_Base):
             residual -= self.codebooks[k][nearest(residual, self.codebooks[k])]
             energies.append(float((residual**2).sum()) / total)
             logger.info("codebook %d: residual energy %.3f", k, energies[-1])
-        return {"residual_energy": energies}
+        out: dict = {"residual_energy": energies}
+        if refine_passes:
+            out["refined_error"] = refine_codebooks(z, self.codebooks, refine_passes, beam=self.config.encode_beam)
+        return out
 
     def config_dict(self) -> dict:
         return asdict(self.config)
@@ -288,6 +298,82 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torc
         d = c2[None] - 2 * xs @ codebook.T
         out.append(d.argmin(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def greedy_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Residual VQ codes `[N, K]` of `x` `[N, D]` over `codebooks` `[K, C, D]`, level by level (nearest code)."""
+    residual = x
+    codes = []
+    for cb in codebooks:
+        idx = nearest(residual, cb)
+        codes.append(idx)
+        residual = residual - cb[idx]
+    return torch.stack(codes, 1) if codes else torch.zeros(x.shape[0], 0, dtype=torch.long)
+
+
+def beam_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int, chunk: int = 2048) -> torch.Tensor:
+    """Residual VQ codes `[N, K]` by beam search: at each level every kept partial sum is extended by every code and
+    the `beam` extensions with the smallest squared error are kept; the best full path is returned.
+
+    Greedy encoding (`beam=1`) commits to the nearest code at each level, although a slightly worse first choice can
+    leave a residual the later levels code better. On the default model's codec (8 levels of 1024) a beam of 8 cuts
+    the coding error of held-out corpus frames by ~10 % for 8x the distance computations (docs/default_model.md).
+    Ties go to the lowest (beam, code) index, so the result is deterministic.
+    """
+    k_levels, n_codes, d = codebooks.shape
+    out = []
+    for i in range(0, x.shape[0], chunk):
+        xs = x[i : i + chunk]
+        n = xs.shape[0]
+        res = xs[:, None, :]  # [n, b, D]: residual of each kept path
+        err = (xs**2).sum(1, keepdim=True)  # [n, b]: squared error of each kept path
+        paths = torch.zeros(n, 1, 0, dtype=torch.long)
+        for cb in codebooks:
+            b = res.shape[1]
+            # |r - c|^2 = |r|^2 + |c|^2 - 2 r.c for every (path, code)
+            dist = err[:, :, None] + (cb**2).sum(1)[None, None] - 2 * torch.einsum("nbd,cd->nbc", res, cb)
+            top = dist.reshape(n, b * n_codes).topk(min(beam, b * n_codes), dim=1, largest=False, sorted=True)
+            src, code = top.indices // n_codes, top.indices % n_codes
+            res = torch.gather(res, 1, src[..., None].expand(-1, -1, d)) - cb[code]
+            err = top.values
+            kept = torch.gather(paths, 1, src[..., None].expand(-1, -1, paths.shape[2]))
+            paths = torch.cat([kept, code[..., None]], 2)
+        out.append(paths[:, 0])
+    return torch.cat(out) if out else torch.zeros(0, k_levels, dtype=torch.long)
+
+
+def refine_codebooks(z: torch.Tensor, codebooks: torch.Tensor, passes: int, *, beam: int = 1) -> list[float]:
+    """Joint refinement of residual codebooks `[K, C, D]` (in place) on frames `z` `[N, D]`.
+
+    Residual k-means fits each level to what the levels before it left, and never revisits them. Each pass here
+    encodes `z` with the current codebooks as the codec will (greedy, or beam search when `beam > 1`), then for every
+    level in turn re-fits its code vectors to the frames minus all *other* levels' contributions (one Lloyd step:
+    reassign, recentre; a code no frame picks keeps its vector). Returns the relative coding error
+    `|z - decode(encode(z))|^2 / |z|^2` with the codec's own encoder before the first pass and after each pass.
+    """
+    encode = (lambda x: beam_encode(x, codebooks, beam)) if beam > 1 else (lambda x: greedy_encode(x, codebooks))
+    total = max(float((z**2).sum()), 1e-12)
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return sum(codebooks[k][codes[:, k]] for k in range(codebooks.shape[0]))
+
+    codes = encode(z)
+    errors = [float(((z - decode(codes)) ** 2).sum()) / total]
+    for _ in range(passes):
+        approx = decode(codes)
+        for k, cb in enumerate(codebooks):
+            others = approx - cb[codes[:, k]]
+            target = z - others  # what level k should code, given the others
+            idx = nearest(target, cb)
+            sums = torch.zeros_like(cb).index_add_(0, idx, target)
+            counts = torch.bincount(idx, minlength=cb.shape[0]).to(z.dtype)
+            cb.copy_(torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], cb))
+            codes[:, k] = idx
+            approx = others + cb[idx]
+        codes = encode(z)
+        errors.append(float(((z - decode(codes)) ** 2).sum()) / total)
+        logger.info("codebook refinement pass %d: coding error %.4f", len(errors) - 1, errors[-1])
+    return errors
 
 
 def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -> torch.Tensor:
