@@ -15,8 +15,9 @@ Griffin-Lim from a fixed phase.
 
 Signal path (16 kHz mono by default): STFT (Hann 1024, hop 320 -> 50 Hz frames) -> magnitude -> band averages
 over `n_mels` triangular mel bands that form a partition of unity on the STFT bins -> log -> per-band
-standardisation -> K residual codebooks (k-means). Decode: sum of code vectors -> de-standardise -> exp -> linear
-interpolation back onto the STFT bins (the same triangles) -> fast Griffin-Lim (momentum 0.99).
+standardisation -> K residual codebooks (k-means, optionally refined jointly: `refine_codebooks`), encoded greedily
+or by beam search over the levels (`MelCodecConfig.encode_beam`). Decode: sum of code vectors -> de-standardise ->
+exp -> linear interpolation back onto the STFT bins (the same triangles) -> fast Griffin-Lim (momentum 0.99).
 """
 
 from __future__ import annotations
