@@ -278,8 +278,8 @@ def build_musicgen(cfg: PretrainConfig, codec: MelRVQCodec, lm, name: str = "tin
     model = _musicgen_class()(name, codec.eval(), lm.eval(), max_duration=30.0)  # the constructor needs > 18 s
     model.max_duration = cfg.segment_seconds
     # Sampling settings for the trained default (docs/default_model.md): this small, briefly trained LM drifts into
-    # noise at temperature 1 and with classifier-free guidance, and collapses into silence at 0.5 once a concept is
-    # applied; 0.7 without guidance was the best compromise measured.
+    # noise at temperature 1 and with classifier-free guidance; top-k 64 at 0.7 without guidance scored best of the
+    # validation sweep on tiny-v3 (text control 58 %; 0.6: 50 %, 0.5: 44 %, smaller top-k lower).
     model._ppt_fast_sampling = {"top_k": min(64, cfg.codec.bins), "cfg_coef": 1.0, "temp": 0.7}
     model.set_generation_params(duration=4.0, top_k=min(64, cfg.codec.bins), cfg_coef=1.0, temperature=0.7)
     identifiers.install(model.lm)
