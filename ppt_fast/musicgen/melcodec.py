@@ -164,20 +164,12 @@ class MelRVQCodec(_Base):
         """Standardised frames `[B, F, M]` -> codes `[B, K, F]`: greedy residual nearest neighbours, or a beam search
         over the levels when `config.encode_beam > 1`."""
         b, f, m = z.shape
-        flat = z.reshape(b * f, m)
-        codebooks = self.codebooks[: self._n_q]
-        if self.config.encode_beam > 1:
-            codes = beam_encode(flat, codebooks, self.config.encode_beam).T
-        else:
-            codes = greedy_encode(flat, codebooks).T
+        codes = rvq_encode(z.reshape(b * f, m), self.codebooks[: self._n_q], self.config.encode_beam).T
         return codes.reshape(self._n_q, b, f).permute(1, 0, 2).contiguous()
 
     def decode_latent(self, codes: torch.Tensor) -> torch.Tensor:
         """codes `[B, K, F]` -> standardised log-mel frames `[B, F, M]` (sum of the K code vectors)."""
-        z = 0
-        for k in range(codes.shape[1]):
-            z = z + self.codebooks[k][codes[:, k]]
-        return z
+        return rvq_decode(codes.transpose(1, 2), self.codebooks)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,6 +293,25 @@ def nearest(x: torch.Tensor, codebook: torch.Tensor, chunk: int = 16384) -> torc
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
+def rvq_encode(x: torch.Tensor, codebooks: torch.Tensor, beam: int = 1) -> torch.Tensor:
+    """Residual VQ codes `[N, K]` of `x` `[N, D]`: `greedy_encode` for `beam <= 1`, else `beam_encode`."""
+    return beam_encode(x, codebooks, beam) if beam > 1 else greedy_encode(x, codebooks)
+
+
+def rvq_decode(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Codes `[..., K]` -> the sum of their code vectors `[..., D]` (levels in order, starting from 0)."""
+    return sum(codebooks[k][codes[..., k]] for k in range(codes.shape[-1]))
+
+
+def _lloyd_step(x: torch.Tensor, idx: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centres moved to the mean of the rows of `x` assigned to them (`idx`); a centre no row picks keeps its place.
+    Returns the new centres and the mask of those empty ones."""
+    sums = torch.zeros_like(centres).index_add_(0, idx, x)
+    counts = torch.bincount(idx, minlength=centres.shape[0]).to(x.dtype)
+    empty = counts == 0
+    return torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None]), empty
+
+
 def greedy_encode(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Residual VQ codes `[N, K]` of `x` `[N, D]` over `codebooks` `[K, C, D]`, level by level (nearest code)."""
     residual = x
@@ -352,27 +363,20 @@ def refine_codebooks(z: torch.Tensor, codebooks: torch.Tensor, passes: int, *, b
     reassign, recentre; a code no frame picks keeps its vector). Returns the relative coding error
     `|z - decode(encode(z))|^2 / |z|^2` with the codec's own encoder before the first pass and after each pass.
     """
-    encode = (lambda x: beam_encode(x, codebooks, beam)) if beam > 1 else (lambda x: greedy_encode(x, codebooks))
     total = max(float((z**2).sum()), 1e-12)
-
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        return sum(codebooks[k][codes[:, k]] for k in range(codebooks.shape[0]))
-
-    codes = encode(z)
-    errors = [float(((z - decode(codes)) ** 2).sum()) / total]
+    codes = rvq_encode(z, codebooks, beam)
+    errors = [float(((z - rvq_decode(codes, codebooks)) ** 2).sum()) / total]
     for _ in range(passes):
-        approx = decode(codes)
+        approx = rvq_decode(codes, codebooks)
         for k, cb in enumerate(codebooks):
             others = approx - cb[codes[:, k]]
             target = z - others  # what level k should code, given the others
             idx = nearest(target, cb)
-            sums = torch.zeros_like(cb).index_add_(0, idx, target)
-            counts = torch.bincount(idx, minlength=cb.shape[0]).to(z.dtype)
-            cb.copy_(torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], cb))
+            cb.copy_(_lloyd_step(target, idx, cb)[0])
             codes[:, k] = idx
             approx = others + cb[idx]
-        codes = encode(z)
-        errors.append(float(((z - decode(codes)) ** 2).sum()) / total)
+        codes = rvq_encode(z, codebooks, beam)
+        errors.append(float(((z - rvq_decode(codes, codebooks)) ** 2).sum()) / total)
         logger.info("codebook refinement pass %d: coding error %.4f", len(errors) - 1, errors[-1])
     return errors
 
@@ -394,10 +398,7 @@ def kmeans(x: torch.Tensor, k: int, *, iters: int, generator: torch.Generator) -
     c = torch.stack(centres)
     for _ in range(iters):
         idx = nearest(x, c)
-        sums = torch.zeros_like(c).index_add_(0, idx, x)
-        counts = torch.bincount(idx, minlength=k).to(x.dtype)
-        empty = counts == 0
-        c = torch.where(empty[:, None], c, sums / counts.clamp_min(1)[:, None])
+        c, empty = _lloyd_step(x, idx, c)
         if bool(empty.any()):
             err = ((x - c[idx]) ** 2).sum(1)
             worst = err.topk(int(empty.sum())).indices

@@ -143,11 +143,8 @@ class PretrainConfig:
         if unknown:
             raise ValueError(f"unknown pretraining config keys {sorted(unknown)}")
         d = dict(d)
-        for k, v in ADDED_LATER.items():
-            if k == "codec":
-                d["codec"] = {**v, **d.get("codec", {})}
-            else:
-                d.setdefault(k, v)
+        for k, v in ADDED_LATER.items():  # a nested config (codec) gets its missing keys, a flat key its value
+            d[k] = {**v, **d.get(k, {})} if isinstance(v, dict) else d.get(k, v)
         d["codec"] = MelCodecConfig(**d.get("codec", {}))
         d["lm"] = LMConfig(**d.get("lm", {}))
         for k in ("train_concepts", "heldout_concepts"):
