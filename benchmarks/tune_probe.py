@@ -70,7 +70,6 @@ def measure(spec: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, lm.card, (1, lm.num_codebooks, frames), generator=g).to(device)
     attrs = [ConditioningAttributes(text={"description": "a piece of music"})]
-    ce_fn = tune_mod._cross_entropy()
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if cuda
@@ -95,7 +94,7 @@ def measure(spec: dict) -> dict:
     n_trained_tensors = sum(p.numel() for p in t_params)
 
     def loss_fn():
-        return tune_mod._loss(lm, codes, attrs, ce_fn, autocast)
+        return tune_mod._loss(lm, codes, attrs, autocast)
 
     from ppt_fast.rowgrad import RowGrads
 

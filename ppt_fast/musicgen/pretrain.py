@@ -379,11 +379,11 @@ def _batch(corpus: Corpus, cfg: PretrainConfig, g: torch.Generator):
     return codes, attrs
 
 
-def _loss(lm, codes, attrs, ce_fn):
+def _loss(lm, codes, attrs):
     """MusicGenSolver's loss (`tune._loss`) after classifier-free-guidance dropout (train mode), as the solver does."""
     from .tune import _loss as solver_loss
 
-    return solver_loss(lm, codes, lm.cfg_dropout(attrs), ce_fn, contextlib.nullcontext)
+    return solver_loss(lm, codes, lm.cfg_dropout(attrs), contextlib.nullcontext)
 
 
 def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool = True, stop_after: int | None = None):
@@ -412,15 +412,12 @@ def train_lm(cfg: PretrainConfig, corpus: Corpus, workdir: str, *, verbose: bool
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=step, desc="pretrain lm", unit="step", dynamic_ncols=True)
-    from .tune import _cross_entropy
-
-    ce_fn = _cross_entropy()
     t_last = time.perf_counter()
     while step < cfg.steps:
         codes, attrs = _batch(corpus, cfg, g)
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
-        loss = _loss(lm, codes, attrs, ce_fn)
+        loss = _loss(lm, codes, attrs)
         if not torch.isfinite(loss):
             raise PretrainError(f"LM loss became {float(loss)} at step {step}; lower --lr or check the corpus")
         opt.zero_grad(set_to_none=True)

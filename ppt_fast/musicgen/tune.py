@@ -10,8 +10,9 @@ Phases (DESIGN §2, §6):
    are mapped to flat indices of the whole parameter.
 3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
    (state only for pivots; gradients gathered at the pivots inside backward, from row-scoped blocks or from hooks
-   that free each whole gradient), cross-entropy
-   exactly as `MusicGenSolver._compute_cross_entropy` (called, not copied), gradient-norm clipping (`max_norm`)
+   that free each whole gradient), `MusicGenSolver`'s cross-entropy (computed in the pattern's layout by
+   `loss.pattern_cross_entropy`: equal to the solver's own path, without its copies of the logits), gradient-norm
+   clipping (`max_norm`)
    applied per kind of trained tensor: the LM pivots (norm over the pivot gradients only,
    `SparseAdamW.clip_grad_norm_`), dense LM tensors, and the identifier tokens (their gradients live on another
    scale); fp32 on CPU and bf16 autocast on GPU (fp32 where bf16 is unsupported).
@@ -46,6 +47,7 @@ import torch
 
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
+from .loss import pattern_cross_entropy
 from .models import TINY_NAMES, fingerprint, load_model, module_device
 
 logger = logging.getLogger(__name__)
@@ -85,23 +87,13 @@ def _make_batch(pool: _Pool, templates: Sequence[str], batch_size: int, g: torch
     return codes, attrs
 
 
-def _cross_entropy():
-    """MusicGenSolver._compute_cross_entropy itself (it does not use `self`)."""
-    from audiocraft.solvers.musicgen import MusicGenSolver
-
-    fn = MusicGenSolver._compute_cross_entropy
-    return lambda logits, targets, mask: fn(None, logits, targets, mask)
-
-
-def _loss(lm, codes: torch.Tensor, attrs, ce_fn, autocast) -> torch.Tensor:
-    """The MusicGenSolver training loss: compute_predictions with precomputed condition tensors, CE on the mask."""
+def _loss(lm, codes: torch.Tensor, attrs, autocast) -> torch.Tensor:
+    """The MusicGenSolver training loss (`compute_predictions`, `_compute_cross_entropy` on its mask) on precomputed
+    condition tensors, computed in the pattern's layout (`loss.pattern_cross_entropy`: the same value, tested)."""
     provider = lm.condition_provider
     tokenized = provider.tokenize(attrs)
     with autocast():
-        condition_tensors = provider(tokenized)
-        out = lm.compute_predictions(codes, [], condition_tensors)
-        padding_mask = torch.ones_like(codes, dtype=torch.bool)
-        ce, _ = ce_fn(out.logits, codes, padding_mask & out.mask)
+        ce, _ = pattern_cross_entropy(lm, codes, provider(tokenized))
     return ce
 
 
@@ -266,7 +258,6 @@ def tune_model(
     if len(refs) > 1:
         combos.append(_combo_pool(mg, refs, segment_seconds, g, dev))
 
-    ce_fn = _cross_entropy()
     if dev.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     else:
@@ -311,7 +302,7 @@ def tune_model(
                 for _ in bar:
                     codes, attrs = _make_batch(pools[ident], templates, batch_size, g)
                     with rg.forward():
-                        loss = _loss(lm, codes, attrs, ce_fn, autocast)
+                        loss = _loss(lm, codes, attrs, autocast)
                     with rg.backward():
                         loss.backward()
                     bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -379,7 +370,7 @@ def tune_model(
                 pool = all_pools[step % len(pools)]
             codes, attrs = _make_batch(pool, COMBO_TEMPLATES if pool in combos else templates, batch_size, g)
             with rg.forward():
-                loss = _loss(lm, codes, attrs, ce_fn, autocast)
+                loss = _loss(lm, codes, attrs, autocast)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {lr}) or token_lr")
             with rg.backward():

@@ -1,0 +1,85 @@
+"""`pattern_cross_entropy` against MusicGenSolver's own loss path (compute_predictions + _compute_cross_entropy)."""
+
+import pytest
+import torch
+
+pytest.importorskip("audiocraft")
+
+from ppt_fast.musicgen.loss import pattern_cross_entropy  # noqa: E402
+from ppt_fast.musicgen.models import _lm  # noqa: E402
+
+
+def _solver_loss(lm, codes, tokenized):
+    from audiocraft.solvers.musicgen import MusicGenSolver
+
+    out = lm.compute_predictions(codes, [], lm.condition_provider(tokenized))
+    mask = torch.ones_like(codes, dtype=torch.bool) & out.mask
+    return MusicGenSolver._compute_cross_entropy(None, out.logits, codes, mask)
+
+
+def _grads(lm, loss):
+    lm.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
+
+
+def _pattern(name, n_q):
+    from audiocraft.modules import codebooks_patterns as cp
+
+    return {
+        "delay": lambda: cp.DelayedPatternProvider(n_q=n_q),
+        "delay-uneven": lambda: cp.DelayedPatternProvider(n_q=n_q, delays=[0, 2, 3, 7][:n_q]),
+        "parallel": lambda: cp.ParallelPatternProvider(n_q=n_q),
+        "unrolled": lambda: cp.UnrolledPatternProvider(n_q=n_q),
+        "coarse-first": lambda: cp.CoarseFirstPattern(n_q=n_q),
+    }[name]()
+
+
+@pytest.mark.parametrize(
+    "pattern,n_q,card,batch,frames",
+    [
+        ("delay", 8, 128, 3, 50),  # the default model's layout (8 levels), small card
+        ("delay", 4, 96, 1, 5),  # T = K + 1: one valid step for the last codebook
+        ("delay", 2, 257, 2, 33),  # odd card and frame count
+        ("delay-uneven", 4, 64, 2, 20),
+        ("parallel", 3, 64, 2, 17),
+        ("unrolled", 3, 64, 2, 9),
+        ("coarse-first", 3, 64, 2, 11),
+    ],
+)
+def test_equals_the_solver_loss_and_gradients(pattern, n_q, card, batch, frames):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    g = torch.Generator().manual_seed(n_q * 1000 + frames)
+    torch.manual_seed(frames)
+    lm = _lm(64, 4, 2, n_q=n_q, card=card, lut_bins=64, lut_dim=32, musicgen=False, dropout=0.0).eval()
+    lm.pattern_provider = _pattern(pattern, n_q)
+    codes = torch.randint(0, card, (batch, n_q, frames), generator=g)
+    texts = ["warm piano", "fast drums, loud", "a piece of music"]
+    tokenized = lm.condition_provider.tokenize(
+        [ConditioningAttributes(text={"description": texts[i % 3]}) for i in range(batch)]
+    )
+    ref, ref_per = _solver_loss(lm, codes, tokenized)
+    ref_g = _grads(lm, ref)
+    got, got_per = pattern_cross_entropy(lm, codes, lm.condition_provider(tokenized))
+    got_g = _grads(lm, got)
+    torch.testing.assert_close(got.detach(), ref.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_per, torch.stack(ref_per), rtol=1e-6, atol=1e-6)
+    assert not got_per.requires_grad
+    assert set(got_g) == set(ref_g)
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_no_valid_step_is_refused():
+    lm = _lm(32, 2, 1, n_q=4, card=16, lut_bins=16, lut_dim=8, musicgen=False, dropout=0.0).eval()
+    codes = torch.zeros(1, 4, 3, dtype=torch.long)  # delays 0..3: codebook 3 never gets a full context in 3 frames
+    tensors = lm.condition_provider(lm.condition_provider.tokenize([_attrs("x")]))
+    with pytest.raises(ValueError, match="no valid step.*longer segments"):
+        pattern_cross_entropy(lm, codes, tensors)
+
+
+def _attrs(text):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    return ConditioningAttributes(text={"description": text})
