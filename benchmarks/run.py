@@ -55,6 +55,7 @@ FILES = [
     "bench_sparse_adamw_step.py",
     "bench_optimizer_memory.py",
     "bench_tune_step.py",
+    "bench_lm_loss.py",
 ]
 
 

@@ -71,9 +71,22 @@ def test_report_renders_from_results(tmp_path):
             }
         }  # fmt: skip
 
+    def loss(provider, seconds, mem):
+        return {
+            "extra_info": {
+                "op": "lm_loss", "provider": provider, "model": "tiny", "batch": 16, "frames": 200, "codebooks": 8,
+                "card": 1024, "step_seconds": seconds, "peak_extra_bytes": mem, "logits_bytes": 104857600,
+            }
+        }  # fmt: skip
+
     data = {
         "provenance": {"device": "cpu", "device_name": "x", "date_utc": "2026-01-01T00:00:00+00:00"},
-        "benchmarks": [entry("dense_masked", 2.0, 4e9), entry("cpp", 0.05, 1e8)],
+        "benchmarks": [
+            entry("dense_masked", 2.0, 4e9),
+            entry("cpp", 0.05, 1e8),
+            loss("solver", 1.75, 8e8),
+            loss("pattern", 0.7, 2e8),
+        ],
         "skipped": [{"name": "t", "reason": "no GPU"}],
     }
     (tmp_path / "cpu-2026-01-01.json").write_text(json.dumps(data))
@@ -81,5 +94,7 @@ def test_report_renders_from_results(tmp_path):
     text = md.read_text()
     assert "| sparse_adamw_step |" in text and "40x" in text and "cpu-2026-01-01.json" in text
     assert "40x with `cpp` (target >= 20x) - met" in text
+    loss_row = next(ln for ln in text.splitlines() if ln.startswith("| tiny | 16 x 200 frames, 8 x 1024 | pattern"))
+    assert "| 2.5x |" in loss_row and "| 0.25x |" in loss_row
     if pytest.importorskip("matplotlib"):
         assert pngs and pngs[0].exists()

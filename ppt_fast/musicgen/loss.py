@@ -26,10 +26,15 @@ IGNORE = -100
 
 def _target_layout(pattern, K: int, T: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(flat pattern positions `k * S + s` of the valid codes, their flat code positions `k * T + t`, valid codes per
-    codebook), from the pattern's own revert indexes (`keep_only_valid_steps`, model output)."""
-    idx, mask = pattern._build_reverted_sequence_scatter_indexes(S, K, True, is_model_output=True, device=device)
+    codebook), from the pattern's own revert indexes (`keep_only_valid_steps`, model output). Built on the CPU and
+    moved once: no device-to-host sync inside the training step."""
+    idx, mask = pattern._build_reverted_sequence_scatter_indexes(S, K, True, is_model_output=True, device="cpu")
     flat_mask = mask.reshape(-1)
-    return idx.reshape(-1)[flat_mask], torch.nonzero(flat_mask).reshape(-1), mask.sum(1)
+    count = mask.sum(1)
+    if bool((count == 0).any()):
+        raise ValueError(f"{T} code frames leave no valid step for some of the {K} codebooks; use longer segments")
+    pos, src = idx.reshape(-1)[flat_mask], torch.nonzero(flat_mask).reshape(-1)
+    return pos.to(device, non_blocking=True), src.to(device, non_blocking=True), count.to(device, non_blocking=True)
 
 
 def pattern_cross_entropy(lm, codes: torch.Tensor, condition_tensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +44,11 @@ def pattern_cross_entropy(lm, codes: torch.Tensor, condition_tensors) -> tuple[t
     codes = codes.contiguous()
     pattern = lm.pattern_provider.get_pattern(T)
     sequence, _, _ = pattern.build_pattern_sequence(codes, lm.special_token_id, keep_only_valid_steps=True)
+    S = sequence.shape[-1]
+    pos, src, count = _target_layout(pattern, K, T, S, codes.device)  # before the forward: refuses a short T at once
     model = lm if getattr(lm, "_fsdp", None) is None else lm._fsdp
     logits = model(sequence, [], condition_tensors)  # [B, K, S, card]
-    S, card = logits.shape[2], logits.shape[3]
-    pos, src, count = _target_layout(pattern, K, T, S, codes.device)
-    if bool((count == 0).any()):
-        raise ValueError(f"{T} code frames leave no valid step for some of the {K} codebooks; use longer segments")
+    card = logits.shape[-1]
     targets = torch.full((B, K * S), IGNORE, dtype=torch.long, device=codes.device)
     targets[:, pos] = codes.reshape(B, K * T)[:, src]
     ce = F.cross_entropy(logits.reshape(B * K * S, card), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
