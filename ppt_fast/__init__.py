@@ -27,6 +27,7 @@ _LAZY = {
     "generate": "ppt_fast.musicgen",
     "load_model": "ppt_fast.musicgen",
     "write_wav": "ppt_fast.audio",
+    "fit_peak": "ppt_fast.audio",
 }
 
 __all__ = [

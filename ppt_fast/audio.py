@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -57,8 +58,22 @@ def to_model_format(audio: torch.Tensor, sample_rate: int, target_rate: int, tar
     return audio
 
 
+def fit_peak(*clips: torch.Tensor, limit: float = 0.99) -> tuple[list[torch.Tensor], float]:
+    """Scale `clips` down by one common gain so that none peaks above `limit` (never up): generated audio can exceed
+    [-1, 1] (a decoder returns whatever level its output implies), and `write_wav` would clip it. One gain for all
+    keeps clips that are compared (with / without a concept) at their relative levels. Returns (clips, gain)."""
+    if not 0 < limit <= 1:
+        raise ValueError(f"limit must be in (0, 1], got {limit}")
+    peak = max((float(c.detach().abs().max()) for c in clips if c.numel()), default=0.0)
+    if not math.isfinite(peak):
+        raise AudioError("fit_peak: audio holds NaN or inf samples")
+    gain = limit / peak if peak > limit else 1.0
+    return [c * gain if gain != 1.0 else c for c in clips], gain
+
+
 def write_wav(path: str | os.PathLike, audio: torch.Tensor, sample_rate: int) -> str:
-    """Write `audio` (`[C, T]`, `[T]`, or `[1, C, T]`; float, clipped to [-1, 1]) as 16-bit PCM WAV, atomically.
+    """Write `audio` (`[C, T]`, `[T]`, or `[1, C, T]`; float, clipped to [-1, 1] with a warning naming `fit_peak`) as
+    16-bit PCM WAV, atomically.
 
     The file appears complete or not at all (written to a temporary file in the same folder, then renamed).
     Returns the path written.
@@ -79,6 +94,11 @@ def write_wav(path: str | os.PathLike, audio: torch.Tensor, sample_rate: int) ->
         raise AudioError("write_wav: audio holds NaN or inf samples")
     if sample_rate <= 0:
         raise AudioError(f"write_wav: sample_rate must be positive, got {sample_rate}")
+    over = int((a.abs() > 1).sum())
+    if over:
+        warnings.warn(f"write_wav: {over} samples above full scale (peak {float(a.abs().max()):.2f}) are clipped to "
+                      "[-1, 1]; scale the audio with ppt_fast.audio.fit_peak first to keep its waveform",
+                      stacklevel=2)  # fmt: skip
     samples = a.clamp(-1, 1).t().numpy()
     atomic_write(path, lambda tmp: sf.write(tmp, samples, int(sample_rate), subtype="PCM_16", format="WAV"))
     return path

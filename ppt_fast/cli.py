@@ -121,7 +121,7 @@ def _add_pretrain(sub) -> None:
         "violin, marimba, trumpet and nylon guitar held out), fit the mel-RVQ codec, train the small MusicGen LM, and "
         "write the weights file model='tiny' loads. Interrupted runs resume from the last checkpoint in --workdir.",
     )
-    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v3.pt)")
+    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v4.pt)")
     p.add_argument("--workdir", default=None, help="corpus cache + checkpoints (default: $PPT_FAST_CACHE/pretrain/...)")
     p.add_argument("--fresh", action="store_true", help="discard the workdir's corpus cache and checkpoint first")
     p.add_argument("--steps", type=int, default=None, help="LM training steps (default: the config's; changes it)")
@@ -201,6 +201,17 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _fit_peak_noted(*clips):
+    """`audio.fit_peak` before writing generated clips, saying so on stderr when it had to scale them down."""
+    from .audio import fit_peak
+
+    out, gain = fit_peak(*clips)
+    if gain < 1.0:
+        print(f"note: the generated audio peaked at {0.99 / gain:.2f}, above full scale; scaled by {gain:.3f} "
+              "(one gain for all clips written together) so the WAV does not clip", file=sys.stderr)  # fmt: skip
+    return out, gain
+
+
 def _cmd_generate(args) -> int:
     from .audio import write_wav
     from .musicgen.generate import generate
@@ -214,7 +225,8 @@ def _cmd_generate(args) -> int:
         [args.prompt], model=model, concepts=args.concept, duration=args.duration, seed=args.seed,
         cfg_coef=args.cfg_coef, top_k=args.top_k, temperature=args.temperature, scale=args.scale,
     )  # fmt: skip
-    write_wav(args.out, audio[0], model.sample_rate)
+    (clip,), _ = _fit_peak_noted(audio[0])
+    write_wav(args.out, clip, model.sample_rate)
     print(f"wrote {args.out} ({audio.shape[-1] / model.sample_rate:.1f} s at {model.sample_rate} Hz)")
     return 0
 
@@ -231,11 +243,12 @@ def _plot_losses(
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     xs = [every * (i + 1) for i in range(len(losses))]
     ax.plot(xs, losses, lw=1, alpha=0.5, label="loss per step" if every == 1 else f"mean of {every} steps")
-    w = max(1, len(losses) // 15)
-    if len(losses) >= w:
-        smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1])
+    # A centred window of 2h + 1 values: a trailing one lags a falling curve and sits above it.
+    h = max(1, len(losses) // 30)
+    if len(losses) > 2 * h:
+        smooth = [sum(losses[max(0, i - h) : i + h + 1]) / len(losses[max(0, i - h) : i + h + 1])
                   for i in range(len(losses))]  # fmt: skip
-        ax.plot(xs, smooth, lw=2, label=f"moving mean ({w})")
+        ax.plot(xs, smooth, lw=2, label=f"centred mean over {(2 * h + 1) * every} steps")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (MusicGen training loss)")
     ax.set_title(title)
@@ -301,8 +314,9 @@ def _cmd_demo(args) -> int:
     else:
         a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed)
     b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed)
-    write_wav(with_path, a[0], base.sample_rate)
-    write_wav(without_path, b[0], base.sample_rate)
+    (wa, wb), _ = _fit_peak_noted(a[0], b[0])
+    write_wav(with_path, wa, base.sample_rate)
+    write_wav(without_path, wb, base.sample_rate)
     diff = float((a - b).abs().mean())
     print(f"[4/4] generated {args.duration:g} s with the concept ('{prompt}'): {with_path}")
     print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")

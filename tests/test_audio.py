@@ -78,3 +78,23 @@ def test_written_files_get_umask_permissions_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_fit_peak_scales_down_with_one_gain_and_never_up(tmp_path):
+    from ppt_fast.audio import fit_peak
+
+    quiet = torch.full((1, 8), 0.5)
+    (same,), gain = fit_peak(quiet)
+    assert gain == 1.0 and torch.equal(same, quiet)
+    loud = torch.tensor([[0.2, -3.9, 1.0]])
+    other = torch.tensor([[0.5, 1.3, -0.1]])
+    (a, b), gain = fit_peak(loud, other)
+    assert gain == pytest.approx(0.99 / 3.9)
+    assert float(a.abs().max()) == pytest.approx(0.99) and float(b.abs().max()) == pytest.approx(1.3 * 0.99 / 3.9)
+    torch.testing.assert_close(b / a, other / loud)  # relative levels kept
+    with pytest.raises(AudioError, match="NaN"):
+        fit_peak(torch.tensor([float("nan"), 0.0]))
+    with pytest.warns(UserWarning, match="1 samples above full scale.*fit_peak"):
+        write_wav(tmp_path / "clip.wav", loud, 16000)
+    with pytest.raises(ValueError, match="limit"):
+        fit_peak(quiet, limit=1.5)

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,23 @@ def test_generate_writes_wav(tmp_path, capsys):
     out = tmp_path / "g.wav"
     assert main(["generate", "funky jazz", "--out", str(out), "--duration", "0.3", "--top-k", "16"]) == 0
     assert out.is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_generate_scales_loud_audio_instead_of_clipping(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("audiocraft")
+    import importlib
+
+    import soundfile as sf
+
+    gen_mod = importlib.import_module("ppt_fast.musicgen.generate")  # the module (the package exports a function)
+
+    t = torch.linspace(0, 1, 3200)
+    loud = (3.9 * torch.sin(2 * torch.pi * 440 * t)).view(1, 1, -1)
+    monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: loud)
+    out = tmp_path / "loud.wav"
+    assert main(["generate", "x", "--model", "tiny-random", "--out", str(out), "--duration", "0.2"]) == 0
+    err = capsys.readouterr().err
+    assert "peaked at 3.90" in err and "scaled by 0.254" in err
+    a, _ = sf.read(str(out))
+    assert 0.985 < abs(a).max() <= 0.991  # scaled to 0.99, not clamped at 1: the waveform keeps its shape
+    np.testing.assert_allclose(a, loud.view(-1).numpy() * 0.99 / 3.9, atol=2 / 32768)
