@@ -33,10 +33,10 @@ def _probe(spec: dict, mmap_threshold: bool) -> dict:
 
 
 @pytest.mark.parametrize("loss_path", ["solver", "pattern"])
-def test_lm_loss(benchmark, bench_cfg, e2e_model, loss_path):
+def test_lm_loss(benchmark, bench_cfg, loss_model, loss_path):
     if importlib.util.find_spec("audiocraft") is None:
         pytest.skip("audiocraft is not installed (the loss runs an audiocraft MusicGen LM)")
-    spec = {"model": e2e_model, "provider": loss_path, "device": bench_cfg.device, "steps": STEPS.get(e2e_model, 3)}
+    spec = {"model": loss_model, "provider": loss_path, "device": bench_cfg.device, "steps": STEPS.get(loss_model, 3)}
     # Two fresh processes: time with the default allocator (the mmap threshold below page-faults every large
     # buffer afresh and slows the path that allocates more), peak memory with it (freed blocks leave RSS).
     res = _probe(spec, mmap_threshold=False)
@@ -44,7 +44,7 @@ def test_lm_loss(benchmark, bench_cfg, e2e_model, loss_path):
     res.update({k: v for k, v in mem.items() if k.endswith("_bytes") and k != "logits_bytes"})
     res["memory_kind"] = mem["memory_kind"]
     res["step_seconds_under_mmap_threshold"] = mem["step_seconds"]
-    benchmark.group = f"lm_loss | {e2e_model}"
+    benchmark.group = f"lm_loss | {loss_model}"
     # Timed inside the probe; its median goes to pytest-benchmark so the JSON has one schema.
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     benchmark.extra_info.update(
@@ -52,7 +52,7 @@ def test_lm_loss(benchmark, bench_cfg, e2e_model, loss_path):
             "op": OP,
             "provider": loss_path,
             "baseline": "solver",
-            "model": e2e_model,
+            "model": loss_model,
             "device": bench_cfg.device,
             "device_name": provenance.device_name(bench_cfg.device),
             "versions": versions_brief(),

@@ -40,6 +40,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-case-seconds", type=float, default=10.0, help="time budget per case: fewer rounds if slow")
     g.addoption("--bench-optmem-size", default="small", help="model whose optimizer state is measured")
     g.addoption("--bench-e2e-models", default="tiny,small", help="end-to-end models: tiny,small")
+    g.addoption("--bench-loss-models", default="tiny,small", help="models of the loss benchmark: tiny,small")
     g.addoption(
         "--bench-e2e-sensitivity",
         default="tiny,small",
@@ -68,6 +69,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", cfg.dtypes)
     if "e2e_model" in metafunc.fixturenames:
         metafunc.parametrize("e2e_model", cfg.e2e_models)
+    if "loss_model" in metafunc.fixturenames:
+        metafunc.parametrize("loss_model", cfg.loss_models)
 
 
 _SIZE_ORDER = {"tiny": 0, "small": 1, "medium": 2, "large": 3}

@@ -44,6 +44,7 @@ class BenchConfig:
     e2e_models: list[str]
     optmem_size: str
     e2e_sensitivity: list[str]
+    loss_models: list[str]
 
     def layers_for(self, size: str) -> int | None:
         return self.layers.get(size)
@@ -71,6 +72,7 @@ def _config(config) -> BenchConfig:
         e2e_models=[m for m in config.getoption("--bench-e2e-models").split(",") if m],
         optmem_size=config.getoption("--bench-optmem-size"),
         e2e_sensitivity=[m for m in config.getoption("--bench-e2e-sensitivity").split(",") if m],
+        loss_models=[m for m in config.getoption("--bench-loss-models").split(",") if m],
     )
 
 

@@ -29,12 +29,13 @@ sys.path.insert(0, str(HERE))
 SUITES = {
     # CPU: musicgen-small whole (300 tensors), medium and large as 2- and 1-layer slices (+ all heads): a dense
     # AdamW step over a whole medium/large needs 29/52 GB here and minutes per call. End to end: the train phase of
-    # tiny and small, the sensitivity phase of tiny only (small's adds a minute; the GPU suite runs both). ~14 min.
+    # tiny and small, the sensitivity phase of tiny only (small's adds a minute; the GPU suite runs both). The loss
+    # benchmark: the default LM only (musicgen-small's adds ~2 min: `-- --bench-loss-models tiny,small`). ~15 min.
     "cpu": {
         "device": "cpu",
         "args": ["--bench-sizes", "small,medium,large", "--bench-layers", "small=24,medium=2,large=1",
                  "--bench-dtypes", "fp32", "--bench-mem-sizes", "small", "--bench-e2e-models", "tiny,small",
-                 "--bench-e2e-sensitivity", "tiny", "--bench-case-seconds", "6"],
+                 "--bench-e2e-sensitivity", "tiny", "--bench-loss-models", "tiny", "--bench-case-seconds", "6"],
     },
     "gpu": {
         "device": "cuda",
@@ -46,7 +47,7 @@ SUITES = {
         "device": "cpu",
         "args": ["--bench-sizes", "tiny", "--bench-dtypes", "fp32", "--bench-densities", "0.01",
                  "--bench-mem-sizes", "tiny", "--bench-e2e-models", "", "--bench-rounds", "1",
-                 "--bench-optmem-size", "tiny"],
+                 "--bench-optmem-size", "tiny", "--bench-loss-models", ""],
     },
 }  # fmt: skip
 FILES = [
