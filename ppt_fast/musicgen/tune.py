@@ -146,7 +146,7 @@ def _resolve_defaults(model_name: Any, steps, lr, token_lr, batch_size, segment_
         # The trained default ("tiny") diverges at the random-init model's rates (loss on the reference rises, samples
         # collapse to silence). lr 3e-4 chosen on tiny-v2 with the held-out marimba (audio alignment of "<v1>" clips,
         # base 0.28: ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60; dreamstyler 3e-4 / 1e-3 -> 0.61 / 0.51); tokens
-        # 5e-3; kept for tiny-v3 (same LM shape and recipe).
+        # 5e-3; kept for tiny-v3 and tiny-v4 (same LM shape and recipe).
         lr if lr is not None else (3e-4 if model_name == "tiny" else 3e-3 if tiny else 1e-4),
         token_lr if token_lr is not None else (5e-3 if model_name == "tiny" else 2e-2 if tiny else 5e-3),
         batch_size if batch_size is not None else 4,
