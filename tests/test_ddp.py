@@ -78,6 +78,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 },
                 out,
             )
+        # Both ranks leave together: a rank that tears gloo down while its peer still works can make the peer's
+        # gloo thread abort on the closed connection (seen once under `make test`: "terminated with signal").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
