@@ -59,6 +59,22 @@ def test_codec_interface_and_determinism():
         codec.encode(torch.zeros(1, 2, 16000))
 
 
+def test_decoding_caps_out_of_range_frames_and_keeps_the_rest(monkeypatch):
+    codec = MelRVQCodec(SMALL)
+    frames = torch.cat([codec.log_mel(_tone(1.0, f))[0] for f in (220.0, 330.0, 440.0)])
+    codec.fit(frames, iters=3, seed=0)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(1, 20, SMALL.n_mels, generator=g).clamp(-3, 3)  # inside the ceiling: decoded as before
+    loud = z.clone()
+    loud[0, 7:10] += 9.0  # what an LM's unusual code combination can sum to
+    capped, in_range = codec.synthesise(loud), codec.synthesise(z)
+    assert torch.equal(codec.synthesise(loud.clamp(max=MelRVQCodec.Z_CEILING)), capped)
+    monkeypatch.setattr(MelRVQCodec, "Z_CEILING", float("inf"))  # no cap
+    assert torch.equal(codec.synthesise(z), in_range)
+    uncapped = codec.synthesise(loud)
+    assert float(uncapped.abs().max()) > 20 * float(capped.abs().max())  # e^(9 x std) is far above the capped burst
+
+
 def test_codec_residual_levels_reduce_error():
     codec = MelRVQCodec(SMALL)
     frames = torch.cat([codec.log_mel(_tone(1.0, f, harmonics=h))[0] for f in (200.0, 310.0, 520.0) for h in (1, 3)])
