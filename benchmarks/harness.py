@@ -157,6 +157,40 @@ def measure_peak_memory(spec: dict, timeout: float = 900.0) -> dict:
     return {"error": "memprobe printed no JSON"}
 
 
+def run_probe(script: str, spec: dict, *, mmap_threshold: bool = True, timeout: float = 1200.0) -> dict:
+    """Run a probe script (`tune_probe.py`, `loss_probe.py`) on `spec` in a fresh interpreter and return its last JSON
+    line; the test fails with the probe's stderr otherwise. `mmap_threshold`: glibc maps (and returns) every large
+    block, so freed memory leaves RSS (for peak memory); off, large buffers are reused as usual (for timing)."""
+    env = dict(os.environ)
+    if mmap_threshold:
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    else:
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    proc = subprocess.run([sys.executable, str(HERE / script), json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout)  # fmt: skip
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        pytest.fail(f"{script} failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return json.loads(lines[-1])
+
+
+def record_probe(benchmark, cfg: BenchConfig, group: str, res: dict, **info) -> None:
+    """Hand a probe's result to pytest-benchmark: the step was timed inside the probe, so the benchmark runs a no-op
+    once and its median goes to extra_info (with `info`, the device and versions) to keep one JSON schema."""
+    benchmark.group = group
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(
+        {
+            **info,
+            "device": cfg.device,
+            "device_name": provenance.device_name(cfg.device),
+            "versions": versions_brief(),
+            "median_seconds": res["step_seconds"],
+            **res,
+        }  # fmt: skip
+    )
+
+
 def run_op_benchmark(benchmark, cfg: BenchConfig, op: str, provider: str, size: str, dtype: str, density=None):
     """The body of every op-level benchmark: skip with a reason where the provider cannot run, time the case with
     pytest-benchmark, and record bytes moved / GB/s / % of a memory copy / peak memory / device in extra_info."""

@@ -24,7 +24,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,21 +83,10 @@ def measure(spec: dict) -> dict:
 
     step()  # allocates the gradients (kept between steps: set_to_none=False), so they count in the base
     gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = provenance.rss_bytes()
-        provenance.reset_peak_rss()
-    times, values = [], []
-    for _ in range(int(spec.get("steps", 3))):
-        provenance.sync(device)
-        t0 = time.perf_counter()
-        values.append(step())
-        provenance.sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else provenance.peak_rss_bytes()
+    base = provenance.memory_mark(device)
+    values = []
+    times = provenance.timed_steps(lambda: values.append(step()), int(spec.get("steps", 3)), device)
+    peak, memory_kind = provenance.memory_peak(device)
     logits_bytes = batch * lm.num_codebooks * frames * lm.card * (2 if cuda else 4)
     return {
         "step_seconds": statistics.median(times),
@@ -107,7 +95,7 @@ def measure(spec: dict) -> dict:
         "peak_bytes": int(peak),
         "base_bytes": int(base),
         "peak_extra_bytes": int(peak - base),
-        "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)",
+        "memory_kind": memory_kind,
         "batch": batch,
         "frames": frames,
         "codebooks": lm.num_codebooks,

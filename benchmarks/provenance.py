@@ -169,7 +169,39 @@ def bandwidth_info(bytes_moved: int, seconds: float, device: str) -> dict:
     }
 
 
+def timed_steps(step, n: int, device: str) -> list[float]:
+    """Wall time of `n` calls of `step()`, each between device syncs."""
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 # ---- peak memory ---------------------------------------------------------------------------------------------------
+
+
+def memory_mark(device: str) -> int:
+    """Start a peak-memory measurement: returns the memory in use now (GPU: allocated bytes; CPU: RSS), the base the
+    peak is taken over, and resets the peak counter to it. Callers collect garbage first."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return base
+    base = rss_bytes()
+    reset_peak_rss()
+    return base
+
+
+def memory_peak(device: str) -> tuple[int, str]:
+    """(peak memory since `memory_mark`, what it is: `torch.cuda.max_memory_allocated` or peak RSS (VmHWM))."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    return peak_rss_bytes(), "peak RSS (VmHWM)"
 
 
 def rss_bytes() -> int:

@@ -117,55 +117,55 @@ def _index(entries: list[dict]) -> dict[tuple, dict[str, dict]]:
     return groups
 
 
-def op_rows(fname: str, data: dict) -> list[str]:
-    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") in _OPS]
-    rows = []
+def _versus(data: dict, ops, baseline: str | dict[str, str]):
+    """(provider, entry, the same case's baseline entry or None) for every benchmark of `ops` in one results file;
+    `baseline` names the baseline provider, or maps each op to its own."""
+    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") in ops]
     for key, provs in _index(entries).items():
-        op = key[0]
-        base = provs.get(_BASELINE.get(op))
+        base = provs.get(baseline.get(key[0]) if isinstance(baseline, dict) else baseline)
         for prov, e in provs.items():
-            speed = _ratio(base and base.get("median_seconds"), e.get("median_seconds"))
-            mem = e.get("mem_peak_extra_bytes")
-            mem_ratio = _ratio(mem, base and base.get("mem_peak_extra_bytes"))
-            rows.append(
-                f"| {op} | {e['model']} ({e['layers']}/{e['layers_total']} layers, {e['tensors']} tensors) | "
-                f"{e['dtype']} | {_fmt_d(e.get('density'))} | {prov} | {_fmt_s(e.get('median_seconds'))} | "
-                f"{_fmt_x(speed)} | {e.get('gbps', float('nan')):.3g} | {e.get('pct_of_copy', float('nan')):.3g}% | "
-                f"{_fmt_b(mem)} | {_fmt_x(mem_ratio)} | {fname} |"
-            )
+            yield prov, e, base
+
+
+def op_rows(fname: str, data: dict) -> list[str]:
+    rows = []
+    for prov, e, base in _versus(data, _OPS, _BASELINE):
+        speed = _ratio(base and base.get("median_seconds"), e.get("median_seconds"))
+        mem = e.get("mem_peak_extra_bytes")
+        mem_ratio = _ratio(mem, base and base.get("mem_peak_extra_bytes"))
+        rows.append(
+            f"| {e['op']} | {e['model']} ({e['layers']}/{e['layers_total']} layers, {e['tensors']} tensors) | "
+            f"{e['dtype']} | {_fmt_d(e.get('density'))} | {prov} | {_fmt_s(e.get('median_seconds'))} | "
+            f"{_fmt_x(speed)} | {e.get('gbps', float('nan')):.3g} | {e.get('pct_of_copy', float('nan')):.3g}% | "
+            f"{_fmt_b(mem)} | {_fmt_x(mem_ratio)} | {fname} |"
+        )
     return rows
 
 
 def e2e_rows(fname: str, data: dict) -> list[str]:
-    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") == "tune_step"]
     rows = []
-    for _, provs in _index(entries).items():
-        base = provs.get("dense_masked")
-        for prov, e in provs.items():
-            speed = _ratio(base and base["step_seconds"], e["step_seconds"])
-            mem_ratio = _ratio(e["peak_bytes"], base and base["peak_bytes"])
-            extra_ratio = _ratio(e["peak_extra_bytes"], base and base["peak_extra_bytes"])
-            rows.append(
-                f"| {e['model']} | {e['phase']} | {prov} | {_fmt_d(e.get('density'))} | {_fmt_s(e['step_seconds'])} | "
-                f"{_fmt_x(speed)} | {_fmt_b(e['peak_bytes'])} | {_fmt_x(mem_ratio)} | {_fmt_b(e['peak_extra_bytes'])} "
-                f"| {_fmt_x(extra_ratio)} | {fname} |"
-            )
+    for prov, e, base in _versus(data, ("tune_step",), "dense_masked"):
+        speed = _ratio(base and base["step_seconds"], e["step_seconds"])
+        mem_ratio = _ratio(e["peak_bytes"], base and base["peak_bytes"])
+        extra_ratio = _ratio(e["peak_extra_bytes"], base and base["peak_extra_bytes"])
+        rows.append(
+            f"| {e['model']} | {e['phase']} | {prov} | {_fmt_d(e.get('density'))} | {_fmt_s(e['step_seconds'])} | "
+            f"{_fmt_x(speed)} | {_fmt_b(e['peak_bytes'])} | {_fmt_x(mem_ratio)} | {_fmt_b(e['peak_extra_bytes'])} "
+            f"| {_fmt_x(extra_ratio)} | {fname} |"
+        )
     return rows
 
 
 def loss_rows(fname: str, data: dict) -> list[str]:
-    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") == "lm_loss"]
     rows = []
-    for _, provs in _index(entries).items():
-        base = provs.get("solver")
-        for prov, e in provs.items():
-            speed = _ratio(base and base["step_seconds"], e["step_seconds"])
-            extra_ratio = _ratio(e["peak_extra_bytes"], base and base["peak_extra_bytes"])
-            rows.append(
-                f"| {e['model']} | {e['batch']} x {e['frames']} frames, {e['codebooks']} x {e['card']} | {prov} | "
-                f"{_fmt_s(e['step_seconds'])} | {_fmt_x(speed)} | {_fmt_b(e['logits_bytes'])} | "
-                f"{_fmt_b(e['peak_extra_bytes'])} | {_fmt_x(extra_ratio)} | {fname} |"
-            )
+    for prov, e, base in _versus(data, ("lm_loss",), "solver"):
+        speed = _ratio(base and base["step_seconds"], e["step_seconds"])
+        extra_ratio = _ratio(e["peak_extra_bytes"], base and base["peak_extra_bytes"])
+        rows.append(
+            f"| {e['model']} | {e['batch']} x {e['frames']} frames, {e['codebooks']} x {e['card']} | {prov} | "
+            f"{_fmt_s(e['step_seconds'])} | {_fmt_x(speed)} | {_fmt_b(e['logits_bytes'])} | "
+            f"{_fmt_b(e['peak_extra_bytes'])} | {_fmt_x(extra_ratio)} | {fname} |"
+        )
     return rows
 
 

@@ -31,7 +31,6 @@ import importlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -176,21 +175,10 @@ def measure(spec: dict) -> dict:
     routing = tune_mod._checkpoint_routing(lm, rg)  # checkpointing's recomputation sees the row-scoped linears
     routing.__enter__()
     gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = provenance.rss_bytes()
-        provenance.reset_peak_rss()
-    times = []
-    for _ in range(1 + int(spec.get("steps", 3))):  # the first step is the warm-up (allocates optimizer state)
-        provenance.sync(device)
-        t0 = time.perf_counter()
-        step()
-        provenance.sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if cuda else provenance.peak_rss_bytes()
+    base = provenance.memory_mark(device)
+    # the first step is the warm-up (allocates optimizer state)
+    times = provenance.timed_steps(step, 1 + int(spec.get("steps", 3)), device)
+    peak, memory_kind = provenance.memory_peak(device)
     for h in handles:
         h.remove()
     from ppt_fast import _backend
@@ -201,7 +189,7 @@ def measure(spec: dict) -> dict:
         "peak_bytes": int(peak),
         "base_bytes": int(base),
         "peak_extra_bytes": int(peak - base),
-        "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)",
+        "memory_kind": memory_kind,
         "k": k,
         "entries_in_scope": n_scope_total,
         "entries_in_trained_tensors": n_trained_tensors,

@@ -205,9 +205,10 @@ def _fit_peak_noted(*clips):
     """`audio.fit_peak` before writing generated clips, saying so on stderr when it had to scale them down."""
     from .audio import fit_peak
 
-    out, gain = fit_peak(*clips)
+    limit = 0.99
+    out, gain = fit_peak(*clips, limit=limit)
     if gain < 1.0:
-        print(f"note: the generated audio peaked at {0.99 / gain:.2f}, above full scale; scaled by {gain:.3f} "
+        print(f"note: the generated audio peaked at {limit / gain:.2f}, above full scale; scaled by {gain:.3f} "
               "(one gain for all clips written together) so the WAV does not clip", file=sys.stderr)  # fmt: skip
     return out, gain
 
