@@ -50,7 +50,12 @@ def _add_tune(sub) -> None:
     p.add_argument("--out", required=True, help="concept file to write, e.g. concept.ppt")
     p.add_argument("--model", default="tiny", help="tiny (default), a checkpoint dir or e.g. facebook/musicgen-small")
     p.add_argument("--preset", default="ppt", choices=("ppt", "dreamstyler", "full", "tokens"), help="what is trained")
-    p.add_argument("--ratio", type=float, default=0.01, help="pivots as a fraction of the entries in scope (0.01)")
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=None,
+        help="pivots as a fraction of the entries in scope (default 0.001 on tiny, 0.01 otherwise)",
+    )
     p.add_argument("--count", type=int, default=None, help="a fixed number of pivots instead of --ratio")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 150 tiny, 500 otherwise)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the pivots")
@@ -61,6 +66,20 @@ def _add_tune(sub) -> None:
         dest="templates",
         metavar="TEMPLATE",
         help="training prompt template, {} marks the identifier (repeatable; default 'a piece of music, {}')",
+    )
+    p.add_argument(
+        "--prior",
+        type=float,
+        default=None,
+        help="prior-preservation weight: also fit the base model's own clips for the prompts without the identifier "
+        "(default 0 = off; 1 is usual)",
+    )
+    p.add_argument(
+        "--prior-prompt",
+        action="append",
+        dest="prior_prompts",
+        metavar="PROMPT",
+        help="prompt the prior clips are sampled for (repeatable; default: the templates without the identifier)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -191,6 +210,10 @@ def _cmd_tune(args) -> int:
         kwargs["lr"] = args.lr
     if args.templates:
         kwargs["templates"] = args.templates
+    if args.prior is not None:
+        kwargs["prior"] = args.prior
+    if args.prior_prompts:
+        kwargs["prior_prompts"] = args.prior_prompts
     t0 = time.perf_counter()
     tune(
         args.reference, model=args.model, identifier=args.identifier, preset=args.preset, ratio=args.ratio,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import replace
 
@@ -275,3 +276,12 @@ def test_default_model_figures_on_a_quick_model(tmp_path):
     assert len(lc["windowed"]) == len(lc["single_pass"]) == 2 and all(0.0 <= x <= 1.0 for x in lc["windowed"])
     assert model.max_duration == P.QUICK.segment_seconds == lc["max_duration"]  # restored after the single pass
     assert tc["n"] == 2 * len(names) and 0.0 <= tc["top1"] <= 1.0 and tc["chance"] == pytest.approx(1 / 3)
+    # held-in set and teacher-forced loss: new compositions, right and wrong words, a mean over clips that does not
+    # depend on the batching
+    held, right, wrong = DM.held_in_set(model, names, clips=2, seconds=2.0, seed=3)
+    assert held.shape[:2] == (2 * len(names), model.lm.num_codebooks) and held.shape[2] == round(2.0 * model.frame_rate)
+    assert right == [P.INSTRUMENT_WORDS[n][0] for n in names for _ in range(2)]
+    assert all(r != w for r, w in zip(right, wrong)) and sorted(set(wrong)) == sorted(set(right))
+    a = DM.teacher_forced_loss(model, held, right, batch=8)
+    b = DM.teacher_forced_loss(model, held, right, batch=1)
+    assert a == pytest.approx(b, rel=1e-5) and 0 < a < 2 * math.log(model.lm.card)

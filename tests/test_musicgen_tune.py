@@ -1,4 +1,5 @@
 import importlib
+import math
 
 import pytest
 import soundfile as sf
@@ -171,6 +172,15 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
         T.tune_model(ok, preset="lora", **FAST)
     with pytest.raises(T.TuneError, match="ratio"):
         T.tune_model(ok, ratio=1.5, **FAST)
+    for bad_prior in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(T.TuneError, match=r"prior=.* finite weight >= 0"):
+            T.tune_model(ok, prior=bad_prior, **FAST)
+    with pytest.raises(T.TuneError, match="prior_clips=0"):
+        T.tune_model(ok, prior=1.0, prior_clips=0, **FAST)
+    with pytest.raises(T.TuneError, match=r"names the identifier '<v1>'"):
+        T.tune_model(ok, prior=1.0, prior_prompts=["jazz, <v1>"], **FAST)
+    with pytest.raises(T.TuneError, match="no prior prompt"):
+        T.tune_model(ok, prior=1.0, templates=["{}"], **FAST)
     assert not calls
 
 
@@ -186,3 +196,51 @@ def test_reference_cache(ref_wav, tmp_path):
     assert c.cache_path != a.cache_path
     # 4 s at 1 s windows with 50 % hop -> 7 windows.
     assert a.codes.shape[0] == 7
+
+
+def test_class_prompts():
+    got = T.class_prompts(["a piece of music, {}", "{}, slow", "a {} song", "x, {}, y", "{}", "plain", "{} ,slow"])
+    assert got == ["a piece of music", "slow", "a song", "x, y", "plain"]
+
+
+def test_prior_preservation(ref_wav, monkeypatch):
+    """prior > 0: the base model's own clips for the prompts without the identifier are sampled once, before the
+    identifier exists, and fitted in every step beside the reference, which keeps the model's loss on them lower
+    than tuning without them does."""
+    pools = []
+    real = T._prior_pool
+
+    def spy(mg, prompts, clips, seconds, seed, dev):
+        assert not T.ident_mod.get_bank(mg.lm).identifiers()  # sampled from the base model, before the tokens
+        codes, texts = real(mg, prompts, clips, seconds, seed, dev)
+        pools.append((list(prompts), clips, seconds, codes, texts))
+        return codes, texts
+
+    monkeypatch.setattr(T, "_prior_pool", spy)
+    kw = dict(FAST, steps=20, batch_size=4)
+    a = T.tune_model(ref_wav, **kw)
+    assert not pools and a.prior_losses == [] and a.settings["prior"] == 0.0
+    b = T.tune_model(ref_wav, prior=4.0, prior_clips=4, **kw)
+    ((prompts, clips, seconds, codes, texts),) = pools
+    assert (prompts, clips, seconds) == (["a piece of music"], 4, 1.0)
+    assert codes.shape == (4, 4, 50) and texts == ["a piece of music"] * 4
+    assert len(b.prior_losses) == 20 and all(math.isfinite(x) for x in b.prior_losses)
+    assert b.settings["prior"] == 4.0 and b.settings["prior_prompts"] == ["a piece of music"]
+    assert b.settings["prior_clips"] == 4
+    assert a.losses[0] == b.losses[0]  # same reference batch before the first update
+    base = _eval_loss(load_model("tiny-random"), codes, "a piece of music")
+    drift_a = _eval_loss(a.model, codes, "a piece of music") - base
+    drift_b = _eval_loss(b.model, codes, "a piece of music") - base
+    assert drift_b < 0.5 * drift_a, (drift_a, drift_b)
+    # the reference is still learnt
+    assert b.losses[-1] < b.losses[0] - 0.05, (b.losses[0], b.losses[-1])
+    # preset "tokens" trains nothing the prompts without the identifier read: no prior clips are sampled
+    c = T.tune_model(ref_wav, preset="tokens", prior=1.0, **FAST)
+    assert len(pools) == 1 and c.settings["prior"] == 0.0 and c.prior_losses == []
+
+
+def test_default_ratio_per_model(ref_wav):
+    assert T.default_ratio("tiny") == 0.001 and T.default_ratio("tiny-random") == 0.01
+    assert T.default_ratio("facebook/musicgen-small") == 0.01
+    r = T.tune_model(ref_wav, ratio=None, **dict(FAST, steps=0))
+    assert r.settings["ratio"] == 0.01

@@ -16,7 +16,11 @@ clip uses), i.e. the original soundfont audio, never codec output.
 - Long clips: text-control top-1 per 3-s stretch of 9-s clips (validation seed), generated in windows of the
   model's training segment and in one pass: why `max_duration` is the training segment.
 - Prior preservation: the same text-control figure and the diversity of those clips with a concept for a held-out
-  instrument applied (one per method), next to the base model: what tuning costs the model's general ability.
+  instrument applied (one per method), next to the base model: what tuning costs the model's general ability. Two
+  teacher-forced losses go with it, free of sampling noise: the **held-in loss** (new compositions of the 16 trained
+  instruments under their instrument word; its rise is what tuning costs, in units of the **prompt information**:
+  the same clips' loss under a wrong instrument word minus under the right one) and the **reference loss** (the
+  reference's segments under "a piece of music, <v1>"; its fall is what the concept learnt).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from . import features
 
 GALLERY_INDEX = 300_000
 TEST_INDEX = 200_000
+HELD_IN_INDEX = 400_000
 
 
 def _embed(audio: torch.Tensor, sample_rate: int, emb) -> torch.Tensor:
@@ -152,37 +157,92 @@ def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, gri
     return rows
 
 
-def preservation(model_name: str, reference: str, names, table, emb, *, methods: Sequence[tuple[str, Any, Any]],
-                 clips: int, duration: float, seed: int) -> list[dict[str, Any]]:  # fmt: skip
+def held_in_set(model, names: Sequence[str], *, clips: int = 2, seconds: float = 4.0, seed: int = 0):
+    """Codes of new compositions of `names` (seeds no corpus clip uses), their instrument words, and a wrong word for
+    each (the instrument 5 places on): what the held-in loss and the prompt information are measured on."""
+    from ..musicgen import pretrain as P
+
+    audio, right, wrong = [], [], []
+    for k, n in enumerate(names):
+        for i in range(clips):
+            audio.append(P.render_clip(n, P.clip_seed(n, seed, HELD_IN_INDEX + i), seconds, model.sample_rate))
+            right.append(P.INSTRUMENT_WORDS[n][0])
+            wrong.append(P.INSTRUMENT_WORDS[names[(k + 5) % len(names)]][0])
+    with torch.no_grad():
+        codes = model.compression_model.encode(torch.stack(audio).unsqueeze(1))[0].long()
+    return codes, right, wrong
+
+
+def teacher_forced_loss(model, codes: torch.Tensor, prompts: Sequence[str], batch: int = 8) -> float:
+    """MusicGen's training loss (nats per code) of `codes` under `prompts`, no sampling: mean over the clips."""
+    import contextlib
+
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    from ..musicgen.tune import _loss
+
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, codes.shape[0], batch):
+            attrs = [ConditioningAttributes(text={"description": p}) for p in prompts[i : i + batch]]
+            total += float(_loss(model.lm, codes[i : i + batch], attrs, contextlib.nullcontext)) * len(attrs)
+    return total / codes.shape[0]
+
+
+def preservation(model_name: str, reference: str, names, table, emb, *, methods: Sequence[tuple[str, Any, dict]],
+                 clips: int, duration: float, seed: int) -> dict[str, Any]:  # fmt: skip
     from .. import generate, load_model, tune
     from ..audio import read_audio
+    from ..musicgen import data
     from .metrics import audio_alignment
 
     rows = []
     ref_audio, ref_sr = read_audio(reference)
-    for label, preset, ratio in methods:
+    base = load_model(model_name, device="cpu")
+    held, right, wrong = held_in_set(base, names, seed=seed)
+    base_held = teacher_forced_loss(base, held, right)
+    info = teacher_forced_loss(base, held, wrong) - base_held
+    ref_codes = data.encode_reference(base, reference, segment_seconds=2.0, codec_fingerprint="eval",
+                                      use_cache=False).codes  # fmt: skip
+    ref_prompts = ["a piece of music, <v1>"] * ref_codes.shape[0]
+    for label, preset, kw in methods:
         t0 = time.perf_counter()
         concept = None
         if preset is not None:
-            kw = {"ratio": ratio} if ratio is not None else {}
             concept = tune(reference, model=model_name, preset=preset, seed=seed, verbose=False, **kw)
         tune_s = time.perf_counter() - t0
         model = load_model(model_name, device="cpu")
         cs = [concept] if concept is not None else []
+        if concept is not None:
+            concept.apply(model)
+        held_loss = teacher_forced_loss(model, held, right)
+        # the base model has no <v1>: its reference loss is under the prompt without it (the identifier's word is
+        # then unknown text, as an untrained identifier would be)
+        ref_loss = teacher_forced_loss(model, ref_codes, ref_prompts if concept is not None else
+                                       ["a piece of music"] * ref_codes.shape[0])  # fmt: skip
+        if concept is not None:
+            concept.remove(model)
         tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, concepts=cs)
         with_id = generate(["a piece of music, <v1>"] * clips, model=model, concepts=cs, duration=duration,
                            seed=seed + 7)  # fmt: skip
         aa = audio_alignment(with_id, ref_audio, model.sample_rate, reference_sample_rate=ref_sr, pad="repeat")
-        rows.append({"method": label, "preset": preset, "ratio": ratio, "tune_seconds": round(tune_s, 2),
+        rows.append({"method": label, "preset": preset, "options": kw, "tune_seconds": round(tune_s, 2),
                      "audio_alignment_with_id": aa, "text_control_top1_no_id": tc["top1"],
-                     "diversity_no_id": tc["diversity"],
+                     "diversity_no_id": tc["diversity"], "held_in_loss": held_loss,
+                     "held_in_loss_rise": held_loss - base_held, "forgetting": (held_loss - base_held) / info,
+                     "reference_loss": ref_loss, "n_text_control": tc["n"],
+                     "settings": None if concept is None else {k: concept.meta.get(k) for k in
+                                                               ("lr", "prior", "prior_clips", "steps", "ratio")},
                      "trained_entries": None if concept is None else _trained_entries(concept)})  # fmt: skip
         print(
-            f"[preservation] {label}: audio alignment {aa:.3f}, text control {tc['top1']:.2f}, "
-            f"diversity {tc['diversity']:.3f} (tune {tune_s:.0f} s)",
+            f"[preservation] {label}: audio alignment {aa:.3f}, text control {tc['top1']:.3f}, "
+            f"diversity {tc['diversity']:.3f}, held-in loss {held_loss - base_held:+.4f} "
+            f"({100 * (held_loss - base_held) / info:.0f} % of the prompt information), reference loss "
+            f"{ref_loss:.3f} (tune {tune_s:.0f} s)",
             flush=True,
         )
-    return rows
+    return {"held_in_clips": held.shape[0], "held_in_loss_base": base_held, "prompt_information": info,
+            "rows": rows}  # fmt: skip
 
 
 def _trained_entries(concept) -> int:
@@ -202,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", default="violin", help="held-out instrument for the preservation rows")
     ap.add_argument("--sweep-seed", type=int, default=1, help="sampling seed of the sampling sweep (validation)")
+    ap.add_argument("--preservation-clips", type=int, default=4, help="clips per prompt in the preservation rows")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,sweep,long,text,preservation")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
@@ -251,10 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dataset import load_manifest
 
         ref = load_manifest(ds).reference_path(args.heldout)
-        methods = [("base", None, None), ("tokens", "tokens", None), ("ppt-1%", "ppt", 0.01),
-                   ("dreamstyler", "dreamstyler", 0.01), ("full", "full", None)]  # fmt: skip
-        report["preservation"] = {"concept": args.heldout, "rows": preservation(
-            args.model, ref, train, table_train, emb, methods=methods, clips=max(2, args.clips - 1),
+        methods = [("base", None, {}), ("tokens", "tokens", {}), ("ppt (defaults)", "ppt", {}),
+                   ("ppt-1%", "ppt", {"ratio": 0.01}), ("ppt-1% + prior", "ppt", {"ratio": 0.01, "prior": 1.0}),
+                   ("dreamstyler", "dreamstyler", {"ratio": 0.01}), ("full", "full", {})]  # fmt: skip
+        report["preservation"] = {"concept": args.heldout, **preservation(
+            args.model, ref, train, table_train, emb, methods=methods, clips=args.preservation_clips,
             duration=args.duration, seed=args.seed)}  # fmt: skip
     report["seconds"] = round(time.perf_counter() - t0, 1)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

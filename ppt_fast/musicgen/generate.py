@@ -29,6 +29,19 @@ def _as_concepts(concepts: Any) -> list[Any]:
     return out
 
 
+def set_sampling(mg, duration: float, *, cfg_coef: float | None = None, top_k: int | None = None,
+                 temperature: float | None = None) -> None:  # fmt: skip
+    """Set MusicGen's generation parameters; None takes the model's own recommended setting (see `generate`)."""
+    own = getattr(mg, "_ppt_fast_sampling", {})  # a model's recommended settings (the trained default sets them)
+    top_k = int(top_k if top_k is not None else own.get("top_k", 250))
+    cfg_coef = float(cfg_coef if cfg_coef is not None else own.get("cfg_coef", 3.0))
+    temperature = float(temperature if temperature is not None else own.get("temp", 1.0))
+    mg.set_generation_params(
+        duration=float(duration), top_k=min(top_k, mg.lm.card), cfg_coef=cfg_coef, temperature=temperature,
+        extend_stride=min(18.0, mg.max_duration / 2),
+    )  # fmt: skip
+
+
 def generate(
     prompts: str | Sequence[str],
     *,
@@ -66,15 +79,7 @@ def generate(
         raise ValueError(f"duration={duration} must be > 0 seconds")
     mg = load_model(model, device=device)
     cs = _as_concepts(concepts)
-    card = mg.lm.card
-    own = getattr(mg, "_ppt_fast_sampling", {})  # a model's recommended settings (the trained default sets them)
-    top_k = int(top_k if top_k is not None else own.get("top_k", 250))
-    cfg_coef = float(cfg_coef if cfg_coef is not None else own.get("cfg_coef", 3.0))
-    temperature = float(temperature if temperature is not None else own.get("temp", 1.0))
-    mg.set_generation_params(
-        duration=float(duration), top_k=min(top_k, card), cfg_coef=cfg_coef, temperature=temperature,
-        extend_stride=min(18.0, mg.max_duration / 2),
-    )  # fmt: skip
+    set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature)
     applied = []
     try:
         for c in cs:

@@ -1,0 +1,67 @@
+"""Is the text-control drop of a tuned `tiny` a cost of what was learnt, or the sampling of a small LM reacting to any
+change of its weights? Tune the violin with tune()'s defaults, then move the **same delta values to random entries**
+of the same tensors and rows (the scope), and score text control without the identifier (16 instrument prompts x 3
+clips) for the base, the concept and the random twin on several sampling seeds, with the held-in loss beside it.
+
+    .venv/bin/python scripts/perturbation_probe.py          # ~8 min on 2 CPU cores
+
+Output of the run quoted in docs/default_model.md ("What tuning costs").
+"""
+
+import os
+
+import torch
+
+from ppt_fast import _env, load_model, tune
+from ppt_fast.eval import features
+from ppt_fast.eval.dataset import build
+from ppt_fast.eval.default_model import gallery, held_in_set, teacher_forced_loss, text_control
+from ppt_fast.musicgen import pretrain as P
+
+SEEDS = (0, 2, 3)
+train = list(P.TRAIN_CONCEPTS)
+root = os.path.join(_env.cache_dir(), "eval-default-dataset")  # make eval-default's violin
+build(root, concepts=["violin"], seconds=120.0, heldout=0, sample_rate=32000)
+concept = tune(os.path.join(root, "violin", "reference.wav"), model="tiny", seed=0, verbose=False)
+
+base = load_model("tiny")
+before = {n: p.detach().clone() for n, p in base.lm.named_parameters()}
+concept.apply(base)
+deltas = {
+    n: p.detach() - before[n] for n, p in base.lm.named_parameters() if n in before and not torch.equal(p, before[n])
+}
+concept.remove(base)
+
+twin = load_model("tiny")
+g = torch.Generator().manual_seed(0)
+d = twin.lm.dim
+moved = 0
+with torch.no_grad():
+    for n, delta in deltas.items():
+        p = dict(twin.lm.named_parameters())[n]
+        lo = 2 * d if "self_attn" in n else d  # the ppt scope: self-attention V rows, cross-attention K/V rows
+        nz = delta.nonzero(as_tuple=True)
+        vals = delta[nz]
+        flat = torch.randperm((3 * d - lo) * p.shape[1], generator=g)[: vals.numel()]
+        rows, cols = lo + flat // p.shape[1], flat % p.shape[1]
+        p[rows, cols] += vals
+        moved += vals.numel()
+print(f"concept: {moved} changed entries in {len(deltas)} tensors; twin: the same values at random entries", flush=True)
+
+held, right, wrong = held_in_set(base, train, seed=0)
+base_held = teacher_forced_loss(base, held, right)
+info = teacher_forced_loss(base, held, wrong) - base_held
+concept.apply(base)
+c_held = teacher_forced_loss(base, held, right) - base_held
+concept.remove(base)
+t_held = teacher_forced_loss(twin, held, right) - base_held
+print(f"held-in loss rise: concept {c_held:+.4f} ({100 * c_held / info:.1f} %), twin {t_held:+.4f} "
+      f"({100 * t_held / info:.1f} %)", flush=True)  # fmt: skip
+emb = features.get_embedder("musicnn")
+table = gallery(train, base.sample_rate, emb, seed=0)
+for seed in SEEDS:
+    row = []
+    for label, model, cs in (("base", base, []), ("concept", base, [concept]), ("twin", twin, [])):
+        tc = text_control(model, train, table, emb, clips=3, duration=5.0, seed=seed, concepts=cs)
+        row.append(f"{label} {tc['top1']:.3f}")
+    print(f"seed {seed}: text control " + ", ".join(row), flush=True)
