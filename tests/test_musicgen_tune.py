@@ -179,6 +179,8 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
         T.tune_model(ok, prior=1.0, prior_clips=0, **FAST)
     with pytest.raises(T.TuneError, match=r"names the identifier '<v1>'"):
         T.tune_model(ok, prior=1.0, prior_prompts=["jazz, <v1>"], **FAST)
+    with pytest.raises(T.TuneError, match=r"names the identifier '<v1>'"):
+        T.tune_model(ok, prior=1.0, prior_prompts=["jazz with <v1>."], **FAST)  # glued to punctuation
     with pytest.raises(T.TuneError, match="no prior prompt"):
         T.tune_model(ok, prior=1.0, templates=["{}"], **FAST)
     assert not calls

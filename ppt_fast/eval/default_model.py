@@ -204,7 +204,8 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
     info = teacher_forced_loss(base, held, wrong) - base_held
     ref_codes = data.encode_reference(base, reference, segment_seconds=2.0, codec_fingerprint="eval",
                                       use_cache=False).codes  # fmt: skip
-    ref_prompts = ["a piece of music, <v1>"] * ref_codes.shape[0]
+    # the base model has no <v1>: its reference loss is under the prompt without it
+    base_ref = teacher_forced_loss(base, ref_codes, ["a piece of music"] * ref_codes.shape[0])
     for label, preset, kw in methods:
         t0 = time.perf_counter()
         concept = None
@@ -213,14 +214,11 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
         tune_s = time.perf_counter() - t0
         model = load_model(model_name, device="cpu")
         cs = [concept] if concept is not None else []
+        held_loss, ref_loss = base_held, base_ref
         if concept is not None:
             concept.apply(model)
-        held_loss = teacher_forced_loss(model, held, right)
-        # the base model has no <v1>: its reference loss is under the prompt without it (the identifier's word is
-        # then unknown text, as an untrained identifier would be)
-        ref_loss = teacher_forced_loss(model, ref_codes, ref_prompts if concept is not None else
-                                       ["a piece of music"] * ref_codes.shape[0])  # fmt: skip
-        if concept is not None:
+            held_loss = teacher_forced_loss(model, held, right)
+            ref_loss = teacher_forced_loss(model, ref_codes, ["a piece of music, <v1>"] * ref_codes.shape[0])
             concept.remove(model)
         tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, concepts=cs)
         with_id = generate(["a piece of music, <v1>"] * clips, model=model, concepts=cs, duration=duration,

@@ -175,14 +175,13 @@ def _resolve_defaults(model_name: Any, steps, lr, token_lr, batch_size, segment_
 
 
 def class_prompts(templates: Sequence[str]) -> list[str]:
-    """The prompts of `templates` with the identifier left out ("a piece of music, {}" -> "a piece of music"): what
-    the prior-preservation batches are generated from and trained on by default (DreamBooth's "class prompt")."""
+    """The prompts of `templates` with the identifier left out ("a piece of music, {}" -> "a piece of music"), tidied
+    as the identifier bank tidies a prompt it cuts identifiers from (`identifiers.clean_prompt`): the text the
+    conditioner reads of the training prompt, which the prior-preservation batches are generated from and trained on
+    by default (DreamBooth's "class prompt")."""
     out: list[str] = []
     for t in templates:
-        p = " ".join(t.replace("{}", " ").split()).replace(" ,", ",")
-        while ",," in p:
-            p = p.replace(",,", ",")
-        p = p.strip(",;: ")
+        p = ident_mod.clean_prompt(t.replace("{}", " "))
         if p and p not in out:
             out.append(p)
     return out
@@ -204,7 +203,7 @@ def _check_prior(prior: float, prompts, clips: int, templates: Sequence[str], id
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise TuneError(f"prior_prompts: {p!r} is not a non-empty string")
-        named = [i for i in idents if i in p.replace(",", " ").split()]
+        named = [i for i in idents if i in p]  # the bank cuts an identifier wherever it stands in a prompt
         if named:
             raise TuneError(
                 f"prior prompt {p!r} names the identifier {named[0]!r}: prior prompts are what the model must keep "
