@@ -10,12 +10,10 @@ Output of the run quoted in docs/default_model.md ("What tuning costs").
 
 import os
 
-import torch
-
 from ppt_fast import _env, load_model, tune
 from ppt_fast.eval import features
 from ppt_fast.eval.dataset import build
-from ppt_fast.eval.default_model import gallery, held_in_set, teacher_forced_loss, text_control
+from ppt_fast.eval.default_model import gallery, held_in_set, random_twin, teacher_forced_loss, text_control
 from ppt_fast.musicgen import pretrain as P
 
 SEEDS = (0, 2)
@@ -25,28 +23,9 @@ build(root, concepts=["violin"], seconds=120.0, heldout=0, sample_rate=32000)
 concept = tune(os.path.join(root, "violin", "reference.wav"), model="tiny", seed=0, verbose=False)
 
 base = load_model("tiny")
-before = {n: p.detach().clone() for n, p in base.lm.named_parameters()}
-concept.apply(base)
-deltas = {
-    n: p.detach() - before[n] for n, p in base.lm.named_parameters() if n in before and not torch.equal(p, before[n])
-}
-concept.remove(base)
-
 twin = load_model("tiny")
-g = torch.Generator().manual_seed(0)
-d = twin.lm.dim
-moved = 0
-with torch.no_grad():
-    for n, delta in deltas.items():
-        p = dict(twin.lm.named_parameters())[n]
-        lo = 2 * d if "self_attn" in n else d  # the ppt scope: self-attention V rows, cross-attention K/V rows
-        nz = delta.nonzero(as_tuple=True)
-        vals = delta[nz]
-        flat = torch.randperm((3 * d - lo) * p.shape[1], generator=g)[: vals.numel()]
-        rows, cols = lo + flat // p.shape[1], flat % p.shape[1]
-        p[rows, cols] += vals
-        moved += vals.numel()
-print(f"concept: {moved} changed entries in {len(deltas)} tensors; twin: the same values at random entries", flush=True)
+moved = random_twin(twin, concept, seed=0)
+print(f"concept: {moved} changed entries; twin: the same values at random entries", flush=True)
 
 held, right, wrong = held_in_set(base, train, seed=0)
 base_held = teacher_forced_loss(base, held, right)

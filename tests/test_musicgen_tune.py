@@ -246,3 +246,43 @@ def test_default_ratio_per_model(ref_wav):
     assert T.default_ratio("facebook/musicgen-small") == 0.01
     r = T.tune_model(ref_wav, ratio=None, **dict(FAST, steps=0))
     assert r.settings["ratio"] == 0.01
+    # presets that select no pivots record no ratio
+    assert T.tune_model(ref_wav, preset="tokens", **dict(FAST, steps=0)).settings["ratio"] is None
+
+
+def test_random_twin_moves_the_same_values_to_random_in_scope_entries(ref_wav):
+    """The eval's control arm: the concept's deltas, value for value, at other entries of the same tensors' in-scope
+    rows; the model the concept was made for ends unchanged."""
+    from ppt_fast import tune
+    from ppt_fast.eval.default_model import random_twin
+
+    concept = tune(ref_wav, ratio=0.02, **dict(FAST, steps=4))
+    model = load_model("tiny-random")
+    before = {n: p.detach().clone() for n, p in model.lm.named_parameters()}
+    concept.apply(model)
+    deltas = {n: p.detach() - before[n] for n, p in model.lm.named_parameters() if not torch.equal(p, before[n])}
+    concept.remove(model)
+    assert all(torch.equal(p, before[n]) for n, p in model.lm.named_parameters())
+    assert deltas and all("in_proj_weight" in n for n in deltas)
+    moved = random_twin(model, concept, seed=0)
+    assert moved == sum(int((d != 0).sum()) for d in deltas.values())
+    d = model.lm.dim
+    overlap = 0
+    for n, p in model.lm.named_parameters():
+        change = p.detach() - before[n]
+        if n not in deltas:
+            assert not change.any(), n
+            continue
+        # same multiset of values (each added once to a zero-delta entry)
+        torch.testing.assert_close(change[change != 0].sort().values, deltas[n][deltas[n] != 0].sort().values)
+        rows = change.nonzero()[:, 0]
+        lo = 2 * d if "self_attn" in n else d
+        assert rows.min() >= lo and rows.max() < 3 * d, n
+        overlap += int(((change != 0) & (deltas[n] != 0)).sum())
+    assert overlap < 0.1 * moved  # random places, not the concept's
+    # a different seed, different places; a dense concept cannot have a twin
+    other = load_model("tiny-random")
+    random_twin(other, concept, seed=1)
+    assert any(not torch.equal(a, b) for a, b in zip(other.lm.parameters(), model.lm.parameters()))
+    with pytest.raises(ValueError, match="sparse concept"):
+        random_twin(load_model("tiny-random"), tune(ref_wav, preset="full", **dict(FAST, steps=1)))

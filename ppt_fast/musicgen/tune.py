@@ -529,7 +529,9 @@ def tune_model(
         model=mg, identifiers=list(refs), pivots=pivots, trained=trained, dense_rows=dense_rows, tokens=out_tokens,
         losses=losses, sensitivity_seconds=sens_seconds, train_seconds=train_seconds, base_fingerprint=base_fp,
         settings=dict(
-            preset=preset, ratio=ratio, count=count, steps=steps, lr=lr, token_lr=token_lr, batch_size=batch_size,
+            # ratio / count only where a preset selects pivots (tokens and full train no pivots)
+            preset=preset, ratio=ratio if scope is not None else None, count=count if scope is not None else None,
+            steps=steps, lr=lr, token_lr=token_lr, batch_size=batch_size,
             sensitivity_batches=sensitivity_batches, criterion=criterion, n_tokens=n_tokens, templates=list(templates),
             segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay, seed=seed, prior=prior,
             prior_prompts=list(prior_prompts), prior_clips=prior_clips if prior else 0,
