@@ -30,11 +30,9 @@ def ref_wav(tmp_path_factory):
 
 
 def _eval_loss(mg, pool_codes, prompt):
-    from audiocraft.modules.conditioners import ConditioningAttributes
+    from ppt_fast.eval.default_model import teacher_forced_loss
 
-    attrs = [ConditioningAttributes(text={"description": prompt}) for _ in range(pool_codes.shape[0])]
-    with torch.no_grad():
-        return float(T._loss(mg.lm, pool_codes, attrs, lambda: torch.autocast("cpu", enabled=False)))
+    return teacher_forced_loss(mg, pool_codes, [prompt] * pool_codes.shape[0])
 
 
 def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
