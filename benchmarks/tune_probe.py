@@ -7,7 +7,8 @@
 Prints one JSON line. What runs (recipe `ppt`, DESIGN §6: pivots over self-attention V rows and cross-attention
 K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `in_proj_weight`s):
 - the batch: B = 1, `seconds` of random codes (4 codebooks) at the codec's frame rate, the prompt
-  "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss`.
+  "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss` (computed
+  in the pattern's layout, `ppt_fast.musicgen.loss.pattern_cross_entropy`; the same in both methods).
 - phase `train`, method `dense_masked`: the trained tensors get full gradients and a dense masked AdamW step
   (ppt_fast.optim.DenseMaskedAdamW, fused torch AdamW where supported). Method `ppt_fast`: what `tune()` does:
   `SparseAdamW(gather_in_backward=True)` with row-scoped weight gradients (`ppt_fast.rowgrad`: only the rows
