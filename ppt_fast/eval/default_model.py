@@ -212,13 +212,13 @@ def random_twin(model, concept, *, seed: int = 0) -> int:
     finally:
         concept.remove(model)
     params = dict(lm.named_parameters())
+    in_scope = {e.name: e.flat_range for e in Scope.preset("ppt").resolve([(n, params[n]) for n in deltas])}
     g = torch.Generator().manual_seed(seed)
     moved = 0
     with torch.no_grad():
         for n, delta in deltas.items():
             p = params[n]
-            entries = Scope.preset("ppt").resolve([(n, p)])
-            lo, hi = entries[0].flat_range if entries else (0, p.numel())
+            lo, hi = in_scope.get(n, (0, p.numel()))
             vals = delta[delta != 0]
             if vals.numel() > hi - lo:
                 raise ValueError(f"{n}: {vals.numel()} changed entries, {hi - lo} in scope: a random twin needs a "
