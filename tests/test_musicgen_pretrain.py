@@ -285,3 +285,12 @@ def test_default_model_figures_on_a_quick_model(tmp_path):
     a = DM.teacher_forced_loss(model, held, right, batch=8)
     b = DM.teacher_forced_loss(model, held, right, batch=1)
     assert a == pytest.approx(b, rel=1e-5) and 0 < a < 2 * math.log(model.lm.card)
+
+
+@pytest.mark.parametrize("flag", ["--clips", "--text-clips", "--preservation-clips"])
+def test_default_model_eval_refuses_clip_counts_below_one(flag, capsys):
+    from ppt_fast.eval import default_model as DM
+
+    with pytest.raises(SystemExit):
+        DM.main([flag, "0"])
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
