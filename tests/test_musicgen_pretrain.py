@@ -294,3 +294,24 @@ def test_default_model_eval_refuses_clip_counts_below_one(flag, capsys):
     with pytest.raises(SystemExit):
         DM.main([flag, "0"])
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(tmp_path):
+    cfg = replace(P.QUICK, clip_counts={"piano": 5})
+    _codec, corpus, _ = P.prepare(cfg, str(tmp_path), verbose=False)
+    assert [corpus.names.count(n) for n in cfg.train_concepts] == [5, 3, 3]
+    assert corpus.codes.shape[0] == 11 and len(set(corpus.seeds)) == 11
+    # the first 3 piano compositions are the ones a uniform corpus has: counts add compositions, they replace none
+    _codec, uniform, _ = P.prepare(P.QUICK, str(tmp_path / "u"), verbose=False)
+    assert corpus.seeds[:3] == uniform.seeds[:3]
+    # a file written before clip_counts existed (tiny-v4) reads as a uniform corpus; a rebalanced config round-trips
+    rebalanced = replace(P.PretrainConfig(), clip_counts={"piano": 160, "harp": 128})
+    old = rebalanced.to_dict()
+    del old["clip_counts"]
+    assert P.PretrainConfig.from_dict(old).clip_counts == {}
+    assert P.PretrainConfig.from_dict(rebalanced.to_dict()) == rebalanced
+    assert rebalanced.digest() != P.PretrainConfig().digest() and rebalanced.clips_of("organ") == 96
+    with pytest.raises(ValueError, match="violin.*not training instruments"):
+        replace(P.QUICK, clip_counts={"violin": 4})
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        replace(P.QUICK, clip_counts={"piano": 0})
