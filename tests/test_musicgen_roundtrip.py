@@ -95,3 +95,14 @@ def test_several_concepts_files_and_combined_prompt(refs, tmp_path):
         top_k=16,
     )
     assert audio.shape == (2, 1, 4800) and torch.isfinite(audio).all()
+
+
+def test_generate_names_clips_that_came_out_silent(monkeypatch, caplog):
+    base = load_model("tiny-random")
+    loud = torch.sin(torch.linspace(0, 200, 8000)).view(1, 1, -1)
+    monkeypatch.setattr(base, "generate", lambda prompts, progress=False: torch.cat([loud, 1e-6 * loud, loud]))
+    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+        audio = generate(["a", "b", "c"], model=base, duration=0.5)
+    assert audio.shape == (3, 1, 8000)
+    silent = [r.getMessage() for r in caplog.records if "came out silent" in r.getMessage()]
+    assert len(silent) == 1 and "clip 1 (prompt 'b')" in silent[0] and "another seed" in silent[0]

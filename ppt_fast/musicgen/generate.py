@@ -100,4 +100,20 @@ def generate(
     finally:
         for c in reversed(applied):
             c.remove(mg)
-    return audio.float().cpu()
+    audio = audio.float().cpu()
+    _warn_silent(audio, prompts)
+    return audio
+
+
+def _warn_silent(audio: torch.Tensor, prompts: Sequence[str]) -> None:
+    """Log which clips came out silent (RMS below -80 dBFS throughout): a small LM can collapse into silence on a
+    prompt (the trained default does on ~1-2 % of clips), and a silent file is otherwise easy to miss."""
+    from .data import SILENCE_RMS
+
+    rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
+    for i in torch.nonzero(rms < SILENCE_RMS).flatten().tolist():
+        logger.warning(
+            "clip %d (prompt %r) came out silent (RMS %.1e): the model collapsed into silence on this sample; "
+            "generate it again with another seed",
+            i, prompts[i], float(rms[i]),
+        )  # fmt: skip
