@@ -15,6 +15,10 @@ import torch
 
 from ._io import atomic_write
 
+#: RMS (about -80 dBFS) below which audio counts as silence: a reference is refused, a generated clip is flagged, an
+#: evaluation segment is left out.
+SILENCE_RMS = 1e-4
+
 
 class AudioError(ValueError):
     """A reference or output file cannot be used; the message says which file and what to do."""

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--clips", type=int, default=3, help="clips per prompt / instrument: codec, sweep, long clips")
     ap.add_argument("--text-clips", type=int, default=12,
-                    help="clips per prompt of the text-control figure (12 x 16 prompts = 192 clips)")
+                    help="clips per prompt of the text-control figure (12 x 16 prompts = 192 clips)")  # fmt: skip
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heldout", default="violin", help="held-out instrument for the preservation rows")

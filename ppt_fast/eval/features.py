@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..audio import SILENCE_RMS
 from . import musicnn
 
 log = logging.getLogger(__name__)
 
 EMBEDDERS = ("musicnn", "mfcc")
-#: A segment whose RMS is below this (-80 dBFS) counts as silent.
-SILENCE_RMS = 1e-4
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,13 +18,12 @@ import torch
 
 from .. import _env
 from .._io import atomic_write
-from ..audio import AudioError, read_audio, to_model_format
+from ..audio import SILENCE_RMS, AudioError, read_audio, to_model_format
 from .models import module_device
 
 logger = logging.getLogger(__name__)
 
 MIN_SECONDS = 1.0  # shortest usable reference
-SILENCE_RMS = 1e-4  # about -80 dBFS: below this the clip is treated as silence
 
 
 @dataclass
