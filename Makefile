@@ -55,11 +55,11 @@ bench: $(STAMP)
 bench-gpu:
 	python benchmarks/run.py --suite gpu
 
-# Re-make the embedded default model's weights (ppt_fast/assets/tiny-v4.pt); ~55 min on 2 CPU cores, resumable.
+# Re-make the embedded default model's weights (ppt_fast/assets/tiny-v4.pt); ~50 min on 2 CPU cores, resumable.
 pretrain: $(STAMP)
 	$(BIN)/ppt-fast pretrain
 
-# Figures of the default model (codec round trip, sampling sweep, long clips, text control, prior preservation); ~35 min on 2 CPU cores.
+# Figures of the default model (codec round trip, sampling sweep, long clips, text control, prior preservation); ~33 min on 2 CPU cores.
 eval-default: $(STAMP)
 	$(BIN)/python -m ppt_fast.eval.default_model --out benchmarks/results/default-model-eval.json
 

@@ -135,7 +135,7 @@ def _add_demo(sub) -> None:
 def _add_pretrain(sub) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="train the embedded default model (corpus -> codec -> LM; ~35 min on 2 CPU cores; resumable)",
+        help="train the embedded default model (corpus -> codec -> LM; ~50 min on 2 CPU cores; resumable)",
         description="Render the pretraining corpus (16 instruments, seeded compositions, varied text descriptions; "
         "violin, marimba, trumpet and nylon guitar held out), fit the mel-RVQ codec, train the small MusicGen LM, and "
         "write the weights file model='tiny' loads. Interrupted runs resume from the last checkpoint in --workdir.",
