@@ -285,3 +285,22 @@ def test_default_model_figures_on_a_quick_model(tmp_path):
     a = DM.teacher_forced_loss(model, held, right, batch=8)
     b = DM.teacher_forced_loss(model, held, right, batch=1)
     assert a == pytest.approx(b, rel=1e-5) and 0 < a < 2 * math.log(model.lm.card)
+
+
+def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(tmp_path):
+    cfg = replace(P.QUICK, clip_counts={"piano": 5})
+    _codec, corpus, _ = P.prepare(cfg, str(tmp_path), verbose=False)
+    assert [corpus.names.count(n) for n in cfg.train_concepts] == [5, 3, 3]
+    assert corpus.codes.shape[0] == 11 and len(set(corpus.seeds)) == 11
+    # the first 3 piano compositions are the ones a uniform corpus has: counts add compositions, they replace none
+    _codec, uniform, _ = P.prepare(P.QUICK, str(tmp_path / "u"), verbose=False)
+    assert corpus.seeds[:3] == uniform.seeds[:3]
+    # a file written before clip_counts existed (tiny-v4) reads as a uniform corpus, not as today's default
+    old = P.PretrainConfig().to_dict()
+    del old["clip_counts"]
+    assert P.PretrainConfig.from_dict(old).clip_counts == {}
+    assert P.PretrainConfig.from_dict(P.PretrainConfig().to_dict()) == P.PretrainConfig()
+    with pytest.raises(ValueError, match="not training instruments.*violin"):
+        replace(P.QUICK, clip_counts={"violin": 4})
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        replace(P.QUICK, clip_counts={"piano": 0})

@@ -1,0 +1,41 @@
+"""Validation of a candidate default model before it replaces the shipped one: text control (16 instrument prompts x
+12 clips = 192, sampling seed 1, not the figures' 0) at the model's own sampling settings, per instrument, and the
+codec round trip on validation compositions (seed 1; the figures use seed 0).
+
+    .venv/bin/python scripts/model_validation.py [WEIGHTS.pt ...]    # default: the shipped model; ~3 min per model
+
+Rule for tiny-v5, stated before its weights existed (commit of this script): tiny-v5 replaces tiny-v4 only if its
+validation text control beats tiny-v4's 57.8 % (`scripts/topk_probe.py`, the same 192 clips and seed) and its codec
+round trip of the trained instruments stays >= 80 % here. Otherwise tiny-v4 stays and tiny-v5's figures are reported.
+"""
+
+import sys
+import time
+
+from ppt_fast import load_model
+from ppt_fast.eval import features
+from ppt_fast.eval.default_model import codec_roundtrip, gallery, text_control
+from ppt_fast.musicgen import pretrain as P
+
+
+def main(paths):
+    emb = features.get_embedder("musicnn")
+    train, held = list(P.TRAIN_CONCEPTS), list(P.HELDOUT_CONCEPTS)
+    for path in paths or ["tiny"]:
+        t0 = time.perf_counter()
+        model = load_model(path)
+        table_all = gallery(train + held, model.sample_rate, emb, seed=0)
+        rt = codec_roundtrip(model, train + held, table_all, emb, clips=3, seed=1)
+        codec_trained = sum(rt["per_instrument"][n] for n in train) / len(train)
+        tc = text_control(model, train, table_all[: len(train)], emb, clips=12, duration=5.0, seed=1)
+        per = ", ".join(f"{n} {v:.2f}" for n, v in sorted(tc["per_instrument"].items(), key=lambda kv: -kv[1]))
+        print(
+            f"{path}: text control {tc['top1']:.3f} (diversity {tc['diversity']:.3f}); codec round trip trained "
+            f"{codec_trained:.3f}, all {rt['top1_codec']:.3f}; {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        print(f"  per instrument: {per}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
