@@ -103,7 +103,7 @@ def codec_roundtrip(model, names: Sequence[str], table: torch.Tensor, emb, *, cl
 
 def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, duration: float = 5.0,
                  seed: int = 0, concepts: Sequence[Any] = (), top_k: int | None = None,
-                 temperature: float | None = None) -> dict[str, Any]:  # fmt: skip
+                 temperature: float | None = None, cfg_coef: float | None = None) -> dict[str, Any]:  # fmt: skip
     from .. import generate
     from ..musicgen.pretrain import INSTRUMENT_WORDS
     from .metrics import diversity
@@ -111,7 +111,7 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
     embs, truth, divs = [], [], []
     for k, n in enumerate(names):
         audio = generate([INSTRUMENT_WORDS[n][0]] * clips, model=model, concepts=list(concepts), duration=duration,
-                         seed=seed * 1000 + k, top_k=top_k, temperature=temperature)  # fmt: skip
+                         seed=seed * 1000 + k, top_k=top_k, temperature=temperature, cfg_coef=cfg_coef)  # fmt: skip
         embs.append(_embed(audio, model.sample_rate, emb))
         truth += [k] * clips
         if clips > 1:
