@@ -315,3 +315,20 @@ def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(
         replace(P.QUICK, clip_counts={"violin": 4})
     with pytest.raises(ValueError, match="whole numbers >= 1"):
         replace(P.QUICK, clip_counts={"piano": 0})
+
+
+def test_description_word_lists_are_part_of_the_recorded_config(tmp_path, monkeypatch):
+    # the shipped lists record nothing new (tiny-v4's config and digest are unchanged) ...
+    assert "descriptions" not in P.PretrainConfig().to_dict()
+    assert P.PretrainConfig().descriptions == P.TINY_V4_DESCRIPTIONS == P.descriptions_digest()
+    # ... a config from other lists cannot be re-made here, and says so
+    with pytest.raises(P.PretrainError, match="other word lists.*check out the commit"):
+        P.prepare(replace(P.QUICK, descriptions="0" * 16), str(tmp_path), verbose=False)
+    # changing a word list changes the default config: the shipped weights no longer match it and are refused
+    monkeypatch.setitem(P.INSTRUMENT_WORDS, "piano", ("piano", "upright piano"))
+    cfg = P.PretrainConfig()
+    assert cfg.descriptions != P.TINY_V4_DESCRIPTIONS and cfg.to_dict()["descriptions"] == cfg.descriptions
+    assert P.PretrainConfig.from_dict(cfg.to_dict()) == cfg
+    if os.path.isfile(P.ASSET):
+        with pytest.raises(P.PretrainError, match="differs in descriptions"):
+            P.load_trained(P.ASSET, expected=cfg)

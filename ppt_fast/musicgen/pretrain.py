@@ -88,6 +88,18 @@ TEMPLATES = (
 )  # fmt: skip
 
 
+def descriptions_digest() -> str:
+    """Digest of the word lists the corpus descriptions are drawn from (`INSTRUMENT_WORDS`, `STYLE_WORDS`,
+    `TEMPLATES`): they shape the trained model as much as any config value, so the config records them."""
+    blob = json.dumps({"instrument_words": INSTRUMENT_WORDS, "style_words": STYLE_WORDS, "templates": TEMPLATES},
+                      sort_keys=True)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+#: The word lists of tiny-v1 .. tiny-v4 (files written before the config recorded them).
+TINY_V4_DESCRIPTIONS = "c626771718ca13c2"
+
+
 @dataclass(frozen=True)
 class LMConfig:
     dim: int = 256
@@ -113,6 +125,9 @@ class PretrainConfig:
     # validation text control (0.490 vs 0.578; docs/default_model.md), so it was not shipped.
     clip_counts: dict[str, int] = field(default_factory=dict)
     clip_seconds: float = 8.0
+    # which word lists the descriptions come from (`descriptions_digest()`); pretraining refuses a config whose
+    # digest is not the code's, since it could not reproduce that corpus
+    descriptions: str = field(default_factory=descriptions_digest)
     # 8 residual levels: musicnn retrieval of re-synthesised new compositions of the trained instruments 81 % vs
     # 67 % with 4 (73 % with 6; 8 x 512 entries 77 %), codecs fitted on the 48-clip corpus -- docs/default_model.md.
     # tiny-v3: beam-4 encoding and 2 passes of joint codebook refinement: coding error of held-out corpus frames
@@ -148,8 +163,9 @@ class PretrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if not d["clip_counts"]:  # a uniform corpus records what files did before the key existed (same digest)
-            del d["clip_counts"]
+        for k in ("clip_counts", "descriptions"):  # at the value files had before the key existed: recorded as they
+            if d[k] == ADDED_LATER[k]:  # were (the same config dict, the same digest)
+                del d[k]
         d["train_concepts"] = list(self.train_concepts)
         d["heldout_concepts"] = list(self.heldout_concepts)
         return d
@@ -178,8 +194,9 @@ class PretrainConfig:
 
 #: Config keys added after a weights file format was in use, with the value that reproduces what older files did
 #: (tiny-v2 was written before beam encoding and codebook refinement existed).
-#: (tiny-v4 was written before per-instrument composition counts existed.)
-ADDED_LATER: dict[str, Any] = {"codec": {"encode_beam": 1}, "codec_refine_passes": 0, "clip_counts": {}}
+#: (tiny-v4 was written before per-instrument composition counts and the descriptions' digest were recorded.)
+ADDED_LATER: dict[str, Any] = {"codec": {"encode_beam": 1}, "codec_refine_passes": 0, "clip_counts": {},
+                               "descriptions": TINY_V4_DESCRIPTIONS}  # fmt: skip
 
 #: A configuration small enough for unit tests (seconds, not minutes); same code path.
 QUICK = PretrainConfig(
@@ -342,8 +359,18 @@ def _load_run_file(path: str, cfg: PretrainConfig, what: str, fix: str) -> dict:
     return data
 
 
+def _check_descriptions(cfg: PretrainConfig) -> None:
+    if cfg.descriptions != descriptions_digest():
+        raise PretrainError(
+            f"this config's descriptions come from other word lists (digest {cfg.descriptions}) than this code's "
+            f"({descriptions_digest()}): it cannot be re-made from here; check out the commit that made it, or use "
+            "the code's lists (leave `descriptions` at its default)"
+        )
+
+
 def prepare(cfg: PretrainConfig, workdir: str, *, verbose: bool = True) -> tuple[MelRVQCodec, Corpus, dict]:
     """Render the corpus, fit the codec and encode the corpus (cached in `workdir/data.pt`)."""
+    _check_descriptions(cfg)
     path = os.path.join(workdir, "data.pt")
     codec = MelRVQCodec(cfg.codec)
     if os.path.isfile(path):
