@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..audio import SILENCE_RMS
 from .models import load_model
 
 logger = logging.getLogger(__name__)
@@ -108,8 +109,6 @@ def generate(
 def _warn_silent(audio: torch.Tensor, prompts: Sequence[str]) -> None:
     """Log which clips came out silent (RMS below -80 dBFS throughout): a small LM can collapse into silence on a
     prompt (the trained default does on ~1-2 % of clips), and a silent file is otherwise easy to miss."""
-    from ..audio import SILENCE_RMS
-
     rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
     for i in torch.nonzero(rms < SILENCE_RMS).flatten().tolist():
         logger.warning(
