@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cases  # noqa: E402
-from harness import _config  # noqa: E402
+from harness import _config, record_collected  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -94,3 +94,7 @@ def pytest_collection_modifyitems(config, items):
         )
 
     items.sort(key=key)
+
+
+def pytest_collection_finish(session):
+    record_collected(session.items)  # after every deselection (-k, -m): the providers that will really run

@@ -121,14 +121,44 @@ def versions_brief() -> dict:
 
 
 _MEM_CACHE: dict[tuple, dict] = {}
+# (op, size, dtype) -> the providers this session runs, in run order (filled at collection, after `-k` / `-m`).
+COLLECTED: dict[tuple[str, str, str], list[str]] = {}
+
+
+def record_collected(items) -> None:
+    """Note which providers of each (op, size, dtype) the session will run, so one memory probe measures them all."""
+    COLLECTED.clear()
+    for item in items:
+        cs = getattr(item, "callspec", None)
+        op = getattr(item.module, "OP", None)
+        if cs is None or op is None or "provider" not in cs.params:
+            continue
+        key = (op, cs.params.get("size"), cs.params.get("dtype"))
+        provs = COLLECTED.setdefault(key, [])
+        if cs.params["provider"] not in provs:
+            provs.append(cs.params["provider"])
+
+
+def _mem_providers(spec: dict) -> list[str]:
+    """The providers the memory probe of `spec`'s group measures: those collected for its (op, size, dtype) that can
+    run here, except ref_compile (inductor's compile-time memory would be counted); `spec`'s own provider always."""
+    found = COLLECTED.get((spec["op"], spec["size"], spec["dtype"]), [])
+    out = [p for p in found if p != "ref_compile" and cases.skip_reason(spec["op"], p, spec["device"]) is None]
+    return out if spec["provider"] in out else out + [spec["provider"]]
 
 
 def peak_memory_for(spec: dict, densities: list[float] | None) -> dict:
-    """Peak memory of one case: the first density of an (op, provider, shapes) group runs `memprobe.py` once for all
-    of the suite's densities (one fresh process builds the shared inputs once), the others read its result."""
-    key = tuple((k, spec[k]) for k in ("op", "provider", "size", "layers", "dtype", "device"))
+    """Peak memory of one case. The first case of an (op, shapes, dtype) group runs `memprobe.py` once for all of
+    the group's providers and the suite's densities (one fresh process builds the shared inputs once); the others
+    read its result. A provider the probe did not cover (run alone, say) gets a probe of its own."""
+    group = tuple((k, spec[k]) for k in ("op", "size", "layers", "dtype", "device"))
+    key = group + (("provider", spec["provider"]),)
     if key not in _MEM_CACHE:
-        _MEM_CACHE[key] = measure_peak_memory({**spec, "densities": densities or [None]})
+        providers = [p for p in _mem_providers(spec) if group + (("provider", p),) not in _MEM_CACHE]
+        res = measure_peak_memory({**spec, "providers": providers, "densities": densities or [None]},
+                                  timeout=900.0 * len(providers))  # fmt: skip
+        for p in providers:
+            _MEM_CACHE[group + (("provider", p),)] = res if "error" in res else res["by_provider"][p]
     res = _MEM_CACHE[key]
     if "error" in res:
         return res

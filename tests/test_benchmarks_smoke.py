@@ -8,6 +8,7 @@ and renders the report from a synthetic results file.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,43 @@ def test_report_renders_from_results(tmp_path):
     assert "| 2.5x |" in loss_row and "| 0.25x |" in loss_row
     if pytest.importorskip("matplotlib"):
         assert pngs and pngs[0].exists()
+
+
+def test_memory_probe_measures_every_provider_of_a_group_in_one_process():
+    spec = {"op": "sparse_adamw_step", "providers": ["dense_masked", "cpp"], "size": "tiny", "layers": None,
+            "dtype": "fp32", "device": "cpu", "densities": [0.01, 0.05]}  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    proc = subprocess.run([sys.executable, str(BENCH / "memprobe.py"), json.dumps(spec)], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(res["by_provider"]) == ["cpp", "dense_masked"]
+    for by in res["by_provider"].values():
+        assert sorted(by["by_density"]) == ["0.01", "0.05"]
+        for m in by["by_density"].values():
+            assert m["peak_extra_bytes"] >= 0 and m["base_bytes"] > 0 and m["peak_bytes"] >= m["base_bytes"]
+
+
+def test_memory_probes_are_shared_by_the_providers_the_session_runs(monkeypatch):
+    import harness
+
+    calls = []
+
+    def fake_measure(spec, timeout=900.0):
+        calls.append(spec)
+        return {"by_provider": {p: {"by_density": {"0.01": {"peak_extra_bytes": len(p)}}} for p in spec["providers"]}}
+
+    monkeypatch.setattr(harness, "measure_peak_memory", fake_measure)
+    monkeypatch.setattr(harness, "_MEM_CACHE", {})
+    monkeypatch.setitem(harness.COLLECTED, ("sparse_adamw_step", "small", "fp32"),
+                        ["dense_masked", "ref_compile", "cpp", "cuda"])  # fmt: skip
+    base = {"op": "sparse_adamw_step", "size": "small", "layers": 24, "dtype": "fp32", "device": "cpu",
+            "density": 0.01}  # fmt: skip
+    got = {p: harness.peak_memory_for({**base, "provider": p}, [0.01]) for p in ("dense_masked", "cpp")}
+    assert got == {"dense_masked": {"peak_extra_bytes": 12}, "cpp": {"peak_extra_bytes": 3}}
+    # one probe for the group; ref_compile (compile-time memory) and cuda (cannot run on the CPU) are not in it
+    assert len(calls) == 1 and calls[0]["providers"] == ["dense_masked", "cpp"]
+    # a provider the collection did not name gets a probe of its own; an unmeasured density says so
+    assert harness.peak_memory_for({**base, "provider": "ref"}, [0.01]) == {"peak_extra_bytes": 3}
+    assert calls[1]["providers"] == ["ref"]
+    assert "error" in harness.peak_memory_for({**base, "provider": "cpp", "density": 0.05}, [0.01])
