@@ -1,7 +1,7 @@
 """The op-level benchmark cases: inputs at MusicGen shapes, one runnable per (op, provider), and the byte floor.
 
 Shared by the pytest-benchmark suites (timing, in-process) and `memprobe.py` (peak memory, one fresh subprocess
-per case), so both measure exactly the same work.
+per op, shapes and dtype), so both measure exactly the same work.
 
 Providers
 - `ref`, `cpp`, `cuda`, `triton`: the public op with `ppt_fast._backend.force(provider)`; availability comes from

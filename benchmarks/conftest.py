@@ -35,7 +35,7 @@ def pytest_addoption(parser):
     g.addoption(
         "--bench-mem-sizes",
         default="small",
-        help="sizes whose cases also get a peak-memory measurement (one fresh subprocess per case); '' for none",
+        help="sizes whose cases also get a peak-memory measurement (a fresh subprocess per op and shapes); '' for none",
     )
     g.addoption("--bench-case-seconds", type=float, default=10.0, help="time budget per case: fewer rounds if slow")
     g.addoption("--bench-optmem-size", default="small", help="model whose optimizer state is measured")
