@@ -332,3 +332,16 @@ def test_description_word_lists_are_part_of_the_recorded_config(tmp_path, monkey
     if os.path.isfile(P.ASSET):
         with pytest.raises(P.PretrainError, match="differs in descriptions"):
             P.load_trained(P.ASSET, expected=cfg)
+
+
+@pytest.mark.parametrize(
+    "argv, want",
+    [
+        (["/venv/bin/ppt-fast", "pretrain", "--steps", "9"], "ppt-fast pretrain --steps 9"),
+        ([os.path.join("repo", "ppt_fast", "cli.py"), "pretrain", "--out", "x.pt"], "ppt-fast pretrain --out x.pt"),
+        (["-c"], None),  # pretrain() called from Python: no command to record
+    ],
+)
+def test_the_weights_record_the_command_however_the_cli_was_started(monkeypatch, argv, want):
+    monkeypatch.setattr("sys.argv", argv)
+    assert P._cli_command() == want

@@ -562,6 +562,15 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cli_command() -> str | None:
+    """The `ppt-fast ...` command line this process runs (the console script or `python -m ppt_fast.cli`), else
+    None (pretrain() called from Python)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0.endswith("ppt-fast") or argv0.replace(os.sep, "/").endswith("ppt_fast/cli.py"):
+        return " ".join(["ppt-fast", *sys.argv[1:]])
+    return None
+
+
 def pretrain(cfg: PretrainConfig = PretrainConfig(), *, out: str = ASSET, workdir: str | None = None,
              fresh: bool = False, verbose: bool = True, stop_after: int | None = None) -> dict:  # fmt: skip
     """The whole pretraining (corpus, codec, LM), resumable; writes `out` (+ `.json`). Returns the provenance dict.
@@ -580,7 +589,7 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, out: str = ASSET, workdi
     if len(losses) < cfg.steps:
         return {"stopped_at": len(losses), "workdir": workdir}
     provenance = {
-        "command": " ".join(["ppt-fast", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("ppt-fast") else None,
+        "command": _cli_command(),
         "workdir": workdir,
         "seed": cfg.seed,
         # pipeline_s: render + codec fit + encode + LM training, summed over every (resumed) run that made them
