@@ -119,7 +119,7 @@ class PretrainConfig:
     seed: int = 0
     train_concepts: tuple[str, ...] = TRAIN_CONCEPTS
     heldout_concepts: tuple[str, ...] = HELDOUT_CONCEPTS
-    clips: int = 96  # compositions per training instrument
+    clips: int = 288  # compositions per training instrument (tiny-v6 candidate: 3x tiny-v4's 96)
     # Compositions per instrument where they differ from `clips` (a rebalanced corpus). Empty for the shipped model:
     # the tiny-v5 candidate gave the six instruments tiny-v4 renders worst from their names 128-160 and lost on the
     # validation text control (0.490 vs 0.578; docs/default_model.md), so it was not shipped.
