@@ -114,6 +114,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
     p.add_argument("--scale", type=float, default=1.0, help="concept strength (default 1)")
+    p.add_argument("--resample-silent", type=int, default=2, metavar="N",
+                   help="sample a clip that came out silent again, up to N times with the next seeds (default 2; "
+                        "0: keep it and warn)")  # fmt: skip
     p.set_defaults(func=_cmd_generate)
 
 
@@ -244,10 +247,15 @@ def _cmd_generate(args) -> int:
     for c in args.concept:
         if not os.path.isfile(c):
             raise UsageError(f"concept file {c!r} does not exist")
+    if not args.duration > 0:
+        raise UsageError(f"--duration {args.duration:g}: give a length in seconds > 0")
+    if args.resample_silent < 0:
+        raise UsageError(f"--resample-silent {args.resample_silent}: give 0 (keep a silent clip, warn) or more")
     model = load_model(args.model)
     audio = generate(
         [args.prompt], model=model, concepts=args.concept, duration=args.duration, seed=args.seed,
         cfg_coef=args.cfg_coef, top_k=args.top_k, temperature=args.temperature, scale=args.scale,
+        resample_silent=args.resample_silent,
     )  # fmt: skip
     (clip,), _ = _fit_peak_noted(audio[0])
     write_wav(args.out, clip, model.sample_rate)

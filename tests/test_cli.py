@@ -1,3 +1,4 @@
+import importlib
 import os
 import subprocess
 import sys
@@ -106,3 +107,20 @@ def test_generate_scales_loud_audio_instead_of_clipping(tmp_path, capsys, monkey
     a, _ = sf.read(str(out))
     assert 0.985 < abs(a).max() <= 0.991  # scaled to 0.99, not clamped at 1: the waveform keeps its shape
     np.testing.assert_allclose(a, loud.view(-1).numpy() * 0.99 / 3.9, atol=2 / 32768)
+
+
+@pytest.mark.parametrize("flags, word", [(["--duration", "0"], "--duration 0"), (["--duration", "-2"], "--duration -2"),
+                                          (["--resample-silent", "-1"], "--resample-silent -1")])  # fmt: skip
+def test_generate_refuses_bad_numbers_with_a_message(tmp_path, capsys, flags, word):
+    out = tmp_path / "x.wav"
+    assert main(["generate", "x", "--model", "tiny-random", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert word in err and "Traceback" not in err and not out.exists()
+
+
+def test_generate_cli_resamples_silent_clips_by_default(tmp_path, monkeypatch):
+    gen_mod = importlib.import_module("ppt_fast.musicgen.generate")
+    seen = {}
+    monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: seen.update(k) or torch.zeros(1, 1, 3200))
+    assert main(["generate", "x", "--model", "tiny-random", "--out", str(tmp_path / "x.wav"), "--duration", "0.2"]) == 0
+    assert seen["resample_silent"] == 2

@@ -106,3 +106,33 @@ def test_generate_names_clips_that_came_out_silent(monkeypatch, caplog):
     assert audio.shape == (3, 1, 8000)
     silent = [r.getMessage() for r in caplog.records if "came out silent" in r.getMessage()]
     assert len(silent) == 1 and "clip 1 (prompt 'b')" in silent[0] and "another seed" in silent[0]
+
+
+def test_generate_resamples_silent_clips_with_the_next_seeds(monkeypatch, caplog):
+    base = load_model("tiny-random")
+    loud = torch.sin(torch.linspace(0, 200, 8000)).view(1, 1, -1)
+    calls = []
+
+    def fake(prompts, progress=False):  # clip 'b' is silent on the first sample only
+        calls.append((list(prompts), torch.initial_seed()))
+        return torch.cat([(1e-6 if (p == "b" and len(calls) == 1) else 1.0) * loud for p in prompts])
+
+    monkeypatch.setattr(base, "generate", fake)
+    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+        audio = generate(["a", "b", "c"], model=base, duration=0.5, seed=7, resample_silent=2)
+    assert calls == [(["a", "b", "c"], 7), (["b"], 8)]  # only the silent prompt, with the next seed
+    assert torch.equal(audio, torch.cat([loud, loud, loud])) and not caplog.records
+
+    # a clip that stays silent: every re-sample is tried, then the warning says so
+    calls.clear()
+    monkeypatch.setattr(base, "generate", lambda prompts, progress=False: calls.append(prompts) or 1e-6 * loud)
+    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+        generate(["b"], model=base, duration=0.5, seed=7, resample_silent=2)
+    assert len(calls) == 3
+    assert any("still silent after 2 re-sample(s)" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_generate_refuses_a_bad_resample_count(bad):
+    with pytest.raises(ValueError, match="resample_silent"):
+        generate(["a"], model=load_model("tiny-random"), duration=0.5, resample_silent=bad)

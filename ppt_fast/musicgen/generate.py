@@ -56,6 +56,7 @@ def generate(
     scale: float = 1.0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    resample_silent: int = 0,
 ) -> torch.Tensor:
     """Generate music for `prompts` with `concepts` applied; returns float32 `[B, C, T]` at `model.sample_rate`.
 
@@ -70,6 +71,10 @@ def generate(
             (MusicGen's: 3.0, 250, 1.0; the trained default `tiny`: 1.0, 64, 0.7, what its figures were measured
             with).
         scale: strength of every concept's parameter change (1.0 = as tuned).
+        resample_silent: generate a clip that came out silent again, up to this many times (sampling seed `seed + 1`,
+            `seed + 2`, ...; unseeded when `seed` is None), with the same concepts applied. A small LM can collapse
+            into silence on a sample (the trained default does on ~1-2 % of clips). 0 (the default, and what the
+            figures are measured with, so that they count the collapses) only logs them; `ppt-fast generate` uses 2.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -78,6 +83,9 @@ def generate(
         raise ValueError("prompts must be a non-empty string or list of strings")
     if not duration > 0:
         raise ValueError(f"duration={duration} must be > 0 seconds")
+    if isinstance(resample_silent, bool) or not isinstance(resample_silent, int) or resample_silent < 0:
+        raise ValueError(f"resample_silent={resample_silent!r} must be an int >= 0 (how many times to re-sample a "
+                         "silent clip; 0: only log it)")  # fmt: skip
     mg = load_model(model, device=device)
     cs = _as_concepts(concepts)
     set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature)
@@ -92,27 +100,44 @@ def generate(
             for word in p.replace(",", " ").split():
                 if word.startswith("<") and word.endswith(">") and word not in known:
                     logger.warning("prompt %r names %s but no applied concept defines it", p, word)
-        if seed is not None:
-            torch.manual_seed(seed)
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-        with torch.no_grad():
-            audio = mg.generate(prompts, progress=progress)
+        audio = _sample(mg, prompts, seed, progress)
+        for attempt in range(1, resample_silent + 1):
+            silent = _silent(audio)
+            if not silent:
+                break
+            logger.info("re-sampling %d silent clip(s) (attempt %d of %d)", len(silent), attempt, resample_silent)
+            again = _sample(mg, [prompts[i] for i in silent], None if seed is None else seed + attempt, progress)
+            audio[silent] = again
     finally:
         for c in reversed(applied):
             c.remove(mg)
-    audio = audio.float().cpu()
-    _warn_silent(audio, prompts)
+    _warn_silent(audio, prompts, resample_silent)
     return audio
 
 
-def _warn_silent(audio: torch.Tensor, prompts: Sequence[str]) -> None:
+def _sample(mg, prompts: list[str], seed: int | None, progress: bool) -> torch.Tensor:
+    if seed is not None:
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+    with torch.no_grad():
+        return mg.generate(prompts, progress=progress).float().cpu()
+
+
+def _silent(audio: torch.Tensor) -> list[int]:
+    """Indices of the clips whose RMS is below -80 dBFS throughout."""
+    rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
+    return torch.nonzero(rms < SILENCE_RMS).flatten().tolist()
+
+
+def _warn_silent(audio: torch.Tensor, prompts: Sequence[str], resampled: int = 0) -> None:
     """Log which clips came out silent (RMS below -80 dBFS throughout): a small LM can collapse into silence on a
     prompt (the trained default does on ~1-2 % of clips), and a silent file is otherwise easy to miss."""
     rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
-    for i in torch.nonzero(rms < SILENCE_RMS).flatten().tolist():
+    fix = (f"still silent after {resampled} re-sample(s); generate it again with another seed" if resampled else
+           "generate it again with another seed, or pass resample_silent=2 (ppt-fast generate does)")  # fmt: skip
+    for i in _silent(audio):
         logger.warning(
-            "clip %d (prompt %r) came out silent (RMS %.1e): the model collapsed into silence on this sample; "
-            "generate it again with another seed",
-            i, prompts[i], float(rms[i]),
+            "clip %d (prompt %r) came out silent (RMS %.1e): the model collapsed into silence on this sample; %s",
+            i, prompts[i], float(rms[i]), fix,
         )  # fmt: skip
