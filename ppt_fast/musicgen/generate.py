@@ -124,16 +124,19 @@ def _sample(mg, prompts: list[str], seed: int | None, progress: bool) -> torch.T
         return mg.generate(prompts, progress=progress).float().cpu()
 
 
+def _rms(audio: torch.Tensor) -> torch.Tensor:
+    return audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
+
+
 def _silent(audio: torch.Tensor) -> list[int]:
     """Indices of the clips whose RMS is below -80 dBFS throughout."""
-    rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
-    return torch.nonzero(rms < SILENCE_RMS).flatten().tolist()
+    return torch.nonzero(_rms(audio) < SILENCE_RMS).flatten().tolist()
 
 
 def _warn_silent(audio: torch.Tensor, prompts: Sequence[str], resampled: int = 0) -> None:
     """Log which clips came out silent (RMS below -80 dBFS throughout): a small LM can collapse into silence on a
     prompt (the trained default does on ~1-2 % of clips), and a silent file is otherwise easy to miss."""
-    rms = audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
+    rms = _rms(audio)
     fix = (f"still silent after {resampled} re-sample(s); generate it again with another seed" if resampled else
            "generate it again with another seed, or pass resample_silent=2 (ppt-fast generate does)")  # fmt: skip
     for i in _silent(audio):
