@@ -22,6 +22,20 @@ organ, electric piano 0.75, electric guitar, accordion 0.58, harpsichord 0.42, s
 (docs/default_model.md). (The 0.47 / 2.57 above came from the corpus cache and 4-s fresh renders; the committed
 `generalisation_probe.py`, which re-renders both, reads 0.45 / 2.59, and 0.14 for tiny-v6.)
 
+Rule for tiny-v7, stated before its weights existed (commit 4ca4ebe on branch tiny-v7): tiny-v7 is tiny-v4's recipe
+with no classifier-free-guidance dropout (0 instead of 0.15). The model samples without guidance (guidance lost to
+none, `cfg_probe.py`), so the unconditional branch is never used and 15 % of every batch taught it. It replaces
+tiny-v4 only if its validation text control beats tiny-v4's 57.8 %, its codec round trip of the trained instruments
+stays >= 80 % here, and `ppt-fast pretrain` stays <= 60 min on this 2-core CPU.
+
+Output (2026-11-29; the tiny-v7 candidate, `ppt-fast pretrain` at 4ca4ebe, 54.5 min with the test suite running
+beside it for ~10 of them): text control 0.583 (112/192, diversity 0.331); codec round trip trained 0.854, all 0.783;
+per instrument: drums, electric piano 1.00, organ, flute 0.92, cello, accordion, bass 0.83, vibraphone 0.75, electric
+guitar, strings 0.58, saxophone 0.42, harp 0.33, synth lead 0.25, clarinet 0.08, piano, harpsichord 0.00 (1 clip
+silent). It beats 0.578 by one clip of 192 and meets the other two conditions: by the rule it replaces tiny-v4, once
+the whole evaluation is re-run on it. On the figure seed (codec and text only so far): text control 0.552 (106/192;
+tiny-v4 0.505), codec round trip trained 0.854 (tiny-v4 0.854).
+
 Output (2026-11-29; the tiny-v5 candidate: commit 13aad9e on branch tiny-v5, `ppt-fast pretrain`, 49.6 min):
 tiny-v5: text control 0.490 (diversity 0.442); codec round trip trained 0.875, all 0.800; per instrument: drums,
 vibraphone 1.00, flute, electric piano 0.92, organ, accordion 0.75, cello 0.58, electric guitar 0.50, bass, strings,
