@@ -87,3 +87,45 @@ def _attrs(text):
     from audiocraft.modules.conditioners import ConditioningAttributes
 
     return ConditioningAttributes(text={"description": text})
+
+
+@pytest.mark.parametrize("weights", [(3.0, 1.0, 1.0, 1.0), (0.25, 2.0, 0.5, 7.0)])
+def test_weighted_loss_is_the_weighted_mean_of_the_solver_per_codebook_losses(weights):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    torch.manual_seed(7)
+    lm = _lm(64, 4, 2, n_q=4, card=96, lut_bins=64, lut_dim=32, musicgen=False, dropout=0.0).eval()
+    codes = torch.randint(0, 96, (2, 4, 21))
+    tokenized = lm.condition_provider.tokenize(
+        [ConditioningAttributes(text={"description": t}) for t in ("warm piano", "fast drums")]
+    )
+    _, ref_per = _solver_loss(lm, codes, tokenized)  # detached: the solver's per-codebook values, for the mean
+    out = lm.compute_predictions(codes, [], lm.condition_provider(tokenized))  # the same, with gradients
+    per = [
+        torch.nn.functional.cross_entropy(out.logits[:, k][out.mask[:, k]], codes[:, k][out.mask[:, k]])
+        for k in range(4)
+    ]
+    torch.testing.assert_close(torch.stack(per).detach(), torch.stack(ref_per))
+    want = sum(wi * p for wi, p in zip(weights, per)) / sum(weights)
+    want_g = _grads(lm, want)
+    got, got_per = pattern_cross_entropy(lm, codes, lm.condition_provider(tokenized), weights=weights)
+    got_g = _grads(lm, got)
+    rtol, atol = LOSS_FP32["loss"]
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got_per.mean(), torch.stack(ref_per).mean().detach(), rtol=rtol, atol=atol)
+    rtol, atol = LOSS_FP32["grad"]
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=rtol, atol=atol, msg=n)
+    # equal weights are the solver's mean
+    eq, _ = pattern_cross_entropy(lm, codes, lm.condition_provider(tokenized), weights=[2.0] * 4)
+    torch.testing.assert_close(eq.detach(), got_per.mean(), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0), (1.0, 0.0, 1.0, 1.0), (1.0, float("nan"), 1.0, 1.0)])
+def test_bad_codebook_weights_are_refused(weights):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    lm = _lm(32, 2, 1, n_q=4, card=16, lut_bins=16, lut_dim=8, musicgen=False, dropout=0.0).eval()
+    cond = lm.condition_provider(lm.condition_provider.tokenize([ConditioningAttributes(text={"description": "x"})]))
+    with pytest.raises(ValueError, match="one finite weight > 0 per codebook"):
+        pattern_cross_entropy(lm, torch.zeros(1, 4, 12, dtype=torch.long), cond, weights=weights)

@@ -317,6 +317,29 @@ def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(
         replace(P.QUICK, clip_counts={"piano": 0})
 
 
+def test_codebook_weights_train_and_record_and_old_configs_still_read(tmp_path):
+    cfg = replace(P.QUICK, codebook_weights=(3.0,) + (1.0,) * (P.QUICK.codec.n_q - 1))
+    prov = P.pretrain(cfg, out=str(tmp_path / "w.pt"), workdir=str(tmp_path / "work"), verbose=False)
+    assert all(math.isfinite(x) for x in prov["losses_every_10"])
+    mg = P.load_trained(str(tmp_path / "w.pt"), expected=cfg)
+    assert mg.lm.n_q == cfg.codec.n_q
+    # the recorded loss is the solver's unweighted mean: equal weights train and record exactly the default run
+    a = P.pretrain(replace(P.QUICK, codebook_weights=(2.0,) * P.QUICK.codec.n_q), out=str(tmp_path / "a.pt"),
+                   workdir=str(tmp_path / "wa"), verbose=False)  # fmt: skip
+    b = P.pretrain(P.QUICK, out=str(tmp_path / "b.pt"), workdir=str(tmp_path / "wb"), verbose=False)
+    assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
+    # files written before the key existed (tiny-v4) read as equal weights and keep their digest
+    old = P.PretrainConfig().to_dict()
+    assert "codebook_weights" not in old
+    assert P.PretrainConfig.from_dict(old).codebook_weights == ()
+    weighted = replace(P.PretrainConfig(), codebook_weights=(3.0,) + (1.0,) * 7)
+    assert P.PretrainConfig.from_dict(weighted.to_dict()) == weighted
+    assert weighted.digest() != P.PretrainConfig().digest()
+    for bad in ((1.0,) * 7, (0.0,) + (1.0,) * 7, (float("inf"),) + (1.0,) * 7):
+        with pytest.raises(ValueError, match="one finite weight > 0 per codebook"):
+            replace(P.PretrainConfig(), codebook_weights=bad)
+
+
 def test_description_word_lists_are_part_of_the_recorded_config(tmp_path, monkeypatch):
     # the shipped lists record nothing new (tiny-v4's config and digest are unchanged) ...
     assert "descriptions" not in P.PretrainConfig().to_dict()

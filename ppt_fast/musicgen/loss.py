@@ -18,6 +18,8 @@ exactly the solver's, so the per-codebook means and their average are the same n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -37,9 +39,11 @@ def _target_layout(pattern, K: int, T: int, S: int, device) -> tuple[torch.Tenso
     return pos.to(device, non_blocking=True), src.to(device, non_blocking=True), count.to(device, non_blocking=True)
 
 
-def pattern_cross_entropy(lm, codes: torch.Tensor, condition_tensors) -> tuple[torch.Tensor, torch.Tensor]:
+def pattern_cross_entropy(lm, codes: torch.Tensor, condition_tensors,
+                          weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """MusicGenSolver's loss on `codes` `[B, K, T]` (no padding): (mean over codebooks of each codebook's mean
-    cross-entropy over its valid steps, the per-codebook values detached `[K]`)."""
+    cross-entropy over its valid steps, the per-codebook values detached `[K]`). With `weights` (one per codebook,
+    > 0) the first value is the weighted mean instead (pretraining's `codebook_weights`)."""
     B, K, T = codes.shape
     codes = codes.contiguous()
     pattern = lm.pattern_provider.get_pattern(T)
@@ -53,4 +57,9 @@ def pattern_cross_entropy(lm, codes: torch.Tensor, condition_tensors) -> tuple[t
     targets[:, pos] = codes.reshape(B, K * T)[:, src]
     ce = F.cross_entropy(logits.reshape(B * K * S, card), targets.reshape(-1), ignore_index=IGNORE, reduction="none")
     per_codebook = ce.view(B, K, S).sum((0, 2)) / (count.to(ce.dtype) * B)
-    return per_codebook.mean(), per_codebook.detach()
+    if weights is None:
+        return per_codebook.mean(), per_codebook.detach()
+    w = torch.as_tensor(weights, dtype=per_codebook.dtype, device=per_codebook.device)
+    if w.shape != (K,) or not bool((w > 0).all()) or not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weights={list(map(float, weights))} must give one finite weight > 0 per codebook ({K})")
+    return (per_codebook * w).sum() / w.sum(), per_codebook.detach()
