@@ -22,10 +22,10 @@ Output (2026-11-29, tiny-v4), text control (diversity):
 
 Neighbouring settings differ by up to 11.5 points (0.6 / 1.0: 0.500; 0.7 / 1.0: 0.615), three times the binomial
 standard error of 192 clips (~3.6 points), with no trend along either axis: a different setting draws different
-samples, and the spread of these eight (0.47-0.62) is what sampling noise gives. 0.615 is the best of eight draws,
-not a setting that beats 0.7 everywhere; adopting it would fit the validation seed. Not adopted: the model keeps one
-temperature (0.7) for every level. Raising the coarse level's temperature, which the sampled clips' missing attacks
-suggested (`sample_probe.py`), is worse in all three settings tried (0.47-0.56).
+samples, and the spread of these eight (0.47-0.62) is about what sampling noise gives eight draws. 0.615 is the best
+of eight draws, not a setting that beats 0.7 everywhere; adopting it would fit the validation seed. Not adopted: the
+model keeps one temperature (0.7) for every level. Raising the coarse level's temperature, which the sampled clips'
+missing attacks suggested (`sample_probe.py`), is worse in all three settings tried (0.47-0.56).
 """
 
 import contextlib

@@ -296,6 +296,15 @@ def test_default_model_eval_refuses_clip_counts_below_one(flag, capsys):
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rows,msg", [("ppt,bogus", "unknown row(s) ['bogus']"), ("base,twin", "add ppt")])
+def test_default_model_eval_refuses_bad_rows(rows, msg, capsys):
+    from ppt_fast.eval import default_model as DM
+
+    with pytest.raises(SystemExit):
+        DM.main(["--rows", rows])
+    assert msg in capsys.readouterr().err
+
+
 def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(tmp_path):
     cfg = replace(P.QUICK, clip_counts={"piano": 5})
     _codec, corpus, _ = P.prepare(cfg, str(tmp_path), verbose=False)

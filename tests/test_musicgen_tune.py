@@ -248,6 +248,31 @@ def test_default_ratio_per_model(ref_wav):
     assert T.tune_model(ref_wav, preset="tokens", **dict(FAST, steps=0)).settings["ratio"] is None
 
 
+def test_a_trained_default_gets_its_defaults_however_it_is_passed(tmp_path):
+    """A model made by `ppt-fast pretrain` gets the trained default's settings whether it is named ("tiny"), a weights
+    file loaded by path, or a MusicGen object loaded from either; before, only the name did, and a candidate's
+    weights file was tuned with real MusicGen's (1 % of the pivots, 500 steps of 10-s segments)."""
+    from ppt_fast.musicgen.pretrain import ASSET
+
+    args = (None, None, None, None, None, None)
+    want = T._resolve_defaults("tiny", *args)
+    assert want[:5] == (150, 1e-4, 5e-3, 4, 2.0)
+    copy = tmp_path / "retrained.pt"
+    copy.write_bytes(open(ASSET, "rb").read())
+    for model in (ASSET, str(copy), load_model("tiny"), load_model(str(copy))):
+        assert T.model_kind(model) == "trained"
+        assert T.default_ratio(model) == 0.001
+        assert T._resolve_defaults(model, *args) == want
+    for model in ("tiny-random", load_model("tiny-random")):
+        assert T.model_kind(model) == "tiny-random" and T.default_ratio(model) == 0.01
+        assert T._resolve_defaults(model, *args)[:5] == (150, 3e-3, 2e-2, 4, 2.0)
+    for model in ("facebook/musicgen-small", "musicgen-small-shapes", str(tmp_path / "missing.pt")):
+        assert T.model_kind(model) == "other" and T.default_ratio(model) == 0.01
+        assert T._resolve_defaults(model, *args)[:5] == (500, 1e-4, 5e-3, 4, 10.0)
+    # what the caller passes wins over every default
+    assert T._resolve_defaults(str(copy), 7, 1e-3, 1e-2, 2, 1.0, 0.5) == (7, 1e-3, 1e-2, 2, 1.0, 0.5)
+
+
 def test_random_twin_moves_the_same_values_to_random_in_scope_entries(ref_wav):
     """The eval's control arm: the concept's deltas, value for value, at other entries of the same tensors' in-scope
     rows; the model the concept was made for ends unchanged."""

@@ -123,6 +123,14 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
             "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
 
 
+#: The preservation rows of `make eval-default` (`--rows` picks some): label, tune preset, tune options.
+PRESERVATION_ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "base": ("base", None, {}), "tokens": ("tokens", "tokens", {}), "ppt": ("ppt (defaults)", "ppt", {}),
+    "twin": ("ppt (defaults), random twin", "twin", {"of": "ppt (defaults)"}),
+    "ppt-1%": ("ppt-1%", "ppt", {"ratio": 0.01}), "prior": ("ppt-1% + prior", "ppt", {"ratio": 0.01, "prior": 1.0}),
+    "dreamstyler": ("dreamstyler", "dreamstyler", {"ratio": 0.01}), "full": ("full", "full", {}),
+}  # fmt: skip
+
 SWEEP_GRID = ((64, 0.7), (32, 0.7), (16, 0.7), (16, 1.0), (8, 0.7), (64, 0.6), (64, 0.5))
 
 
@@ -320,11 +328,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sweep-seed", type=int, default=1, help="sampling seed of the sampling sweep (validation)")
     ap.add_argument("--preservation-clips", type=int, default=12, help="clips per prompt in the preservation rows")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: codec,sweep,long,text,preservation")
+    ap.add_argument("--rows", default=",".join(PRESERVATION_ROWS),
+                    help="comma list of the preservation rows to run (the base row always runs; twin needs ppt): "
+                         + ",".join(PRESERVATION_ROWS))  # fmt: skip
     args = ap.parse_args(argv)
     for name in ("clips", "text_clips", "preservation_clips"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     skip = set(filter(None, args.skip.split(",")))
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = sorted(set(rows) - set(PRESERVATION_ROWS))
+    if unknown:
+        ap.error(f"--rows: unknown row(s) {unknown}; choose from {','.join(PRESERVATION_ROWS)}")
+    if "twin" in rows and "ppt" not in rows:
+        ap.error("--rows: twin moves the ppt row's deltas; add ppt")
+    rows = [r for r in PRESERVATION_ROWS if r in rows]  # the table's order
     from ..musicgen.models import require_audiocraft
 
     require_audiocraft()  # importing audiocraft (~10 s) is not loading the model
@@ -372,10 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dataset import load_manifest
 
         ref = load_manifest(ds).reference_path(args.heldout)
-        methods = [("base", None, {}), ("tokens", "tokens", {}), ("ppt (defaults)", "ppt", {}),
-                   ("ppt (defaults), random twin", "twin", {"of": "ppt (defaults)"}),
-                   ("ppt-1%", "ppt", {"ratio": 0.01}), ("ppt-1% + prior", "ppt", {"ratio": 0.01, "prior": 1.0}),
-                   ("dreamstyler", "dreamstyler", {"ratio": 0.01}), ("full", "full", {})]  # fmt: skip
+        methods = [("base", None, {})] + [PRESERVATION_ROWS[k] for k in rows if k != "base"]
         report["preservation"] = {"concept": args.heldout, **preservation(
             args.model, ref, train, table_train, emb, methods=methods, clips=args.preservation_clips,
             duration=args.duration, seed=args.seed,

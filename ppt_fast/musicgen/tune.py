@@ -52,7 +52,7 @@ import torch
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
 from .loss import pattern_cross_entropy
-from .models import TINY_NAMES, fingerprint, load_model, module_device
+from .models import fingerprint, load_model, module_device
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +144,32 @@ def _init_tokens(lm, text: str, n_tokens: int, g: torch.Generator) -> torch.Tens
     return (mean.float().cpu() + noise).contiguous()
 
 
-def default_ratio(model_name: Any) -> float:
-    """tune()'s pivot ratio when none is given: 0.001 on the trained default `tiny`, 0.01 elsewhere. On tiny-v4
-    (held-out violin, validation seeds) 1 % learns most (audio alignment 0.56, base 0.15) but raises the loss of new
-    trained-instrument clips under their own words by 28 % of what the word tells the model; 0.1 % still lifts
+def model_kind(model: Any) -> str:
+    """Which defaults `tune()` uses for `model`: "trained" for a model made by `ppt-fast pretrain` (the name `tiny`, a
+    weights file it wrote, or a MusicGen loaded from either), "tiny-random" for the random-init unit-test model, and
+    "other" (real MusicGens and their shapes). Decided by what the model is, not what it is called: a weights file
+    loaded by path, or the `tiny` object passed in, gets the trained default's settings too."""
+    if isinstance(model, str):
+        if model == "tiny" or (model.endswith(".pt") and os.path.isfile(model)):
+            return "trained"
+        return "tiny-random" if model == "tiny-random" else "other"
+    if getattr(model, "_ppt_fast_trained_default", False):
+        return "trained"
+    return "tiny-random" if getattr(model, "name", None) == "tiny-random" else "other"
+
+
+def default_ratio(model: Any) -> float:
+    """tune()'s pivot ratio when none is given: 0.001 on a trained default model (`model_kind`), 0.01 elsewhere. On
+    tiny-v4 (held-out violin, validation seeds) 1 % learns most (audio alignment 0.56, base 0.15) but raises the loss
+    of new trained-instrument clips under their own words by 28 % of what the word tells the model; 0.1 % still lifts
     alignment well above the base and the identifier tokens alone (0.38; tokens 0.31) at 1 % (scripts/prior_probe.py,
     docs/default_model.md). The tiny LM has 8.6 M parameters; on real MusicGens 1 % is the paper's scale."""
-    return 0.001 if model_name == "tiny" else 0.01
+    return 0.001 if model_kind(model) == "trained" else 0.01
 
 
-def _resolve_defaults(model_name: Any, steps, lr, token_lr, batch_size, segment_seconds, prior=None):
-    tiny = isinstance(model_name, str) and model_name in TINY_NAMES
+def _resolve_defaults(model: Any, steps, lr, token_lr, batch_size, segment_seconds, prior=None):
+    kind = model_kind(model)
+    trained, tiny = kind == "trained", kind != "other"
     return (
         steps if steps is not None else (150 if tiny else 500),
         # The trained default ("tiny") diverges at the random-init model's rates (loss on the reference rises, samples
@@ -162,8 +177,8 @@ def _resolve_defaults(model_name: Any, steps, lr, token_lr, batch_size, segment_
         # ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60). On tiny-v4 (scripts/tune_lr_probe.py, validation seed) 1e-4
         # keeps alignment (0.54 vs 0.56, base 0.30) and the text control of prompts without "<v1>" (0.59 vs 0.47,
         # base 0.44), so 1e-4 is the default for tiny-v4; token lr 5e-3.
-        lr if lr is not None else (1e-4 if model_name == "tiny" else 3e-3 if tiny else 1e-4),
-        token_lr if token_lr is not None else (5e-3 if model_name == "tiny" else 2e-2 if tiny else 5e-3),
+        lr if lr is not None else (1e-4 if trained else 3e-3 if tiny else 1e-4),
+        token_lr if token_lr is not None else (5e-3 if trained else 2e-2 if tiny else 5e-3),
         batch_size if batch_size is not None else 4,
         segment_seconds if segment_seconds is not None else (2.0 if tiny else 10.0),
         # Prior preservation is opt-in: on tiny-v4 (held-out violin, validation seed) it cuts what ppt 1 % costs
