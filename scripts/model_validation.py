@@ -38,6 +38,17 @@ costing prompts without `<v1>` 21.8 % of their prompt information (text control 
 tiny-v4 stays (docs/default_model.md). On the figure seed (codec and text only so far): text control 0.552 (106/192;
 tiny-v4 0.505), codec round trip trained 0.854 (tiny-v4 0.854).
 
+Rule for tiny-v8, stated before its weights existed (commit of this script on branch tiny-v8): tiny-v8 is tiny-v4's
+recipe with the coarsest codebook weighted 3x in the LM's loss (`codebook_weights=(3, 1, ..., 1)`: level 0 carries
+30 % of the loss instead of 12.5 %), made because the prompt's information sits mostly in that level
+(`scripts/discrimination_probe.py` on tiny-v4: own-prompt gain 0.73 nats at level 0, 0.16-0.50 at levels 1-7). It
+replaces tiny-v4 only if (1) its validation text control here beats tiny-v4's 57.8 %, (2) its codec round trip of the
+trained instruments stays >= 80 % here, (3) `ppt-fast pretrain` stays <= 60 min on this 2-core CPU, and (4) its
+preservation rows (`python -m ppt_fast.eval.default_model --model X.pt --skip codec,sweep,long`: tune()'s defaults on
+the held-out violin) keep the held-in loss rise within 10 % of the prompt information and text control without `<v1>`
+within 0.1 of its own base model's, the margins tiny-v4 meets and tiny-v7 missed. Otherwise tiny-v4 stays and
+tiny-v8's figures are reported.
+
 Output (2026-11-29; the tiny-v5 candidate: commit 13aad9e on branch tiny-v5, `ppt-fast pretrain`, 49.6 min):
 tiny-v5: text control 0.490 (diversity 0.442); codec round trip trained 0.875, all 0.800; per instrument: drums,
 vibraphone 1.00, flute, electric piano 0.92, organ, accordion 0.75, cello 0.58, electric guitar 0.50, bass, strings,
