@@ -212,7 +212,7 @@ QUICK = PretrainConfig(
     train_concepts=("piano", "flute", "drums"), clips=3, clip_seconds=3.0,
     codec=MelCodecConfig(n_mels=64, bins=32, griffin_lim_iters=4), kmeans_iters=3, kmeans_sample=4000,
     lm=LMConfig(dim=32, num_heads=2, num_layers=1, lut_bins=64, lut_dim=16), steps=6, batch_size=2,
-    segment_seconds=1.0, warmup=2, checkpoint_every=2,
+    segment_seconds=1.0, warmup=2, checkpoint_every=2, codebook_weights=(),
 )  # fmt: skip
 
 
