@@ -173,3 +173,21 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
         assert aligns and all(-1.0 <= a <= 1.0 for a in aligns)
     assert os.path.exists(tmp_path / "report.md")
     assert "tiny random-init" in (tmp_path / "report.md").read_text()
+
+
+def test_caveats_follow_what_the_model_is_not_its_name(tmp_path):
+    """A weights file from `ppt-fast pretrain` passed by path is the trained default kind of model, as `tiny` is."""
+    from ppt_fast.eval.protocol import _caveats, _kind
+    from ppt_fast.musicgen.pretrain import ASSET
+
+    copy = tmp_path / "retrained.pt"
+    copy.write_bytes(open(ASSET, "rb").read())
+    assert _kind("tiny") == _kind(str(copy)) == "trained"
+    assert _kind("tiny-random") == "tiny-random" and _kind("facebook/musicgen-small") == "other"
+    trained = " ".join(_caveats({"model_kind": "trained"}))
+    assert "small default one trained here" in trained and "random-init" not in trained
+    assert "random-init" in " ".join(_caveats({"model_kind": "tiny-random"}))
+    assert not any("trained here" in n or "random-init" in n for n in _caveats({"model_kind": "other"}))
+    # reports written before model_kind existed read as before
+    assert "trained here" in " ".join(_caveats({"model": "tiny", "tiny_model": True}))
+    assert "random-init" in " ".join(_caveats({"model": "tiny-random", "tiny_model": True}))

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 #: proxy has something to measure when CLAP is not available.
 DEFAULT_PROMPTS = ("a piece of music, {}", "{}, slow and soft", "{}, fast, with drums", "{}, electronic techno")
 PAIR_PROMPTS = ("{}, a piece of music", "{}, slow and soft")
-TINY_MODELS = ("tiny", "tiny-random")
 
 
 @dataclass(frozen=True)
@@ -253,7 +252,8 @@ def run_protocol(
             for k, v in asdict(s).items()
         },  # fmt: skip
         "text_alignment_method": results[0]["prompts"][0]["text_alignment_method"] if results else None,
-        "tiny_model": str(s.model) in TINY_MODELS,
+        "tiny_model": _kind(s.model) != "other",
+        "model_kind": _kind(s.model),
         "model": str(s.model),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
@@ -271,15 +271,25 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _kind(model: Any) -> str:
+    """`tune.model_kind`: "trained" for `tiny` or a `ppt-fast pretrain` weights file, "tiny-random", or "other"."""
+    from ..musicgen.tune import model_kind
+
+    return model_kind(model)
+
+
 def _caveats(report: Mapping[str, Any]) -> list[str]:
     notes = []
-    if report.get("model") == "tiny":
+    kind = report.get("model_kind")  # reports written before the key existed: by the model's name
+    if kind is None:
+        kind = "trained" if report.get("model") == "tiny" else "tiny-random" if report.get("tiny_model") else "other"
+    if kind == "trained":
         notes.append(
             "**The model is the small default one trained here** (`ppt-fast pretrain`: a mel-RVQ codec and an 8.6 M-"
             "parameter MusicGen LM trained on 16 soundfont-rendered instruments; violin, marimba, trumpet and nylon "
             "guitar held out). The numbers compare the methods on it; expect different absolute values on MusicGen."
         )
-    elif report.get("tiny_model"):
+    elif kind == "tiny-random":
         notes.append(
             "**The model is the tiny random-init one.** These numbers show that the pipeline "
             "runs end to end (tune -> generate -> embed -> score); they say nothing about whether a method works. "
@@ -399,7 +409,8 @@ def evaluate_concept_file(
             for k, v in asdict(s).items()
         },  # fmt: skip
         "text_alignment_method": results[0]["prompts"][0]["text_alignment_method"],
-        "tiny_model": str(s.model) in TINY_MODELS,
+        "tiny_model": _kind(s.model) != "other",
+        "model_kind": _kind(s.model),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }
