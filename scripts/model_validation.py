@@ -57,7 +57,7 @@ clip of 192 as tiny-v7. (4), from `main` at 05451ed (figure seed): with tune()'s
 nats, 1.3 % of the prompt information (tiny-v4 1.6 %), and text control without `<v1>` reads 0.542 against its base's
 0.568. It passes: tiny-v8 replaces tiny-v4 once every figure is re-measured on it (docs/default_model.md). (A first
 run of (4) read 39.1 %: the weights file, passed by path, was then tuned with real MusicGen's defaults, fixed in
-`tune.model_kind`.)
+`models.model_kind`.)
 
 Output (2026-11-29; the tiny-v5 candidate: commit 13aad9e on branch tiny-v5, `ppt-fast pretrain`, 49.6 min):
 tiny-v5: text control 0.490 (diversity 0.442); codec round trip trained 0.875, all 0.800; per instrument: drums,

@@ -177,13 +177,14 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
 
 def test_caveats_follow_what_the_model_is_not_its_name(tmp_path):
     """A weights file from `ppt-fast pretrain` passed by path is the trained default kind of model, as `tiny` is."""
-    from ppt_fast.eval.protocol import _caveats, _kind
+    from ppt_fast.eval.protocol import _caveats, _kind_keys
     from ppt_fast.musicgen.pretrain import ASSET
 
     copy = tmp_path / "retrained.pt"
     copy.write_bytes(open(ASSET, "rb").read())
-    assert _kind("tiny") == _kind(str(copy)) == "trained"
-    assert _kind("tiny-random") == "tiny-random" and _kind("facebook/musicgen-small") == "other"
+    assert _kind_keys("tiny") == _kind_keys(str(copy)) == {"tiny_model": True, "model_kind": "trained"}
+    assert _kind_keys("tiny-random") == {"tiny_model": True, "model_kind": "tiny-random"}
+    assert _kind_keys("facebook/musicgen-small") == {"tiny_model": False, "model_kind": "other"}
     trained = " ".join(_caveats({"model_kind": "trained"}))
     assert "small default one trained here" in trained and "random-init" not in trained
     assert "random-init" in " ".join(_caveats({"model_kind": "tiny-random"}))

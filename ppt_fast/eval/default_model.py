@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dataset import load_manifest
 
         ref = load_manifest(ds).reference_path(args.heldout)
-        methods = [("base", None, {})] + [PRESERVATION_ROWS[k] for k in rows if k != "base"]
+        methods = [PRESERVATION_ROWS[k] for k in ("base", *(r for r in rows if r != "base"))]  # base always runs
         report["preservation"] = {"concept": args.heldout, **preservation(
             args.model, ref, train, table_train, emb, methods=methods, clips=args.preservation_clips,
             duration=args.duration, seed=args.seed,

@@ -252,8 +252,7 @@ def run_protocol(
             for k, v in asdict(s).items()
         },  # fmt: skip
         "text_alignment_method": results[0]["prompts"][0]["text_alignment_method"] if results else None,
-        "tiny_model": _kind(s.model) != "other",
-        "model_kind": _kind(s.model),
+        **_kind_keys(s.model),
         "model": str(s.model),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
@@ -271,11 +270,12 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _kind(model: Any) -> str:
-    """`tune.model_kind`: "trained" for `tiny` or a `ppt-fast pretrain` weights file, "tiny-random", or "other"."""
-    from ..musicgen.tune import model_kind
+def _kind_keys(model: Any) -> dict[str, Any]:
+    """The report's `model_kind` (`musicgen.models.model_kind`) and `tiny_model` (any tiny kind) keys."""
+    from ..musicgen.models import model_kind
 
-    return model_kind(model)
+    kind = model_kind(model)
+    return {"tiny_model": kind != "other", "model_kind": kind}
 
 
 def _caveats(report: Mapping[str, Any]) -> list[str]:
@@ -409,8 +409,7 @@ def evaluate_concept_file(
             for k, v in asdict(s).items()
         },  # fmt: skip
         "text_alignment_method": results[0]["prompts"][0]["text_alignment_method"],
-        "tiny_model": _kind(s.model) != "other",
-        "model_kind": _kind(s.model),
+        **_kind_keys(s.model),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }

@@ -251,6 +251,26 @@ def _load_checkpoint(name: str, device: str | torch.device):
     return model
 
 
+def _is_weights_file(model: str) -> bool:
+    """A `.pt` file from `ppt-fast pretrain` (what `load_model` loads with `pretrain.load_trained`)."""
+    return model.endswith(".pt") and os.path.isfile(model)
+
+
+def model_kind(model: Any) -> str:
+    """What kind of model `model` (a `load_model` argument or a MusicGen) is, for the settings that depend on it
+    (`tune()`'s defaults, the evaluation's caveats): "trained" for a model made by `ppt-fast pretrain` (the name
+    `tiny`, a weights file it wrote, or a MusicGen loaded from either), "tiny-random" for the random-init unit-test
+    model, and "other" (real MusicGens and their shapes). Decided by what the model is, not what it is called: a
+    weights file loaded by path, or the `tiny` object passed in, is "trained" too."""
+    if isinstance(model, str):
+        if model == "tiny" or _is_weights_file(model):
+            return "trained"
+        return "tiny-random" if model == "tiny-random" else "other"
+    if getattr(model, "_ppt_fast_trained_default", False):  # set by pretrain.build_musicgen
+        return "trained"
+    return "tiny-random" if getattr(model, "name", None) == "tiny-random" else "other"
+
+
 def load_model(model: Any = "tiny", *, device: str | torch.device | None = None, seed: int = 0):
     """Return an audiocraft `MusicGen` with an identifier bank attached.
 
@@ -276,7 +296,7 @@ def load_model(model: Any = "tiny", *, device: str | torch.device | None = None,
         m = build_tiny(seed=seed, device=device)
         m.name = model
         return m
-    if model.endswith(".pt") and os.path.isfile(model):
+    if _is_weights_file(model):
         from .pretrain import load_trained
 
         return load_trained(model, device=device, name=os.path.basename(model))

@@ -326,7 +326,7 @@ def build_musicgen(cfg: PretrainConfig, codec: MelRVQCodec, lm, name: str = "tin
     # validation sweep on tiny-v3 (text control 58 %; 0.6: 50 %, 0.5: 44 %, smaller top-k lower). On tiny-v4, 8 at 0.7
     # led 64 at 0.7 by two clips of 48 (60 % vs 56 %), inside the noise, after being tiny-v3's worst: 64 / 0.7 kept.
     model._ppt_fast_sampling = {"top_k": min(64, cfg.codec.bins), "cfg_coef": 1.0, "temp": 0.7}
-    model._ppt_fast_trained_default = True  # tune()'s defaults for it are the trained default's (`tune.model_kind`)
+    model._ppt_fast_trained_default = True  # tune()'s defaults for it are the trained default's (`models.model_kind`)
     model.set_generation_params(duration=4.0, top_k=min(64, cfg.codec.bins), cfg_coef=1.0, temperature=0.7)
     identifiers.install(model.lm)
     return model

@@ -52,7 +52,7 @@ import torch
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
 from .loss import pattern_cross_entropy
-from .models import fingerprint, load_model, module_device
+from .models import fingerprint, load_model, model_kind, module_device
 
 logger = logging.getLogger(__name__)
 
@@ -142,20 +142,6 @@ def _init_tokens(lm, text: str, n_tokens: int, g: torch.Generator) -> torch.Tens
     scale = float(mean.float().std()) or 1.0
     noise = torch.randn(n_tokens, mean.shape[-1], generator=g) * 0.1 * scale
     return (mean.float().cpu() + noise).contiguous()
-
-
-def model_kind(model: Any) -> str:
-    """Which defaults `tune()` uses for `model`: "trained" for a model made by `ppt-fast pretrain` (the name `tiny`, a
-    weights file it wrote, or a MusicGen loaded from either), "tiny-random" for the random-init unit-test model, and
-    "other" (real MusicGens and their shapes). Decided by what the model is, not what it is called: a weights file
-    loaded by path, or the `tiny` object passed in, gets the trained default's settings too."""
-    if isinstance(model, str):
-        if model == "tiny" or (model.endswith(".pt") and os.path.isfile(model)):
-            return "trained"
-        return "tiny-random" if model == "tiny-random" else "other"
-    if getattr(model, "_ppt_fast_trained_default", False):
-        return "trained"
-    return "tiny-random" if getattr(model, "name", None) == "tiny-random" else "other"
 
 
 def default_ratio(model: Any) -> float:
