@@ -55,7 +55,7 @@ bench: $(STAMP)
 bench-gpu:
 	python benchmarks/run.py --suite gpu
 
-# Re-make the embedded default model's weights (ppt_fast/assets/tiny-v4.pt); ~50 min on 2 CPU cores, resumable.
+# Re-make the embedded default model's weights (ppt_fast/assets/tiny-v8.pt); ~47 min on 2 CPU cores, resumable.
 pretrain: $(STAMP)
 	$(BIN)/ppt-fast pretrain
 

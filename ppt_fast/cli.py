@@ -143,7 +143,7 @@ def _add_pretrain(sub) -> None:
         "violin, marimba, trumpet and nylon guitar held out), fit the mel-RVQ codec, train the small MusicGen LM, and "
         "write the weights file model='tiny' loads. Interrupted runs resume from the last checkpoint in --workdir.",
     )
-    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v4.pt)")
+    p.add_argument("--out", default=None, help="weights file to write (default: ppt_fast/assets/tiny-v8.pt)")
     p.add_argument("--workdir", default=None, help="corpus cache + checkpoints (default: $PPT_FAST_CACHE/pretrain/...)")
     p.add_argument("--fresh", action="store_true", help="discard the workdir's corpus cache and checkpoint first")
     p.add_argument("--steps", type=int, default=None, help="LM training steps (default: the config's; changes it)")

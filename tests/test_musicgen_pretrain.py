@@ -337,20 +337,24 @@ def test_codebook_weights_train_and_record_and_old_configs_still_read(tmp_path):
                    workdir=str(tmp_path / "wa"), verbose=False)  # fmt: skip
     b = P.pretrain(P.QUICK, out=str(tmp_path / "b.pt"), workdir=str(tmp_path / "wb"), verbose=False)
     assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
-    # files written before the key existed (tiny-v4) read as equal weights and keep their digest
-    old = P.PretrainConfig().to_dict()
+    # files written before the key existed (tiny-v4) read as equal weights and keep their digest; the default
+    # (tiny-v8's 3x on codebook 0) is recorded and round-trips
+    equal = replace(P.PretrainConfig(), codebook_weights=())
+    old = equal.to_dict()
     assert "codebook_weights" not in old
-    assert P.PretrainConfig.from_dict(old).codebook_weights == ()
-    weighted = replace(P.PretrainConfig(), codebook_weights=(3.0,) + (1.0,) * 7)
+    assert P.PretrainConfig.from_dict(old) == equal
+    assert P.PretrainConfig().codebook_weights == (3.0,) + (1.0,) * 7
+    weighted = P.PretrainConfig()
+    assert weighted.to_dict()["codebook_weights"] == [3.0] + [1.0] * 7
     assert P.PretrainConfig.from_dict(weighted.to_dict()) == weighted
-    assert weighted.digest() != P.PretrainConfig().digest()
+    assert weighted.digest() != equal.digest()
     for bad in ((1.0,) * 7, (0.0,) + (1.0,) * 7, (float("inf"),) + (1.0,) * 7):
         with pytest.raises(ValueError, match="one finite weight > 0 per codebook"):
             replace(P.PretrainConfig(), codebook_weights=bad)
 
 
 def test_description_word_lists_are_part_of_the_recorded_config(tmp_path, monkeypatch):
-    # the shipped lists record nothing new (tiny-v4's config and digest are unchanged) ...
+    # the shipped lists record nothing new (the key is absent, as in tiny-v4's and tiny-v8's configs) ...
     assert "descriptions" not in P.PretrainConfig().to_dict()
     assert P.PretrainConfig().descriptions == P.TINY_V4_DESCRIPTIONS == P.descriptions_digest()
     # ... a config from other lists cannot be re-made here, and says so

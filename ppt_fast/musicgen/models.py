@@ -7,7 +7,7 @@ Names `load_model` understands:
   64 entries, LM dim 64, 2 layers, 4 heads.
 - `"tiny"`: the embedded default, trained here (`ppt-fast pretrain`, see `ppt_fast.musicgen.pretrain`): a mel-RVQ codec
   (16 kHz, 50 Hz frames, 8 x 1024 codes) and an 8.6 M-parameter LMModel (dim 256, 4 layers) trained on 16 rendered
-  instruments; weights in `ppt_fast/assets/tiny-v4.pt` (+ `.json` provenance).
+  instruments; weights in `ppt_fast/assets/tiny-v8.pt` (+ `.json` provenance).
 - a `.pt` weights file written by `ppt-fast pretrain --out FILE`.
 - `"musicgen-small-shapes"`, `"musicgen-medium-shapes"`, `"musicgen-large-shapes"`: random-init LMs with the real
   MusicGen shapes (dim 1024/1536/2048, 24/48/48 layers, 4 x 2048 codes, no biases, norm-first), conditioned through a
