@@ -305,6 +305,50 @@ def test_default_model_eval_refuses_bad_rows(rows, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
+def test_default_model_eval_runs_every_part_in_one_invocation(tmp_path, monkeypatch):
+    """main()'s plumbing with the measurements faked: every part runs in one invocation, the preservation rows get
+    their methods (a sweep once shadowed them and `make eval-default` failed after 15 min), and a part that fails
+    leaves the finished ones on disk, marked incomplete."""
+    import json
+    import types
+
+    import ppt_fast
+    from ppt_fast.eval import dataset as D
+    from ppt_fast.eval import default_model as DM
+
+    seen = {}
+    monkeypatch.setattr(ppt_fast, "load_model", lambda *a, **k: types.SimpleNamespace(sample_rate=16000))
+    monkeypatch.setattr(DM.features, "get_embedder", lambda name: None)
+    monkeypatch.setattr(DM, "gallery", lambda names, *a, **k: torch.zeros(len(names), 4))
+    per = {n: 1.0 for n in (*P.TRAIN_CONCEPTS, *P.HELDOUT_CONCEPTS)}
+    monkeypatch.setattr(DM, "codec_roundtrip", lambda *a, **k: {"per_instrument": per, "top1_codec": 1.0,
+                                                                 "top1_original": 1.0})  # fmt: skip
+    monkeypatch.setattr(DM, "sampling_sweep", lambda *a, **k: [{"top_k": 64, "temperature": 0.7, "top1": 0.5}])
+    monkeypatch.setattr(DM, "long_clips", lambda *a, **k: {"windowed": [0.5]})
+    monkeypatch.setattr(DM, "text_control", lambda *a, **k: {"top1": 0.5, "chance": 0.06, "diversity": 0.3})
+    monkeypatch.setattr(D, "build", lambda path, **k: path)
+    monkeypatch.setattr(D, "load_manifest", lambda ds: types.SimpleNamespace(reference_path=lambda name: "ref.wav"))
+
+    def preservation(model, ref, *a, methods, **k):
+        seen["methods"] = [m[0] for m in methods]
+        if seen.get("fail"):
+            raise RuntimeError("preservation failed")
+        return {"rows": []}
+
+    monkeypatch.setattr(DM, "preservation", preservation)
+    out = tmp_path / "eval.json"
+    assert DM.main(["--out", str(out)]) == 0
+    assert seen["methods"] == [label for label, _preset, _opts in DM.PRESERVATION_ROWS.values()]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert {"codec_roundtrip", "sampling_sweep", "long_clips", "text_control", "preservation"} <= set(report)
+    seen["fail"] = True
+    with pytest.raises(RuntimeError, match="preservation failed"):
+        DM.main(["--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and "text_control_temperature_0.5" in report and "preservation" not in report
+
+
 def test_per_instrument_clip_counts_shape_the_corpus_and_old_configs_still_read(tmp_path):
     cfg = replace(P.QUICK, clip_counts={"piano": 5})
     _codec, corpus, _ = P.prepare(cfg, str(tmp_path), verbose=False)

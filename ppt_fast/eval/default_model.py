@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _env
+from .._io import atomic_write_bytes
 from . import features
 
 GALLERY_INDEX = 300_000
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--rows: unknown row(s) {unknown}; choose from {','.join(PRESERVATION_ROWS)}")
     if "twin" in rows and "ppt" not in rows:
         ap.error("--rows: twin moves the ppt row's deltas; add ppt")
-    rows = [r for r in PRESERVATION_ROWS if r in rows]  # the table's order
+    pres_rows = [r for r in PRESERVATION_ROWS if r in rows]  # the table's order
     from ..musicgen.models import require_audiocraft
 
     require_audiocraft()  # importing audiocraft (~10 s) is not loading the model
@@ -356,6 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {"model": args.model, "load_seconds": round(load_s, 3), "seed": args.seed}
     report["environment"] = env
     t0 = time.perf_counter()
+
+    def save(done: bool = False) -> None:
+        """Write what is measured so far (atomically; `"complete": false` until the last part), so a run that fails
+        or is stopped late keeps its finished parts."""
+        report["seconds"] = round(time.perf_counter() - t0, 1)
+        report["complete"] = done
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
+
     table_all = gallery(train + held, model.sample_rate, emb, seed=args.seed)
     if "codec" not in skip:
         rt = codec_roundtrip(model, train + held, table_all, emb, clips=args.clips, seed=args.seed)
@@ -366,15 +376,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["codec_roundtrip"] = rt
         print(f"[codec] round trip top-1 {rt['top1_codec']:.3f} (trained {rt['top1_codec_trained']:.3f}, held-out "
               f"{rt['top1_codec_heldout']:.3f}); originals {rt['top1_original']:.3f}", flush=True)  # fmt: skip
+        save()
     table_train = table_all[: len(train)]
     if "sweep" not in skip:
         if args.sweep_seed == args.seed:
             raise SystemExit("--sweep-seed must differ from --seed: the sweep chooses settings the figures then test")
-        rows = sampling_sweep(model, train, table_train, emb, clips=args.clips, duration=args.duration,
-                              seed=args.sweep_seed)  # fmt: skip
-        report["sampling_sweep"] = {"seed": args.sweep_seed, "rows": rows}
+        sweep = sampling_sweep(model, train, table_train, emb, clips=args.clips, duration=args.duration,
+                               seed=args.sweep_seed)  # fmt: skip
+        report["sampling_sweep"] = {"seed": args.sweep_seed, "rows": sweep}
+        save()
     if "long" not in skip:
         report["long_clips"] = long_clips(model, train, table_train, emb, clips=args.clips, seed=args.sweep_seed)
+        save()
     tc = None
     if "text" not in skip:
         tc = text_control(model, train, table_train, emb, clips=args.text_clips, duration=args.duration, seed=args.seed)
@@ -384,21 +397,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                             seed=args.seed, temperature=0.5)  # fmt: skip
         report["text_control_temperature_0.5"] = cold
         print(f"[text] at temperature 0.5: top-1 {cold['top1']:.3f}", flush=True)
+        save()
     if "preservation" not in skip:
         ds = build(os.path.join(_env.cache_dir(), "eval-default-dataset"), concepts=[args.heldout], seconds=120.0,
                    heldout=0, sample_rate=32000)  # fmt: skip
         from .dataset import load_manifest
 
         ref = load_manifest(ds).reference_path(args.heldout)
-        methods = [PRESERVATION_ROWS[k] for k in ("base", *(r for r in rows if r != "base"))]  # base always runs
+        methods = [PRESERVATION_ROWS[k] for k in ("base", *(r for r in pres_rows if r != "base"))]  # base always runs
         report["preservation"] = {"concept": args.heldout, **preservation(
             args.model, ref, train, table_train, emb, methods=methods, clips=args.preservation_clips,
             duration=args.duration, seed=args.seed,
             base_text_control=tc if args.text_clips == args.preservation_clips else None)}  # fmt: skip
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    save(done=True)
     print(f"wrote {args.out}")
     return 0
 
