@@ -59,7 +59,7 @@ bench-gpu:
 pretrain: $(STAMP)
 	$(BIN)/ppt-fast pretrain
 
-# Figures of the default model (codec round trip, sampling sweep, long clips, text control, prior preservation); ~33 min on 2 CPU cores.
+# Figures of the default model (codec round trip, sampling sweep, long clips, text control, prior preservation); ~36 min on 2 CPU cores.
 eval-default: $(STAMP)
 	$(BIN)/python -m ppt_fast.eval.default_model --out benchmarks/results/default-model-eval.json
 

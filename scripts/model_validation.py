@@ -55,7 +55,8 @@ flute, electric piano 0.83, strings 0.75, drums, cello, bass, harp 0.67, accordi
 harpsichord 0.42, saxophone 0.33, synth lead 0.25, piano, clarinet 0.17. Conditions (1)-(3) are met, (1) by one
 clip of 192 as tiny-v7. (4), from `main` at 05451ed (figure seed): with tune()'s defaults the held-in loss rises 0.0056
 nats, 1.3 % of the prompt information (tiny-v4 1.6 %), and text control without `<v1>` reads 0.542 against its base's
-0.568. It passes: tiny-v8 replaces tiny-v4 once every figure is re-measured on it (docs/default_model.md). (A first
+0.568. It passes: tiny-v8 replaced tiny-v4 as the shipped default on 2026-11-29, every figure re-measured on it
+(docs/default_model.md). (A first
 run of (4) read 39.1 %: the weights file, passed by path, was then tuned with real MusicGen's defaults, fixed in
 `models.model_kind`.)
 

@@ -10,8 +10,8 @@ project renders itself (`ppt_fast.eval.dataset`: seeded MIDI compositions throug
 2. Codec: :class:`~ppt_fast.musicgen.melcodec.MelRVQCodec` (residual VQ over log-mel frames, Griffin-Lim decoder;
    why not a small EnCodec: see that module) fitted by k-means on the corpus' frames.
 3. LM: audiocraft's `LMModel` (delay pattern, cross-attention on a LUT text conditioner with a word-hash tokenizer),
-   trained with `MusicGenSolver`'s cross-entropy, AdamW, warmup + cosine, CFG dropout (so classifier-free guidance
-   works at generation).
+   trained with `MusicGenSolver`'s cross-entropy (the coarsest codebook weighted 3x, `codebook_weights`), AdamW,
+   warmup + cosine, CFG dropout (so classifier-free guidance works at generation).
 
 Everything is deterministic from `PretrainConfig.seed`. The LM phase writes a checked checkpoint (magic header +
 sha256, atomic) every `checkpoint_every` steps and resumes from it; a corrupted checkpoint is refused with a clear
