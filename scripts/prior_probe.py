@@ -11,7 +11,15 @@ text control / diversity of the 16 instrument prompts without the identifier (3 
 
     .venv/bin/python scripts/prior_probe.py [--sample] [violin|marimba ...]    # ~4 min; --sample ~12 min (2 cores)
 
-Output of the runs quoted in docs/default_model.md ("What tuning costs").
+Output of the runs quoted in docs/default_model.md ("What tuning costs"; those were tiny-v4's).
+
+Output (2026-11-29, tiny-v8, `--sample violin`, 14 min; held-in loss 3.165 nats, prompt information 0.444; base:
+reference loss 4.720, alignment 0.239, text control 0.521), reference loss fall / held-in rise (share) / alignment /
+text control: tokens 0.471 / 0 (0 %) / 0.285 / 0.521; ppt 0.1 % 0.554 / 0.0050 (1.1 %) / 0.418 / 0.500; ppt 0.3 %
+0.618 / 0.0264 (5.9 %) / 0.440 / 0.521; ppt 1 % 0.709 / 0.0785 (17.7 %) / 0.466 / 0.500; ppt 1 % + prior 0.3 0.702 /
+0.0460 (10.4 %) / 0.432 / 0.479; + prior 1 0.681 / 0.0212 (4.8 %) / 0.211 / 0.521; dreamstyler 1.103 / 0.0048 (1.1 %)
+/ 0.504 / 0.625. By the rule written before the run (session 12's note), ppt 0.1 % stays tune()'s default on `tiny`:
+its cost stays <= 5 %, it learns more than the tokens, and 0.3 % costs more than 5 %.
 """
 
 import argparse
