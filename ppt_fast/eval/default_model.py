@@ -343,7 +343,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--rows: unknown row(s) {unknown}; choose from {','.join(PRESERVATION_ROWS)}")
     if "twin" in rows and "ppt" not in rows:
         ap.error("--rows: twin moves the ppt row's deltas; add ppt")
-    pres_rows = [r for r in PRESERVATION_ROWS if r in rows]  # the table's order
     from ..musicgen.models import require_audiocraft
 
     require_audiocraft()  # importing audiocraft (~10 s) is not loading the model
@@ -363,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         or is stopped late keeps its finished parts."""
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["complete"] = done
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
 
     table_all = gallery(train + held, model.sample_rate, emb, seed=args.seed)
@@ -404,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .dataset import load_manifest
 
         ref = load_manifest(ds).reference_path(args.heldout)
-        methods = [PRESERVATION_ROWS[k] for k in ("base", *(r for r in pres_rows if r != "base"))]  # base always runs
+        # the table's order; the base row always runs
+        methods = [v for k, v in PRESERVATION_ROWS.items() if k == "base" or k in rows]
         report["preservation"] = {"concept": args.heldout, **preservation(
             args.model, ref, train, table_train, emb, methods=methods, clips=args.preservation_clips,
             duration=args.duration, seed=args.seed,
