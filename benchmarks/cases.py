@@ -12,6 +12,8 @@ Providers
   select_pivots: `dense_masked` = `torch.cat` + `torch.topk` + dense bool masks (what dense masked tuning needs);
   sparse_adamw_step: `dense_masked` = AdamW over the full tensors with grads multiplied by 0/1 masks and weight
   decay masked (`ppt_fast.optim.DenseMaskedAdamW` when present, else the same thing spelled out below).
+- `optimizer`, `optimizer_clip` (sparse_adamw_step only): what a user's loop calls, `SparseAdamW.step()` after
+  backward (gradients in `p.grad`, `nonfinite="skip"`), and `clip_grad_norm_(1.0)` + `step()`.
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ KERNEL_BACKENDS = ("ref", "cpp", "triton", "cuda")
 PROVIDERS = {
     "sensitivity_accumulate": ("torch_foreach", "ref", "ref_compile", "cpp", "triton", "cuda"),
     "select_pivots": ("dense_masked", "ref", "ref_compile", "cpp", "triton", "cuda"),
-    "sparse_adamw_step": ("dense_masked", "dense_masked_foreach", "ref", "ref_compile", "cpp", "triton", "cuda"),
+    "sparse_adamw_step": (
+        "dense_masked",
+        "dense_masked_foreach",
+        "ref",
+        "ref_compile",
+        "cpp",
+        "triton",
+        "cuda",
+        "optimizer",
+        "optimizer_clip",
+    ),
 }
+# Not an op backend: `ppt_fast.SparseAdamW` called as users call it (gradients in p.grad, the default non-finite
+# check), with the device's default backend underneath; `optimizer_clip` also calls clip_grad_norm_(1.0) first.
+OPTIMIZER_PROVIDERS = ("optimizer", "optimizer_clip")
 BASELINE = {
     "sensitivity_accumulate": "torch_foreach",
     "select_pivots": "dense_masked",
@@ -122,6 +137,8 @@ def skip_reason(op: str, provider: str, device: str) -> str | None:
         return None
     if provider in ("dense_masked", "dense_masked_foreach", "torch_foreach"):
         return None
+    if provider in OPTIMIZER_PROVIDERS:
+        return None if op == "sparse_adamw_step" else f"{provider} is a sparse_adamw_step provider"
     return f"unknown provider {provider!r}"
 
 
@@ -288,6 +305,24 @@ def step_case(inp: Inputs, provider: str, density: float, pivots=None) -> Case:
         opt, impl = _dense_masked_optimizer(inp.names, params, pivots, fused=fused)
         info["dense_impl"] = impl
         return Case(opt.step, floor["bytes"], info)
+    if provider in OPTIMIZER_PROVIDERS:
+        from ppt_fast import SparseAdamW
+
+        params = [torch.nn.Parameter(p, requires_grad=True) for p in inp.params]  # same storage
+        for p, g in zip(params, inp.grads):
+            p.grad = g
+        opt = SparseAdamW(list(zip(inp.names, params)), pivots, lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD)
+        info["optimizer"] = "ppt_fast.SparseAdamW(nonfinite='skip')" + (
+            " + clip_grad_norm_(1.0)" if provider == "optimizer_clip" else ""
+        )
+        if provider == "optimizer":
+            return Case(opt.step, floor["bytes"], info)
+
+        def clipped_step():
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+
+        return Case(clipped_step, floor["bytes"], info)
     params = inp.params
     k = pivots.count
     m = torch.zeros(k, dtype=torch.float32, device=inp.device)
@@ -311,7 +346,8 @@ def step_case(inp: Inputs, provider: str, density: float, pivots=None) -> Case:
         def run():
             counter[0] += 1
             for p, g, idx, mi, vi, ma in per:
-                f([p], [g], [0, idx.numel()], idx, mi, vi, ma, None, None, None, LR, BETA1, BETA2, EPS, WD, counter[0])
+                f([p], [g], [0, idx.numel()], idx, mi, vi, ma, None, None, None, None, None, LR, BETA1, BETA2, EPS, WD,
+                  counter[0])  # fmt: skip
 
         return Case(run, floor["bytes"], info)
 

@@ -30,11 +30,16 @@ TORCH_LIBRARY_FRAGMENT(ppt_fast, m) {
   m.def(
       "_sparse_adamw_step_cpp(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor indices, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? master, Tensor? pivot_grads, Tensor? grad_scale, "
-      "Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+      "Tensor? found_inf, Tensor? grad_coef, Tensor(e!)? nonfinite, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step) -> ()");
+  m.def(
+      "_pivot_grad_norm_cpp(Tensor[] grads, int[] offsets, Tensor indices, Tensor? pivot_grads, "
+      "float norm_type) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ppt_fast, CPU, m) {
   m.impl("_sensitivity_accumulate_cpp", &ppt_fast::sensitivity_accumulate_cpp);
   m.impl("_select_pivots_cpp", &ppt_fast::select_pivots_cpp);
   m.impl("_sparse_adamw_step_cpp", &ppt_fast::sparse_adamw_step_cpp);
+  m.impl("_pivot_grad_norm_cpp", &ppt_fast::pivot_grad_norm_cpp);
 }

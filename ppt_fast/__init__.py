@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 from .ops import select_pivots, sensitivity_accumulate, sparse_adamw_step
-from .pivots import PivotSet
+from .pivots import PivotError, PivotSet
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "PivotError",
     "PivotSet",
     "__version__",
     "select_pivots",

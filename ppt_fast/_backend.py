@@ -10,7 +10,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -76,9 +76,15 @@ def why_unavailable(op: str, backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}"
 
 
-def select(op: str, device: torch.device, order: Sequence[str] | None = None) -> str:
-    """Pick the backend for `op` on `device`."""
+def select(
+    op: str, device: torch.device, order: Sequence[str] | None = None, stand_in: Mapping[str, str] | None = None
+) -> str:
+    """Pick the backend for `op` on `device`. `stand_in` maps a backend the op has no kernel for to the one that runs
+    in its place when that backend is forced (e.g. an op with no CUDA C++ kernel runs its Triton one)."""
     wanted = _forced[-1] if _forced else _env.backend_override()
+    if wanted is not None and stand_in and wanted in stand_in:
+        log.debug("%s: %s requested, %s runs in its place (no %s kernel)", op, wanted, stand_in[wanted], wanted)
+        wanted = stand_in[wanted]
     if wanted is not None:
         reason = why_unavailable(op, wanted, device)
         if reason is not None:

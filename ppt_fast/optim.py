@@ -15,9 +15,13 @@ Names: the PivotSet names tensors; the optimizer must know each parameter's name
 
 Non-finite gradients at the pivots without a GradScaler: by default (``nonfinite="skip"``) the step is skipped for
 all groups (nothing is written, the step count does not advance), a warning is logged and ``skipped_steps`` grows;
-``nonfinite="raise"`` raises `FloatingPointError`; ``nonfinite="ignore"`` skips the check. The check is one
-``isfinite`` over the gathered pivot gradients of each group and one host sync per step (none per tensor). With a
-GradScaler the scaler's ``found_inf`` decides instead (same single sync).
+``nonfinite="raise"`` raises `FloatingPointError`; ``nonfinite="ignore"`` skips the check. The check runs inside
+the step's own launch (the op gathers, checks, then updates), and the skip decision stays on the device: on CPU it
+is read at once, on a GPU it is read at the start of the next step without a stall, so the warning (and
+``skipped_steps``) come one step late there, and the skipped step's count is given back before the next update.
+``nonfinite="raise"`` reads the flag at once on every device. With a GradScaler the scaler's ``found_inf`` decides
+instead, read the same way. With several param groups every group is checked (one pass each) before any is
+updated.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import Any
 
 import torch
 
-from .ops import sparse_adamw_step
-from .pivots import PivotSet
+from .ops import pivot_grad_norm, sparse_adamw_step
+from .pivots import PivotSet, mark_valid
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +130,9 @@ class _GroupLayout:
         self.indices = indices
         self.k = self.offsets[-1]
         self.needs_master = any(p.dtype in _LOW_PRECISION for p in params)
+        # Slices of a checked PivotSet, matched to parameters of the same shapes: valid by construction, so the
+        # step op need not check them again.
+        mark_valid(indices, self.offsets, [p.numel() for p in params])
 
 
 def _check_lr(lr: Any, where: str) -> None:
@@ -138,8 +145,11 @@ def _check_lr(lr: Any, where: str) -> None:
 def _check_hparams(betas: tuple[float, float], eps: float, weight_decay: float, where: str) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"{where}: betas={betas!r} must be two numbers in [0, 1)")
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{where}: eps={eps!r} must be a finite number >= 0")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(
+            f"{where}: eps={eps!r} must be a finite number > 0: it keeps m / (sqrt(v) + eps) finite at pivots whose "
+            "gradient has been zero (eps=0 makes them NaN); the usual value is 1e-8"
+        )
     if not math.isfinite(weight_decay) or weight_decay < 0:
         raise ValueError(f"{where}: weight_decay={weight_decay!r} must be a finite number >= 0")
 
@@ -223,6 +233,8 @@ class SparseAdamW(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    # Tests set this to run the GPU's deferred reading of the skip flag on CPU tensors.
+    _defer_on_cpu = False
 
     def __init__(
         self,
@@ -253,7 +265,9 @@ class SparseAdamW(torch.optim.Optimizer):
         self.pivots = pivots
         self._layouts = _split_pivots(self.param_groups, pivots, "SparseAdamW")
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        self._skipped = 0
+        self._pending: tuple | None = None  # the last step's skip flag, read on the next step (GPU: no host sync)
+        self._clip_coef: torch.Tensor | None = None  # set by clip_grad_norm_, applied inside the next step launch
         self._gstate: list[dict[str, Any]] = []
         for lay in self._layouts:
             dev = lay.indices.device
@@ -347,12 +361,9 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ---- gradients at the pivots -------------------------------------------------------------------------------
     def _pivot_grads(self, gi: int) -> torch.Tensor | None:
-        """fp32 ``[k_g]`` gradients at the pivots of group gi, or None when the group got no gradient."""
+        """fp32 ``[k_g]`` gradients at the pivots of group gi gathered in Python (only for a group where some pivoted
+        parameter got no gradient this step), or None when the group got no gradient."""
         lay = self._layouts[gi]
-        if lay.k == 0:
-            return None
-        if self.gather_in_backward:
-            return self._buffers[gi] if self._gathered[gi] else None
         grads = [p.grad for p in lay.params]
         if all(g is None for g in grads):
             return None
@@ -362,64 +373,125 @@ class SparseAdamW(torch.optim.Optimizer):
             if g is None:  # a parameter the loss did not reach this step: zero gradient at its pivots
                 parts.append(torch.zeros(idx.numel(), dtype=torch.float32, device=idx.device))
             else:
-                if g.is_sparse:
-                    raise RuntimeError(f"SparseAdamW: parameter {lay.names[ti]!r} has a sparse gradient; not supported")
                 parts.append(g.reshape(-1).index_select(0, idx).float())
-        return torch.cat(parts)
+        out = torch.cat(parts)
+        return out
 
-    def _group_input(self, gi: int, dense_ok: bool) -> tuple[str, Any] | None:
-        """("dense", grads) for the op's own gather, ("pivot", fp32 [k_g]) gathered here, or None (no gradient)."""
+    def _group_input(self, gi: int) -> tuple[str, Any] | None:
+        """What the op reads for group gi: ("dense", [p.grad, ...]) (the op gathers inside its launch),
+        ("pivot", fp32 [k_g]) (the gather-in-backward buffer), or None (no gradient this step)."""
         lay = self._layouts[gi]
         if lay.k == 0:
             return None
-        if dense_ok:
-            grads = [p.grad for p in lay.params]
-            if all(g is None for g in grads):
-                return None
-            if all(g is not None and not g.is_sparse for g in grads):
-                return ("dense", grads)
+        if self.gather_in_backward:
+            return ("pivot", self._buffers[gi]) if self._gathered[gi] else None
+        grads = [p.grad for p in lay.params]
+        if all(g is not None for g in grads):
+            sparse = next((lay.names[ti] for ti, g in enumerate(grads) if g.is_sparse), None)
+            if sparse is not None:
+                raise RuntimeError(f"SparseAdamW: parameter {sparse!r} has a sparse gradient; not supported")
+            return ("dense", grads)
         pg = self._pivot_grads(gi)
         return None if pg is None else ("pivot", pg)
+
+    def _norm(self, gi: int, inp: tuple[str, Any], norm_type: float) -> torch.Tensor:
+        lay = self._layouts[gi]
+        if inp[0] == "dense":
+            return pivot_grad_norm(inp[1], lay.offsets, lay.indices, norm_type=norm_type)
+        return pivot_grad_norm(None, lay.offsets, lay.indices, pivot_grads=inp[1], norm_type=norm_type)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the pivot gradients to a total norm of `max_norm`; returns the total norm before clipping.
 
         The norm is the `norm_type` norm (L2 by default) of **all pivot gradients of all groups gathered into one
-        vector**; gradients at non-pivot entries do not count. Under a GradScaler call ``scaler.unscale_(opt)``
-        first, as with `torch.nn.utils.clip_grad_norm_`. Clipping multiplies the pivoted parameters' gradients
-        (or the gathered buffers) by ``min(1, max_norm / (norm + 1e-6))``, with no host sync.
+        vector**, computed in one fused pass per group (`ppt_fast.ops.pivot_grad_norm`); gradients at non-pivot
+        entries do not count. The coefficient ``min(1, max_norm / (norm + 1e-6))`` stays on the device and is applied
+        inside the next `step` launch, so there is no host sync and no pass over the dense gradients: ``p.grad``
+        itself is left unscaled (`zero_grad` drops a coefficient that no step used). Clipping twice before a step
+        composes. Under a GradScaler call ``scaler.unscale_(opt)`` first, as with `torch.nn.utils.clip_grad_norm_`.
         """
-        if max_norm < 0 or not math.isfinite(max_norm):
+        if not isinstance(max_norm, (int, float)) or max_norm < 0 or not math.isfinite(max_norm):
             raise ValueError(f"max_norm={max_norm} must be a finite number >= 0")
         norms, device = [], None
         for gi in range(len(self._layouts)):
-            pg = self._pivot_grads(gi)
-            if pg is not None:
-                norms.append(torch.linalg.vector_norm(pg, norm_type))
-                device = pg.device
+            inp = self._group_input(gi)
+            if inp is not None:
+                norms.append(self._norm(gi, inp, norm_type))
+                device = norms[-1].device
         if not norms:
             return torch.zeros(())
-        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for gi, lay in enumerate(self._layouts):
-            if self.gather_in_backward:
-                if self._gathered[gi]:
-                    self._buffers[gi].mul_(coef.to(self._buffers[gi].device))
-            else:
-                grads = [p.grad for p in lay.params if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, coef.to(grads[0].device))
+        total = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if self._clip_coef is not None:  # already clipped once: this is the norm of the clipped gradients
+            total = total * self._clip_coef.to(device).reshape(())
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1).float()
+        self._clip_coef = coef if self._clip_coef is None else self._clip_coef.to(device) * coef
         return total
+
+    # ---- skipped steps -----------------------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (or a GradScaler's inf), all groups together. On a GPU a skip is
+        learned one step late (when the next step, or this property, reads the device flag)."""
+        self._resolve_pending()
+        return self._skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._pending = None
+        self._skipped = int(value)
+
+    def _resolve_pending(self) -> None:
+        """Read the skip flag of the last step (a device flag on GPU, copied without a sync when it was launched);
+        a skipped step gives its step count back, so bias correction stays exact."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        flag, host, event, groups, from_scaler = pending
+        if event is not None:
+            event.synchronize()  # long done: a whole forward and backward ran since
+        if float(host[0]) == 0.0:
+            return
+        for gi in groups:
+            self._gstate[gi]["step"] -= 1
+        self._skipped += 1
+        if not from_scaler:
+            logger.warning(
+                "SparseAdamW: non-finite gradient at the pivots (found on the device after the step was queued, so "
+                "the tensors are not named; nonfinite='raise' checks at once and names them); step skipped (%d "
+                "skipped so far)",
+                self._skipped,
+            )
+
+    def _bad_names(self, inputs: list[tuple[str, Any] | None]) -> list[str]:
+        bad = []
+        for gi, inp in enumerate(inputs):
+            if inp is None:
+                continue
+            lay = self._layouts[gi]
+            for ti in range(len(lay.params)):
+                lo, hi = lay.offsets[ti], lay.offsets[ti + 1]
+                if inp[0] == "dense":
+                    g = inp[1][ti].reshape(-1).index_select(0, lay.indices[lo:hi]).float()
+                else:
+                    g = inp[1][lo:hi].float()
+                if self._clip_coef is not None:
+                    g = g * self._clip_coef.to(g.device)
+                if not bool(torch.isfinite(g).all()):
+                    bad.append(lay.names[ti])
+        return bad
 
     # ---- the step ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """One AdamW step on the pivots of every group (one `sparse_adamw_step` launch per group)."""
+        """One AdamW step on the pivots of every group: one `sparse_adamw_step` launch per group gathers the pivot
+        gradients from ``p.grad`` (or the gather buffers), checks them for inf/NaN, applies a pending clipping
+        coefficient and updates m, v, the master and θ (a GPU runs the check and the update as two launches)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._resolve_pending()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         scaler_active = grad_scale is not None or found_inf is not None
@@ -430,46 +502,32 @@ class SparseAdamW(torch.optim.Optimizer):
             )
         for gi, group in enumerate(self.param_groups):
             _check_lr(group["lr"], f"SparseAdamW param group {gi}")
-        # The gathered pivot gradients are needed for the non-finite check; when nothing needs them (a GradScaler
-        # decides, or nonfinite="ignore") the dense gradients go straight to the op, which gathers inside its launch.
-        dense_ok = not self.gather_in_backward and (found_inf is not None or self.nonfinite == "ignore")
-        inputs = [self._group_input(gi, dense_ok) for gi in range(len(self._layouts))]
+        inputs = [self._group_input(gi) for gi in range(len(self._layouts))]
         live = [gi for gi, inp in enumerate(inputs) if inp is not None]
-        pgs = [inp[1] if inp is not None and inp[0] == "pivot" else None for inp in inputs]
+        coef = self._clip_coef
         if not live:
+            self._clip_coef = None
             return loss
+        device = self._layouts[live[0]].indices.device
+        if found_inf is not None and not isinstance(found_inf, torch.Tensor):
+            found_inf = torch.tensor(float(found_inf))
         if found_inf is not None:
-            if not isinstance(found_inf, torch.Tensor):
-                found_inf = torch.tensor(float(found_inf))
-            if float(found_inf.item()) != 0.0:  # one host sync per step
-                self.skipped_steps += 1
-                self._clear_gathered()
-                return loss
-        elif self.nonfinite != "ignore":
-            flags = torch.stack([(~torch.isfinite(pgs[gi])).any().to(pgs[live[0]].device) for gi in live])
-            if bool(flags.any()):  # one host sync per step
-                bad = [
-                    self._layouts[gi].names[ti]
-                    for gi in live
-                    for ti in range(len(self._layouts[gi].params))
-                    if not bool(
-                        torch.isfinite(pgs[gi][self._layouts[gi].offsets[ti] : self._layouts[gi].offsets[ti + 1]]).all()
-                    )
-                ]
-                msg = f"non-finite gradient at pivots of {bad[:5]}{' ...' if len(bad) > 5 else ''}"
-                if self.nonfinite == "raise":
-                    self._clear_gathered()
-                    raise FloatingPointError(
-                        f"SparseAdamW: {msg}; lower the lr, use a GradScaler for fp16, or nonfinite='skip'"
-                    )
-                self.skipped_steps += 1
-                logger.warning("SparseAdamW: %s; step skipped (%d skipped so far)", msg, self.skipped_steps)
-                self._clear_gathered()
-                return loss
+            found_inf = found_inf.reshape(1).float().to(device)
         if isinstance(grad_scale, torch.Tensor):
-            grad_scale = grad_scale.reshape(1).float()
+            grad_scale = grad_scale.reshape(1).float().to(device)
         elif grad_scale is not None:
-            grad_scale = torch.tensor([float(grad_scale)])
+            grad_scale = torch.tensor([float(grad_scale)], device=device)
+        check = found_inf is None and self.nonfinite != "ignore"
+        flag = torch.zeros(1, dtype=torch.float32, device=device) if check else None
+        skip_in = found_inf
+        if check and len(live) > 1:
+            # Every group must be checked before any is updated: one inf-norm pass per group raises the shared flag
+            # (no host sync), and the update launches read it as their found_inf.
+            for gi in live:
+                flag += (~torch.isfinite(self._norm(gi, inputs[gi], math.inf))).float().to(device)
+            skip_in, flag_out = flag, None
+        else:
+            flag_out = flag
         for gi in live:
             group, lay, st = self.param_groups[gi], self._layouts[gi], self._gstate[gi]
             if st["master"] is not None and not st["master_initialized"]:
@@ -484,9 +542,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 st["master_initialized"] = True
             st["step"] += 1
             beta1, beta2 = group["betas"]
+            dev = lay.indices.device
+            kind, data = inputs[gi]
             sparse_adamw_step(
                 lay.params,
-                inputs[gi][1] if inputs[gi][0] == "dense" else None,
+                data if kind == "dense" else None,
                 lay.offsets,
                 lay.indices,
                 st["exp_avg"],
@@ -498,9 +558,42 @@ class SparseAdamW(torch.optim.Optimizer):
                 beta2=float(beta2),
                 eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]),
-                pivot_grads=pgs[gi],
-                grad_scale=None if grad_scale is None else grad_scale.to(lay.indices.device),
+                pivot_grads=data if kind == "pivot" else None,
+                grad_scale=None if grad_scale is None else grad_scale.to(dev),
+                found_inf=None if skip_in is None else skip_in.to(dev),
+                grad_coef=None if coef is None else coef.to(dev),
+                nonfinite=None if flag_out is None else flag_out.to(dev),
             )
+        skip_flag = flag if check else found_inf
+        if skip_flag is not None:
+            deferred = skip_flag.device.type != "cpu" or self._defer_on_cpu
+            if not deferred or (self.nonfinite == "raise" and check):
+                if float(skip_flag.reshape(-1)[0]) != 0.0:
+                    names = self._bad_names(inputs) if check else []
+                    for gi in live:
+                        self._gstate[gi]["step"] -= 1
+                    self._clip_coef = None
+                    self._clear_gathered()
+                    if check:
+                        msg = f"non-finite gradient at pivots of {names[:5]}{' ...' if len(names) > 5 else ''}"
+                        if self.nonfinite == "raise":
+                            raise FloatingPointError(
+                                f"SparseAdamW: {msg}; lower the lr, use a GradScaler for fp16, or nonfinite='skip'"
+                            )
+                        self._skipped += 1
+                        logger.warning("SparseAdamW: %s; step skipped (%d skipped so far)", msg, self._skipped)
+                    else:
+                        self._skipped += 1
+                    return loss
+            else:
+                host, event = skip_flag.reshape(1), None
+                if skip_flag.device.type == "cuda":
+                    host = torch.empty(1, dtype=torch.float32, pin_memory=True)
+                    host.copy_(skip_flag.reshape(1), non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                self._pending = (skip_flag, host, event, live, not check)
+        self._clip_coef = None
         self._clear_gathered()
         return loss
 
@@ -512,6 +605,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        self._clip_coef = None
         self._clear_gathered()
 
     # ---- memory ------------------------------------------------------------------------------------------------

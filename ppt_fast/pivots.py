@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,80 @@ import torch
 from ._io import atomic_write
 
 _INT32_MAX = 2**31 - 1
+
+
+class PivotError(ValueError):
+    """A PivotSet (or raw pivot indices given to an op) that does not describe valid entries of its tensors."""
+
+
+def check_indices(
+    names: Sequence[str], numels: Sequence[int], offsets: Sequence[int], indices: torch.Tensor, who: str
+) -> None:
+    """Raise PivotError unless `offsets` start at 0, never decrease and end at len(indices), and every tensor's
+    indices lie in [0, numel) and strictly increase. Vectorised: a few passes over the k indices, no Python loop
+    over pivots. This is the one check every pivot list passes before a kernel may write through it."""
+    if not offsets or offsets[0] != 0:
+        raise PivotError(f"{who}: offsets must start at 0 (got {offsets[:1]}); use a PivotSet's offsets")
+    bad = next((i for i in range(len(offsets) - 1) if offsets[i + 1] < offsets[i]), None)
+    if bad is not None:
+        raise PivotError(
+            f"{who}: offsets decrease at tensor {names[bad]!r} ({offsets[bad]} -> {offsets[bad + 1]}); "
+            "they must never decrease"
+        )
+    if offsets[-1] != indices.numel():
+        raise PivotError(f"{who}: {indices.numel()} indices but offsets end at {offsets[-1]}; they must agree")
+    k = indices.numel()
+    if k == 0 or indices.device.type == "meta":  # meta tensors (shape-only planning) hold no values to check
+        return
+    idx = indices.to(torch.int64)
+    counts = torch.tensor([offsets[i + 1] - offsets[i] for i in range(len(names))], dtype=torch.int64)
+    tensor_of = torch.repeat_interleave(torch.arange(len(names)), counts).to(idx.device)
+    limit = torch.tensor(list(numels), dtype=torch.int64).to(idx.device)[tensor_of]
+    out_of_range = (idx < 0) | (idx >= limit)
+    # Strictly increasing within a tensor: every step up except across a tensor boundary.
+    starts = torch.zeros(k, dtype=torch.bool, device=idx.device)
+    firsts = torch.tensor([o for o, c in zip(offsets[:-1], counts.tolist()) if c], dtype=torch.int64)
+    starts[firsts.to(idx.device)] = True
+    not_rising = torch.zeros(k, dtype=torch.bool, device=idx.device)
+    not_rising[1:] = (idx[1:] <= idx[:-1]) & ~starts[1:]
+    flags = torch.stack([out_of_range.any(), not_rising.any()]).tolist()
+    if flags[0]:
+        j = int(torch.nonzero(out_of_range)[0])
+        t = int(tensor_of[j])
+        raise PivotError(
+            f"{who}: index {int(idx[j])} of tensor {names[t]!r} is outside [0, {numels[t]}) (its number of "
+            "entries): the pivots were made for another tensor, or the file is corrupt"
+        )
+    if flags[1]:
+        j = int(torch.nonzero(not_rising)[0])
+        t = int(tensor_of[j])
+        raise PivotError(
+            f"{who}: the indices of tensor {names[t]!r} do not strictly increase ({int(idx[j - 1])} then "
+            f"{int(idx[j])}): each tensor's pivots must be sorted and distinct"
+        )
+
+
+# Index tensors that passed check_indices, with what they were checked against. A kernel that gets one of these
+# (same storage, same version counter, same offsets and tensor sizes) skips the per-index check: a PivotSet is
+# checked once, not on every optimizer step. Any in-place change bumps the tensor's version and voids the mark.
+_VALID: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def _stamp(indices: torch.Tensor, offsets: Sequence[int], numels: Sequence[int]) -> tuple:
+    return (indices._version, indices.data_ptr(), indices.device, tuple(offsets), tuple(numels))
+
+
+def mark_valid(indices: torch.Tensor, offsets: Sequence[int], numels: Sequence[int]) -> None:
+    """Record that `indices` passed check_indices against these offsets and tensor sizes (until it is freed)."""
+    key = id(indices)
+    # Keyed by identity (a tensor's == is elementwise); the weakref's callback drops the entry when it dies.
+    ref = weakref.ref(indices, lambda _r, key=key: _VALID.pop(key, None))
+    _VALID[key] = (ref, _stamp(indices, offsets, numels))
+
+
+def is_marked_valid(indices: torch.Tensor, offsets: Sequence[int], numels: Sequence[int]) -> bool:
+    entry = _VALID.get(id(indices))
+    return entry is not None and entry[0]() is indices and entry[1] == _stamp(indices, offsets, numels)
 
 
 class PivotSet:
@@ -36,31 +111,33 @@ class PivotSet:
         names = [str(n) for n in names]
         shapes = [torch.Size(s) for s in shapes]
         if len(names) != len(shapes):
-            raise ValueError(f"PivotSet: {len(names)} names but {len(shapes)} shapes; give one name per tensor")
+            raise PivotError(f"PivotSet: {len(names)} names but {len(shapes)} shapes; give one name per tensor")
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"PivotSet: duplicate tensor names {dup}; names must be unique")
+            raise PivotError(f"PivotSet: duplicate tensor names {dup}; names must be unique")
+        if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 1:
+            raise PivotError(
+                f"PivotSet: indices must be a 1-D int32 tensor, got {getattr(indices, 'dtype', type(indices))} "
+                f"with shape {tuple(getattr(indices, 'shape', ()))}"
+            )
         offsets = torch.as_tensor(offsets, dtype=torch.int64, device="cpu").reshape(-1)
         if offsets.numel() != len(names) + 1:
-            raise ValueError(
+            raise PivotError(
                 f"PivotSet: offsets has {offsets.numel()} entries, expected len(names) + 1 = {len(names) + 1}"
             )
-        if offsets[0].item() != 0 or bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError("PivotSet: offsets must start at 0 and never decrease")
-        if indices.dtype != torch.int32 or indices.dim() != 1:
-            raise ValueError(
-                f"PivotSet: indices must be a 1-D int32 tensor, got {indices.dtype} with shape {tuple(indices.shape)}"
-            )
-        if indices.numel() != offsets[-1].item():
-            raise ValueError(f"PivotSet: {indices.numel()} indices but offsets[-1] = {offsets[-1].item()}")
-        for shape in shapes:
+        for name, shape in zip(names, shapes):
+            if any(d < 0 for d in shape):
+                raise PivotError(f"PivotSet: tensor {name!r} has a negative dimension in its shape {tuple(shape)}")
             if shape.numel() - 1 > _INT32_MAX:
-                raise ValueError(f"PivotSet: a tensor of shape {tuple(shape)} has more than 2**31 entries")
+                raise PivotError(f"PivotSet: tensor {name!r} of shape {tuple(shape)} has more than 2**31 entries")
+        offsets_list = offsets.tolist()
+        check_indices(names, [s.numel() for s in shapes], offsets_list, indices, "PivotSet")
         self.names: list[str] = names
         self.shapes: list[torch.Size] = shapes
         self.offsets: torch.Tensor = offsets
         self.indices: torch.Tensor = indices
-        self._offsets_list: list[int] = offsets.tolist()
+        self._offsets_list: list[int] = offsets_list
+        mark_valid(indices, offsets_list, self.numels)
 
     # ---- basic facts -------------------------------------------------------------------------------------------
     @property
@@ -143,7 +220,7 @@ class PivotSet:
             tensors = list(masks)
             names = list(names) if names is not None else [str(i) for i in range(len(tensors))]
         if not tensors:
-            raise ValueError("PivotSet.from_masks: no masks given")
+            raise PivotError("PivotSet.from_masks: no masks given")
         device = tensors[0].device
         parts, offsets = [], [0]
         for name, m in zip(names, tensors):
@@ -250,16 +327,37 @@ class PivotSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> PivotSet:
-        """Read a file written by `save`; indices go to `device`."""
-        from safetensors import safe_open
+        """Read a file written by `save`; indices go to `device`. Everything is checked as the constructor checks
+        it (offsets, every index in range, sorted): a crafted or corrupt file raises `PivotError` naming the
+        tensor, before any kernel can see it."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "ppt_fast.PivotSet/1":
-                raise ValueError(f"{path} is not a PivotSet file (metadata format {meta.get('format')!r})")
-            layout = json.loads(meta["layout"])
-            indices = f.get_tensor("indices")
-            offsets = f.get_tensor("offsets")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != "ppt_fast.PivotSet/1":
+                    raise PivotError(f"{path} is not a PivotSet file (metadata format {meta.get('format')!r})")
+                keys = set(f.keys())
+                if keys != {"indices", "offsets"}:
+                    raise PivotError(f"{path}: a PivotSet file holds 'indices' and 'offsets', this one {sorted(keys)}")
+                indices = f.get_tensor("indices")
+                offsets = f.get_tensor("offsets")
+            layout = json.loads(meta.get("layout", "null"))
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise PivotError(f"{path} is not a readable PivotSet file: {e}") from None
+        ok = (
+            isinstance(layout, dict)
+            and isinstance(layout.get("names"), list)
+            and isinstance(layout.get("shapes"), list)
+            and all(isinstance(n, str) for n in layout["names"])
+            and all(isinstance(sh, list) and all(type(d) is int for d in sh) for sh in layout["shapes"])
+        )
+        if not ok:
+            raise PivotError(f"{path}: its layout metadata is not a list of names and integer shapes")
+        if offsets.dtype != torch.int64:
+            raise PivotError(f"{path}: offsets are {offsets.dtype}, a PivotSet file stores int64")
         return cls(layout["names"], layout["shapes"], offsets, indices.to(device))
 
     # ---- comparison / display ----------------------------------------------------------------------------------

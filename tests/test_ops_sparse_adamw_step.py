@@ -9,6 +9,7 @@ import torch
 from _op_cases import AWKWARD_SHAPES, REALISTIC_SHAPES, backend_params, randn, strided_view, use_backend
 from tolerances import ADAMW_FP32
 
+from ppt_fast import PivotError
 from ppt_fast.ops import sparse_adamw_step
 
 OP = "sparse_adamw_step"
@@ -222,10 +223,12 @@ def test_opcheck(backend, device):
         scale, inf = torch.tensor([2.0], device=dev), torch.tensor([0.0], device=dev)
         args = (case.params, grads, case.offsets, case.indices, case.exp_avg, case.exp_avg_sq, case.master, None)
         hyper = tuple(HYPER[n] for n in ("lr", "beta1", "beta2", "eps", "weight_decay"))
-        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, (*args, scale, inf, *hyper, 1))
+        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, (*args, scale, inf, None, None, *hyper, 1))
+        coef, flag = torch.tensor([0.5], device=dev), torch.zeros(1, device=dev)
+        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, (*args, None, None, coef, flag, *hyper, 2))
         piv = case.gather(grads)
         args = (case.params, [], case.offsets, case.indices, case.exp_avg, case.exp_avg_sq, case.master, piv)
-        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, (*args, None, None, *hyper, 2))
+        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, (*args, None, None, None, None, *hyper, 3))
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -264,7 +267,7 @@ def test_bad_inputs_raise_clear_errors():
         call(grads=[g[0], g[1].reshape(-1)])
     with pytest.raises(ValueError, match=r"params \[1\] are torch.bfloat16 and need an fp32 master"):
         call(params=[p[0], p[1].bfloat16()])
-    with pytest.raises(ValueError, match=r"tensor 1 has \d+ pivots but params\[1\] only 2"):
+    with pytest.raises(PivotError, match=r"tensor 'params\[1\]' is outside \[0, 2\)"):
         call(params=[p[0], torch.zeros(2)], grads=[g[0], torch.zeros(2)])
     with pytest.raises(ValueError, match=r"params\[0\] is not contiguous"):
         call(params=[torch.zeros(20)[::2], p[1]])
@@ -275,14 +278,57 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpp"])
-def test_cpp_rejects_out_of_range_indices_before_writing(backend, device):
+def test_cpp_kernel_never_writes_outside_a_parameter(backend, device):
+    """The raw private kernel, handed an index past the end of params[1] (whose storage continues into a
+    neighbour): the checked step refuses before writing anything; the single pass skips that pivot, so the
+    neighbour stays bitwise unchanged while the valid pivots update."""
+    storage = torch.randn(10 + 16 + 8)
+    params = [storage[:10], storage[10:26].view(4, 4)]
+    neighbour = storage[26:].clone()
     case = Case([(10,), (4, 4)], [torch.float32, torch.float32], torch.device("cpu"), density=0.3)
     bad = case.indices.clone()
-    bad[-1] = 16  # one past the end of params[1]
-    saved = [t.clone() for t in case.params]
-    with pytest.raises(RuntimeError, match=r"reach outside params\[1\]"):
+    bad[-1] = 16 + 3  # lands in the neighbour, three entries past the end of params[1]
+    saved = storage.clone()
+    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
+    with pytest.raises(RuntimeError, match=r"reach outside params\[1\].*nothing was written"):
         torch.ops.ppt_fast._sparse_adamw_step_cpp(
-            case.params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None,
-            1e-3, 0.9, 0.999, 1e-8, 0.0, 1,
+            params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None, None,
+            torch.zeros(1), *hyper,
         )  # fmt: skip
-    assert all(torch.equal(a, b) for a, b in zip(case.params, saved))
+    assert torch.equal(storage, saved)
+    torch.ops.ppt_fast._sparse_adamw_step_cpp(
+        params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None, None, None,
+        *hyper,
+    )  # fmt: skip
+    assert torch.equal(storage[26:], neighbour)
+    assert not torch.equal(storage[:26], saved[:26])  # the valid pivots did update
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bad_index", ["numel", "minus_one", "int32_max", "unsorted", "duplicate"])
+def test_every_backend_refuses_invalid_raw_indices(backend, device, bad_index):
+    """The functional op with hand-made indices (no PivotSet): every backend refuses them with PivotError before any
+    kernel runs, and nothing is written."""
+    with use_backend(OP, backend, device) as dev:
+        case = Case([(10,), (4, 4)], [torch.float32, torch.float32], dev, density=0.4)
+        bad = case.indices.clone()
+        lo = case.offsets[1]
+        bad[-1] = {"numel": 16, "minus_one": -1, "int32_max": 2**31 - 1}.get(bad_index, bad[-1])
+        if bad_index == "unsorted":
+            bad[lo], bad[lo + 1] = case.indices[lo + 1], case.indices[lo]
+        if bad_index == "duplicate":
+            bad[lo + 1] = bad[lo]
+        saved = [t.clone() for t in case.params]
+        with pytest.raises(PivotError, match=r"params\[1\]"):
+            sparse_adamw_step(
+                case.params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, step=1, lr=1e-3
+            )
+        assert all(torch.equal(a, b) for a, b in zip(case.params, saved))
+        # the mark of a check is dropped by an in-place change: corrupting checked indices is caught too
+        good = case.indices.clone()
+        sparse_adamw_step(case.params, _grads(case), case.offsets, good, case.exp_avg, case.exp_avg_sq, step=1, lr=1e-3)
+        good[-1] = 16
+        with pytest.raises(PivotError):
+            sparse_adamw_step(
+                case.params, _grads(case), case.offsets, good, case.exp_avg, case.exp_avg_sq, step=2, lr=1e-3
+            )

@@ -134,8 +134,9 @@ def test_matches_float64_adamw_and_leaves_nonpivots(gather_in_backward):
     assert_nonpivots_unchanged(model, before, ps)
 
 
-def test_dense_gradient_path_equals_gathered_path():
-    """nonfinite="ignore" hands the dense grads to the op (it gathers inside); the default gathers first."""
+def test_checked_step_equals_unchecked_step():
+    """Both policies hand the dense grads to the op (it gathers inside its launch); the default's two-phase checked
+    step must update exactly as the single unchecked pass does."""
     model = Tiny()
     ps = random_pivots(model, 0.2)
     other = copy.deepcopy(model)
@@ -147,7 +148,7 @@ def test_dense_gradient_path_equals_gathered_path():
             o.zero_grad()
             loss_fn(m, x, y).backward()
             o.step()
-    assert b._group_input(0, True)[0] == "dense" and a._group_input(0, False)[0] == "pivot"
+    assert b._group_input(0)[0] == "dense" and a._group_input(0)[0] == "dense"
     for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
         assert torch.equal(p, q), n
 
@@ -380,25 +381,49 @@ def test_gradscaler_unscales_and_skips_overflow(explicit_unscale):
 
 
 def test_clip_grad_norm_over_pivots_only():
+    """The norm is over the pivots alone, in one fused pass; the coefficient is applied inside the step (p.grad is
+    left as it is), so clip + step equals a step on gradients scaled by hand; clipping twice composes."""
     model = Tiny()
     ps = random_pivots(model, 0.2)
+    other = copy.deepcopy(model)
     opt = SparseAdamW(model, ps, lr=1e-2)
+    ref_opt = SparseAdamW(other, ps, lr=1e-2)
     x, y = batch()
     loss_fn(model, x, y).backward()
+    loss_fn(other, x, y).backward()
     g = pivot_grads(model, ps)
     expected = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g.values()))
     dense_norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
     assert dense_norm > expected * 1.01  # the test can tell the two norms apart
     total = opt.clip_grad_norm_(expected / 4)
     assert math.isclose(float(total), expected, rel_tol=1e-5)
-    g2 = pivot_grads(model, ps)
-    clipped = math.sqrt(sum(float(v.double().pow(2).sum()) for v in g2.values()))
-    assert math.isclose(clipped, expected / 4, rel_tol=1e-4)
-    assert float(opt.clip_grad_norm_(1e6)) == pytest.approx(clipped, rel=1e-5)  # under the limit: unchanged
-    assert math.isclose(
-        math.sqrt(sum(float(v.double().pow(2).sum()) for v in pivot_grads(model, ps).values())), clipped, rel_tol=1e-6
-    )
+    assert all(torch.equal(v, w) for v, w in zip(g.values(), pivot_grads(model, ps).values()))  # p.grad untouched
+    # a second call sees the clipped norm, and a limit above it changes nothing
+    assert float(opt.clip_grad_norm_(1e6)) == pytest.approx(expected / 4, rel=1e-5)
+    coef = (expected / 4) / (float(total) + 1e-6)
+    for p in other.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef)
+    opt.step()
+    ref_opt.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)  # the coefficient rounds once vs twice
+    assert opt._clip_coef is None  # used by the step, not carried into the next one
 
+
+def test_clip_coefficient_dropped_by_zero_grad_and_norm_types():
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    loss_fn(model, *batch()).backward()
+    g = torch.cat([v.reshape(-1) for v in pivot_grads(model, ps).values()]).double()
+    for norm_type in (1.0, 2.0, 3.0, math.inf):
+        assert float(opt.clip_grad_norm_(1e9, norm_type)) == pytest.approx(
+            float(torch.linalg.vector_norm(g, norm_type)), rel=1e-5
+        )
+    opt.clip_grad_norm_(1e-3)
+    opt.zero_grad()
+    assert opt._clip_coef is None
 
 def test_nan_gradients_skip_with_warning_or_raise(caplog):
     model = Tiny()
@@ -423,6 +448,78 @@ def test_nan_gradients_skip_with_warning_or_raise(caplog):
     model.mid.weight.grad.view(-1)[nonpivot] = float("nan")
     opt.step()
     assert opt.skipped_steps == 1 and opt._gstate[0]["step"] == 1
+
+
+@pytest.mark.parametrize("gather_in_backward", [False, True])
+def test_deferred_flag_reading_matches_immediate(gather_in_backward, caplog):
+    """The GPU path (the skip flag read at the start of the next step, no host sync), run on CPU tensors: over a run
+    with a NaN at step 2 and clipping every step it ends bitwise where the immediate path ends, with the same step
+    count and skipped_steps; the warning comes one step late."""
+    runs = []
+    for deferred in (False, True):
+        torch.manual_seed(5)
+        model = Tiny()
+        ps = random_pivots(model, 0.3)
+        opt = SparseAdamW(model, ps, lr=1e-2, gather_in_backward=gather_in_backward)
+        opt._defer_on_cpu = deferred
+        torch.manual_seed(6)
+        for i in range(4):
+            opt.zero_grad()
+            loss_fn(model, *batch()).backward()
+            if i == 1:
+                if gather_in_backward:
+                    opt._buffers[0][3] = float("nan")
+                else:
+                    model.mid.weight.grad.view(-1)[ps.indices_of("mid.weight")[0].long()] = float("nan")
+            opt.clip_grad_norm_(0.5)
+            with caplog.at_level(logging.WARNING, logger="ppt_fast.optim"):
+                opt.step()
+            if i == 1:
+                assert ("step skipped" in caplog.text) != deferred
+                assert opt._gstate[0]["step"] == (2 if deferred else 1)  # given back when the flag is read
+        runs.append((snapshot(model), opt.skipped_steps, opt._gstate[0]["step"], opt._gstate[0]["exp_avg"].clone()))
+        caplog.clear()
+    (a, sa, ka, ma), (b, sb, kb, mb) = runs
+    assert sa == sb == 1 and ka == kb == 3
+    assert torch.equal(ma, mb)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_several_param_groups_skip_together_and_match_one_group():
+    """With two groups, a NaN in the second leaves the first untouched too (every group is checked first); finite
+    steps match the one-group optimizer exactly."""
+    model = Tiny()
+    ps = random_pivots(model, 0.3)
+    other = copy.deepcopy(model)
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2]}, {"params": named[2:]}]
+    two = SparseAdamW(groups, ps, lr=1e-2)
+    one = SparseAdamW(other, ps, lr=1e-2)
+    x, y = batch()
+    for o, m in ((two, model), (one, other)):
+        loss_fn(m, x, y).backward()
+        o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n
+    before = snapshot(model)
+    two.zero_grad()
+    loss_fn(model, x, y).backward()
+    last, param = named[-1]
+    assert ps.indices_of(last).numel()  # a pivot in the second group to poison
+    param.grad.view(-1)[ps.indices_of(last)[0].long()] = float("nan")
+    two.step()
+    assert two.skipped_steps == 1 and [st["step"] for st in two._gstate] == [1, 1]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_eps_must_be_positive():
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    for eps in (0.0, -1e-8, float("nan")):
+        with pytest.raises(ValueError, match="eps=.* must be a finite number > 0"):
+            SparseAdamW(model, ps, eps=eps)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        SparseAdamW([{"params": list(model.named_parameters()), "eps": 0.0}], ps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def test_sparse_adamw_step_matches_reference(dtypes, variant):
     ref = _clone([params, m, v, master])
     for step in (1, 2, 3):
         args = (offsets, indices)
-        tail = (pivot_grads, grad_scale, found_inf, *HYPER.values(), step)
+        tail = (pivot_grads, grad_scale, found_inf, None, None, *HYPER.values(), step)
         sparse_adamw_step_triton(mine[0], grad_list, *args, mine[1], mine[2], mine[3], *tail, tile=16)
         _sparse_adamw_step_ref(ref[0], grad_list, *args, ref[1], ref[2], ref[3], *tail)
     for got, want, p0, pivot in zip(mine[0], ref[0], before, _pivot_mask(params, offsets, indices)):
@@ -329,7 +329,7 @@ def test_sparse_adamw_step_several_steps_vs_fp64_adamw():
     for step in range(1, 6):
         pivot_grads = _rand((k,), torch.float32)
         sparse_adamw_step_triton(
-            params, [], offsets, indices, m, v, master, pivot_grads, None, None, *HYPER.values(), step, tile=32
+            params, [], offsets, indices, m, v, master, pivot_grads, *([None] * 4), *HYPER.values(), step, tile=32
         )
         theta64.grad = pivot_grads.double().cpu()
         opt.step()
@@ -350,8 +350,8 @@ def test_sparse_adamw_step_small_beta1_uses_lerp_from_end():
     params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 60])
     hyper = dict(HYPER, beta1=0.2)
     ref = _clone([params, m, v])
-    sparse_adamw_step_triton(params, grads, offsets, indices, m, v, None, None, None, None, *hyper.values(), 2)
-    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None, *hyper.values(), 2)
+    sparse_adamw_step_triton(params, grads, offsets, indices, m, v, *([None] * 6), *hyper.values(), 2)
+    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], *([None] * 6), *hyper.values(), 2)
     for got, want in zip(params + [m, v], ref[0] + ref[1:]):
         torch.testing.assert_close(got, want, **tol(torch.float32))
 
@@ -364,7 +364,8 @@ def test_sparse_adamw_step_found_inf_skips_everything():
     found_inf = torch.ones(1, device=DEVICE)
     grad_scale = torch.full((1,), 65536.0, device=DEVICE)
     sparse_adamw_step_triton(
-        params, grads, offsets, indices, m, v, master, None, grad_scale, found_inf, *HYPER.values(), 1, tile=16
+        params, grads, offsets, indices, m, v, master, None, grad_scale, found_inf, None, None, *HYPER.values(), 1,
+        tile=16,
     )
     for got, want in zip(params + [m, v, master], before[0] + before[1:]):
         assert torch.equal(got, want)
@@ -375,7 +376,7 @@ def test_sparse_adamw_step_public_op():
     ref = _clone([params, m, v])
     with _backend.force("triton"):
         ppt_fast.sparse_adamw_step(params, grads, offsets, indices, m, v, step=4, **HYPER)
-    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None, *HYPER.values(), 4)
+    _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], *([None] * 6), *HYPER.values(), 4)
     for got, want in zip(params + [m, v], ref[0] + ref[1:]):
         torch.testing.assert_close(got, want, **tol(torch.float32))
 
@@ -388,15 +389,92 @@ def test_sparse_adamw_step_reuses_tables_across_steps():
     params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 9])
     ref = _clone([params, m, v])
     for step in (1, 2):
-        sparse_adamw_step_triton(params, grads, offsets, indices, m, v, None, None, None, None, *HYPER.values(), step)
-        _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], None, None, None, None,
-                               *HYPER.values(), step)  # fmt: skip
+        sparse_adamw_step_triton(params, grads, offsets, indices, m, v, *([None] * 6), *HYPER.values(), step)
+        _sparse_adamw_step_ref(ref[0], grads, offsets, indices, ref[1], ref[2], *([None] * 6), *HYPER.values(), step)
         if step == 1:
             tables = dict(_utils._block_tables._items)
     assert dict(_utils._block_tables._items).keys() == tables.keys()
     assert all(_utils._block_tables._items[key] is value for key, value in tables.items())
     for got, want in zip(params, ref[0]):
         torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("variant", ["dense", "pivot_grads", "fp16_master"])
+def test_sparse_adamw_step_checked_with_coef_matches_reference(variant):
+    """The checked step (gather + check launch, then the update from the scratch) with a clipping coefficient and a
+    grad scale, against the reference; a NaN at one pivot then leaves everything untouched and raises the flag."""
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    dtypes = (torch.float16, torch.float32, torch.float16, torch.float16) if variant == "fp16_master" else None
+    params, grads, offsets, indices, m, v, master = _pivot_problem(dtypes or (torch.float32,) * 4, [1, 20, 0, 50])
+    pivot_grads, grad_list = None, grads
+    if variant == "pivot_grads":
+        pivot_grads = torch.cat([g.reshape(-1)[indices[a:b].long()] for g, a, b in zip(grads, offsets, offsets[1:])])
+        grad_list = []
+    scale, coef = torch.tensor([4.0], device=DEVICE), torch.tensor([0.37], device=DEVICE)
+    mine, ref = _clone([params, m, v, master]), _clone([params, m, v, master])
+    flags = [torch.zeros(1, device=DEVICE), torch.zeros(1, device=DEVICE)]
+    for step in (1, 2):
+        tail = (pivot_grads, scale, None, coef)
+        sparse_adamw_step_triton(mine[0], grad_list, offsets, indices, *mine[1:], *tail, flags[0], *HYPER.values(),
+                                 step, tile=16)  # fmt: skip
+        _sparse_adamw_step_ref(ref[0], grad_list, offsets, indices, *ref[1:], *tail, flags[1], *HYPER.values(), step)
+    assert float(flags[0]) == float(flags[1]) == 0.0
+    for got, want in zip(mine[0] + mine[1:], ref[0] + ref[1:]):
+        if want is not None:
+            torch.testing.assert_close(got, want, **tol(got.dtype))
+    if pivot_grads is not None:
+        pivot_grads[-1] = float("inf")
+    else:
+        grads[-1].view(-1)[indices[-1].long()] = float("nan")
+    before = _clone(mine)
+    sparse_adamw_step_triton(mine[0], grad_list, offsets, indices, *mine[1:], pivot_grads, scale, None, coef, flags[0],
+                             *HYPER.values(), 3, tile=16)  # fmt: skip
+    assert float(flags[0]) == 1.0
+    for got, want in zip(mine[0] + mine[1:], before[0] + before[1:]):
+        if want is not None:
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_sparse_adamw_step_masks_indices_outside_the_tensor(checked):
+    """The raw launcher (no Python checks) given an index past the end of params[0] and one of -1: the neighbour
+    in the same storage stays bitwise unchanged (before the mask, index 20 of a 16-entry tensor changed it)."""
+    from ppt_fast.kernels.triton.sparse_adamw_step import sparse_adamw_step_triton
+
+    storage = _rand((16 + 40 + 8,), torch.float32)
+    params = [storage[:16], storage[16:56]]
+    grads = [_rand((16,), torch.float32), _rand((40,), torch.float32)]
+    indices = torch.tensor([2, 5, 20, 1, 7, -1], dtype=torch.int32, device=DEVICE)  # 20: in params[1]'s storage
+    offsets = [0, 3, 6]
+    saved = storage.clone()
+    m, v = torch.zeros(6, device=DEVICE), torch.zeros(6, device=DEVICE)
+    flag = torch.zeros(1, device=DEVICE) if checked else None
+    sparse_adamw_step_triton(params, grads, offsets, indices, m, v, None, None, None, None, None, flag,
+                             *HYPER.values(), 1, tile=16)  # fmt: skip
+    changed = (storage != saved).nonzero().reshape(-1).tolist()
+    assert set(changed) == {2, 5, 16 + 1, 16 + 7}  # the four valid pivots and nothing else
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0])
+@pytest.mark.parametrize("gathered", [False, True])
+def test_pivot_grad_norm_matches_reference(norm_type, gathered):
+    from ppt_fast.kernels.triton.pivot_grad_norm import pivot_grad_norm_triton
+    from ppt_fast.ops.pivot_grad_norm import _pivot_grad_norm_ref
+
+    dtypes = (torch.float16, torch.float32, torch.float32, torch.float16)
+    params, grads, offsets, indices, *_ = _pivot_problem(dtypes, [1, 20, 0, 50])
+    pg = None
+    if gathered:
+        pg = torch.cat([g.reshape(-1)[indices[a:b].long()].float() for g, a, b in zip(grads, offsets, offsets[1:])])
+    got = pivot_grad_norm_triton([] if gathered else grads, offsets, indices, pg, norm_type, tile=16)
+    want = _pivot_grad_norm_ref(grads, offsets, indices, pg, norm_type)
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0.0)  # fp32 tile partials vs fp64 accumulation
+    for bad, expect in ((float("inf"), math.inf), (float("nan"), None)):
+        g2 = [g.clone() for g in grads]
+        g2[1].view(-1)[indices[offsets[1]].long()] = bad
+        got = float(pivot_grad_norm_triton(g2, offsets, indices, None, norm_type, tile=16))
+        assert (got == expect) if expect is not None else math.isnan(got)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -418,7 +496,11 @@ def test_opcheck_select_pivots_packed():
 
 def test_opcheck_sparse_adamw_step():
     params, grads, offsets, indices, m, v, _ = _pivot_problem((torch.float32,) * 2, [1, 11])
-    args = (params, grads, offsets, indices, m, v, None, None, None, None, *HYPER.values(), 1)
+    args = (params, grads, offsets, indices, m, v, None, None, None, None, None, None, *HYPER.values(), 1)
+    with _backend.force("triton"):
+        torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, args)
+    coef, flag = torch.tensor([0.25], device=DEVICE), torch.zeros(1, device=DEVICE)
+    args = (params, grads, offsets, indices, m, v, None, None, None, None, coef, flag, *HYPER.values(), 2)
     with _backend.force("triton"):
         torch.library.opcheck(torch.ops.ppt_fast.sparse_adamw_step.default, args)
 
@@ -430,7 +512,8 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ppt_fast.kernels.triton import select_pivots as P, sensitivity_accumulate as S, sparse_adamw_step as A
+from ppt_fast.kernels.triton import pivot_grad_norm as N, select_pivots as P, sensitivity_accumulate as S
+from ppt_fast.kernels.triton import sparse_adamw_step as A
 
 def compile(fn, sig, const, warps):
     sig = {**sig, **{k: "constexpr" for k in const}}
@@ -455,12 +538,25 @@ compile(P._compact_kernel, {**sel, "blk_out": "*i64", "blk_eq_before": "*i64", "
         steps, P._WARPS_GPU)
 sig = {"param_tab": "*i64", "grad_tab": "*i64", "p_like": "*bf16", "g_like": "*bf16", "pivot_grads": "*bf16",
        "blk_tid": "*i32", "blk_start": "*i64", "offsets": "*i64", "indices": "*i32", "exp_avg": "*fp32",
-       "exp_avg_sq": "*fp32", "master": "*fp32", "grad_scale": "*fp32", "found_inf": "*fp32",
+       "exp_avg_sq": "*fp32", "master": "*fp32", "grad_scale": "*fp32", "found_inf": "*fp32", "grad_coef": "*fp32",
+       "nonfinite": "*fp32", "numel_tab": "*i64",
        **{k: "fp32" for k in ("decay", "m_weight", "beta2", "v_weight", "eps", "neg_step_size",
                               "bias_correction2_sqrt")}}
 for flags in (True, False):
     compile(A._sparse_adamw_step_kernel, sig, {"PIVOT_GRADS": flags, "HAS_MASTER": flags, "HAS_SCALE": flags,
-            "HAS_FOUND_INF": flags, "LERP_FROM_END": not flags, "TILE": A._TILE_GPU}, A._WARPS_GPU)
+            "HAS_FOUND_INF": flags, "HAS_COEF": flags, "SKIP_ON_FLAG": flags, "LERP_FROM_END": not flags,
+            "TILE": A._TILE_GPU}, A._WARPS_GPU)
+sig = {"grad_tab": "*i64", "g_like": "*bf16", "pivot_grads": "*bf16", "blk_tid": "*i32", "blk_start": "*i64",
+       "offsets": "*i64", "indices": "*i32", "numel_tab": "*i64", "out": "*fp32", "grad_scale": "*fp32",
+       "found_inf": "*fp32", "grad_coef": "*fp32", "nonfinite": "*fp32"}
+for flags in (True, False):
+    compile(A._gather_check_kernel, sig, {"PIVOT_GRADS": flags, "HAS_SCALE": flags, "HAS_FOUND_INF": flags,
+            "HAS_COEF": flags, "TILE": A._TILE_GPU}, A._WARPS_GPU)
+sig = {"grad_tab": "*i64", "g_like": "*fp16", "pivot_grads": "*fp32", "blk_tid": "*i32", "blk_start": "*i64",
+       "offsets": "*i64", "indices": "*i32", "numel_tab": "*i64", "partial": "*fp32", "bad": "*i32", "p": "fp32"}
+for kind in range(4):
+    compile(N._pivot_grad_norm_kernel, sig, {"PIVOT_GRADS": kind == 1, "KIND": kind, "TILE": N._TILE_GPU},
+            N._WARPS_GPU)
 print("compiled")
 """
 

@@ -23,11 +23,20 @@ void sparse_adamw_step_cpp(
     const std::optional<at::Tensor>& pivot_grads,
     const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& grad_coef,
+    const std::optional<at::Tensor>& nonfinite,
     double lr,
     double beta1,
     double beta2,
     double eps,
     double weight_decay,
     int64_t step);
+
+at::Tensor pivot_grad_norm_cpp(
+    at::TensorList grads,
+    at::IntArrayRef offsets,
+    const at::Tensor& indices,
+    const std::optional<at::Tensor>& pivot_grads,
+    double norm_type);
 
 }  // namespace ppt_fast

@@ -6,6 +6,14 @@
 // buffer, do the AdamW math on contiguous fp32 arrays (this part vectorizes: sqrt and div dominate it), then
 // scatter θ back. Numerics follow torch.optim.AdamW's order of operations in fp32, with the scalar
 // coefficients computed in double and rounded once to fp32, as the PyTorch reference does.
+//
+// With a `nonfinite` flag the step runs in two phases: phase 1 gathers every pivot gradient (unscaled and clipped)
+// into an fp32 scratch [k] and looks for inf/NaN; only when there is none does phase 2 update from the scratch.
+// So a bad gradient anywhere leaves every m, v, θ untouched, at the price of 8 B per pivot of scratch traffic
+// (next to the ~100 B per pivot of scattered sectors, a few per cent).
+//
+// An index outside its tensor is never dereferenced: phase 1 refuses the call, the single pass skips the pivot.
+// (The Python op refuses such indices before calling here; this is defence in depth, and costs one compare.)
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -34,6 +42,8 @@ struct Coeffs {
   float neg_step_size;  // -lr / (1 - beta1^step)
   bool has_scale;
   float grad_scale;
+  bool has_coef;
+  float grad_coef;  // the clipping coefficient, applied after the unscale
 };
 
 struct Chunk {
@@ -45,9 +55,12 @@ struct Chunk {
 // DENSE: the gradient is gathered from grads[i] at the pivot's index; otherwise read from pivot_grads[j].
 template <typename P, typename G, bool DENSE, bool MASTER>
 void step_chunk(P* __restrict__ param, const G* __restrict__ grad, const int32_t* __restrict__ idx,
-                float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t n, const Coeffs& c) {
+                float* __restrict__ m, float* __restrict__ v, float* __restrict__ master, int64_t n, int64_t numel,
+                const Coeffs& c) {
   float g[kBlock];
   float theta[kBlock];
+  bool in[kBlock];
+  const uint32_t size = static_cast<uint32_t>(numel);
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t nb = std::min(kBlock, n - b0);
     const int32_t* ib = idx + b0;
@@ -57,14 +70,22 @@ void step_chunk(P* __restrict__ param, const G* __restrict__ grad, const int32_t
     for (int64_t j = 0; j < nb; ++j) {
       if (j + kPrefetch < nb + ahead) {
         const int32_t far = ib[j + kPrefetch];
-        if constexpr (DENSE) {
-          __builtin_prefetch(grad + far, 0, 0);
+        if (static_cast<uint32_t>(far) < size) {
+          if constexpr (DENSE) {
+            __builtin_prefetch(grad + far, 0, 0);
+          }
+          __builtin_prefetch(param + far, 1, 0);
         }
-        __builtin_prefetch(param + far, 1, 0);
       }
-      g[j] = load_f32(DENSE ? grad[ib[j]] : grad[b0 + j]);
+      // Negative indices wrap to huge unsigned values, so one compare bounds both ends.
+      in[j] = static_cast<uint32_t>(ib[j]) < size;
+      if constexpr (DENSE) {
+        g[j] = in[j] ? load_f32(grad[ib[j]]) : 0.0f;
+      } else {
+        g[j] = load_f32(grad[b0 + j]);
+      }
       if constexpr (!MASTER) {
-        theta[j] = load_f32(param[ib[j]]);
+        theta[j] = in[j] ? load_f32(param[ib[j]]) : 0.0f;
       }
     }
     if constexpr (MASTER) {
@@ -78,6 +99,9 @@ void step_chunk(P* __restrict__ param, const G* __restrict__ grad, const int32_t
       float gj = g[j];
       if (c.has_scale) {
         gj = gj / c.grad_scale;  // a true division, as GradScaler's unscale in the reference
+      }
+      if (c.has_coef) {
+        gj = gj * c.grad_coef;
       }
       float t = theta[j] * c.decay;
       const float mj = c.lerp_small ? mb[j] + c.lerp_weight * (gj - mb[j])
@@ -95,17 +119,74 @@ void step_chunk(P* __restrict__ param, const G* __restrict__ grad, const int32_t
       }
     }
     for (int64_t j = 0; j < nb; ++j) {
-      param[ib[j]] = store_from_f32<P>(theta[j]);
+      if (in[j]) {
+        param[ib[j]] = store_from_f32<P>(theta[j]);
+      }
     }
   }
 }
 
-using ChunkFn = void (*)(void*, const void*, const int32_t*, float*, float*, float*, int64_t, const Coeffs&);
+using ChunkFn = void (*)(void*, const void*, const int32_t*, float*, float*, float*, int64_t, int64_t,
+                         const Coeffs&);
 
 template <typename P, typename G, bool DENSE, bool MASTER>
 void step_chunk_erased(void* param, const void* grad, const int32_t* idx, float* m, float* v, float* master,
-                       int64_t n, const Coeffs& c) {
-  step_chunk<P, G, DENSE, MASTER>(static_cast<P*>(param), static_cast<const G*>(grad), idx, m, v, master, n, c);
+                       int64_t n, int64_t numel, const Coeffs& c) {
+  step_chunk<P, G, DENSE, MASTER>(static_cast<P*>(param), static_cast<const G*>(grad), idx, m, v, master, n, numel,
+                                  c);
+}
+
+// Phase 1 of the checked step: out[j] = grad at pivot j, unscaled and clipped, in fp32. Returns 1 when a value is
+// inf/NaN, 2 when an index lies outside its tensor (then nothing may be written), else 0.
+template <typename G, bool DENSE>
+int gather_chunk(const G* __restrict__ grad, const int32_t* __restrict__ idx, float* __restrict__ out, int64_t n,
+                 int64_t numel, const Coeffs& c) {
+  const uint32_t size = static_cast<uint32_t>(numel);
+  bool outside = false;
+  float bad = 0.0f;  // g * 0 is 0 for finite g and NaN for inf/NaN: one multiply-add per pivot, no branch
+  for (int64_t j = 0; j < n; ++j) {
+    float g;
+    if constexpr (DENSE) {
+      if (j + kPrefetch < n && static_cast<uint32_t>(idx[j + kPrefetch]) < size) {
+        __builtin_prefetch(grad + idx[j + kPrefetch], 0, 0);
+      }
+      const bool in = static_cast<uint32_t>(idx[j]) < size;
+      outside |= !in;
+      g = in ? load_f32(grad[idx[j]]) : 0.0f;
+    } else {
+      g = load_f32(grad[j]);
+    }
+    if (c.has_scale) {
+      g = g / c.grad_scale;
+    }
+    if (c.has_coef) {
+      g = g * c.grad_coef;
+    }
+    out[j] = g;
+    bad += g * 0.0f;
+  }
+  return outside ? 2 : (bad != bad ? 1 : 0);
+}
+
+using GatherFn = int (*)(const void*, const int32_t*, float*, int64_t, int64_t, const Coeffs&);
+
+template <typename G, bool DENSE>
+int gather_chunk_erased(const void* grad, const int32_t* idx, float* out, int64_t n, int64_t numel,
+                        const Coeffs& c) {
+  return gather_chunk<G, DENSE>(static_cast<const G*>(grad), idx, out, n, numel, c);
+}
+
+GatherFn pick_gather(c10::ScalarType grad_dtype, bool dense) {
+  switch (grad_dtype) {
+    case at::kFloat:
+      return dense ? &gather_chunk_erased<float, true> : &gather_chunk_erased<float, false>;
+    case at::kHalf:
+      return dense ? &gather_chunk_erased<c10::Half, true> : &gather_chunk_erased<c10::Half, false>;
+    case at::kBFloat16:
+      return dense ? &gather_chunk_erased<c10::BFloat16, true> : &gather_chunk_erased<c10::BFloat16, false>;
+    default:
+      TORCH_CHECK(false, "ppt_fast: gradients must be float32, float16 or bfloat16, got ", grad_dtype);
+  }
 }
 
 template <typename P, typename G>
@@ -162,6 +243,7 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
                            const at::Tensor& indices, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                            const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& pivot_grads,
                            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                           const std::optional<at::Tensor>& grad_coef, const std::optional<at::Tensor>& nonfinite,
                            double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n_tensors + 1, "ppt_fast: offsets has ", offsets.size(),
@@ -188,6 +270,9 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
     TORCH_CHECK(pg.device().is_cpu() && pg.dim() == 1 && pg.numel() == k, "ppt_fast: pivot_grads must be a CPU tensor "
                 "of shape [", k, "], got ", pg.sizes());
   }
+  if (nonfinite.has_value()) {
+    (void)scalar_value(*nonfinite, "nonfinite");
+  }
   if (found_inf.has_value() && scalar_value(*found_inf, "found_inf") != 0.0f) {
     return;  // GradScaler found inf/NaN gradients: skip the whole step, write nothing
   }
@@ -206,9 +291,11 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
   c.neg_step_size = static_cast<float>(-(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))));
   c.has_scale = grad_scale.has_value();
   c.grad_scale = c.has_scale ? scalar_value(*grad_scale, "grad_scale") : 1.0f;
+  c.has_coef = grad_coef.has_value();
+  c.grad_coef = c.has_coef ? scalar_value(*grad_coef, "grad_coef") : 1.0f;
 
   std::vector<at::Tensor> g_keep;
-  std::vector<ChunkFn> fns(n_tensors, nullptr);
+  std::vector<int64_t> numels(n_tensors, 0);
   std::vector<Chunk> chunks;
   chunks.reserve(static_cast<size_t>(k / kChunk + n_tensors));
   for (int64_t i = 0; i < n_tensors; ++i) {
@@ -221,49 +308,84 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
                 p.numel(), " entries");
     TORCH_CHECK(master.has_value() || p.scalar_type() == at::kFloat || lo == hi, "ppt_fast: params[", i, "] is ",
                 p.scalar_type(), " and needs an fp32 master copy of its pivots (pass master=)");
+    numels[i] = p.numel();
     if (dense) {
       TORCH_CHECK(grads[i].sizes() == p.sizes() && grads[i].device().is_cpu(), "ppt_fast: grads[", i,
                   "] must be a CPU tensor shaped like params[", i, "] ", p.sizes(), ", got ", grads[i].sizes());
       g_keep.push_back(grads[i].contiguous());
     }
-    fns[i] = pick(p.scalar_type(), dense ? g_keep.back().scalar_type() : pg.scalar_type(), dense,
-                  master.has_value());
     for (int64_t b = lo; b < hi; b += kChunk) {
       chunks.push_back({i, b, std::min(b + kChunk, hi)});
     }
   }
 
   const int32_t* idx = indices.const_data_ptr<int32_t>();
-  // Validate every index before anything is written: an out-of-range index would corrupt memory, and a half-done
-  // step cannot be undone.
-  std::vector<char> bad(chunks.size(), 0);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ci = begin; ci < end; ++ci) {
-      const uint32_t n = static_cast<uint32_t>(params[chunks[ci].tensor].numel());
-      bool any_bad = false;
-      for (int64_t j = chunks[ci].begin; j < chunks[ci].end; ++j) {
-        any_bad |= static_cast<uint32_t>(idx[j]) >= n;
-      }
-      bad[ci] = any_bad;
-    }
-  });
-  for (size_t ci = 0; ci < chunks.size(); ++ci) {
-    TORCH_CHECK(!bad[ci], "ppt_fast: indices of tensor ", chunks[ci].tensor, " reach outside params[",
-                chunks[ci].tensor, "] (", params[chunks[ci].tensor].numel(),
-                " entries): the PivotSet was built for other tensors");
-  }
-
   float* m = exp_avg.data_ptr<float>();
   float* v = exp_avg_sq.data_ptr<float>();
   float* ms = master.has_value() ? master->data_ptr<float>() : nullptr;
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+
+  if (nonfinite.has_value()) {
+    // Phase 1: gather + check into the scratch; nothing outside the scratch is written.
+    at::Tensor scratch = at::empty({k}, exp_avg.options());
+    float* sc = scratch.data_ptr<float>();
+    const char* pg_base = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
+    const int64_t pg_size = dense ? 0 : pg.element_size();
+    std::vector<GatherFn> gfns(n_tensors, nullptr);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+      gfns[i] = pick_gather(dense ? g_keep[i].scalar_type() : pg.scalar_type(), dense);
+    }
+    std::vector<int> verdict(chunks.size(), 0);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ci = begin; ci < end; ++ci) {
+        const Chunk& ch = chunks[ci];
+        const void* grad = dense ? g_keep[ch.tensor].const_data_ptr() : pg_base + ch.begin * pg_size;
+        verdict[ci] = gfns[ch.tensor](grad, idx + ch.begin, sc + ch.begin, ch.end - ch.begin, numels[ch.tensor], c);
+      }
+    });
+    bool any_nonfinite = false;
+    for (int64_t ci = 0; ci < n_chunks; ++ci) {
+      TORCH_CHECK(verdict[ci] != 2, "ppt_fast: indices of tensor ", chunks[ci].tensor, " reach outside params[",
+                  chunks[ci].tensor, "] (", numels[chunks[ci].tensor],
+                  " entries): the PivotSet was built for other tensors; nothing was written");
+      any_nonfinite |= verdict[ci] == 1;
+    }
+    if (any_nonfinite) {
+      nonfinite->fill_(1.0);
+      return;
+    }
+    // Phase 2: the update, reading the checked fp32 gradients (already unscaled and clipped).
+    Coeffs c2 = c;
+    c2.has_scale = false;
+    c2.has_coef = false;
+    std::vector<ChunkFn> fns(n_tensors, nullptr);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+      fns[i] = pick(params[i].scalar_type(), at::kFloat, false, master.has_value());
+    }
+    at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ci = begin; ci < end; ++ci) {
+        const Chunk& ch = chunks[ci];
+        fns[ch.tensor](params[ch.tensor].data_ptr(), sc + ch.begin, idx + ch.begin, m + ch.begin, v + ch.begin,
+                       ms ? ms + ch.begin : nullptr, ch.end - ch.begin, numels[ch.tensor], c2);
+      }
+    });
+    return;
+  }
+
+  // Unchecked single pass (a GradScaler's found_inf decides, or the caller asked for no check).
+  std::vector<ChunkFn> fns(n_tensors, nullptr);
+  for (int64_t i = 0; i < n_tensors; ++i) {
+    fns[i] = pick(params[i].scalar_type(), dense ? g_keep[i].scalar_type() : pg.scalar_type(), dense,
+                  master.has_value());
+  }
   const char* pg_base = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
   const int64_t pg_size = dense ? 0 : pg.element_size();
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ci = begin; ci < end; ++ci) {
       const Chunk& ch = chunks[ci];
       const void* grad = dense ? g_keep[ch.tensor].const_data_ptr() : pg_base + ch.begin * pg_size;
       fns[ch.tensor](params[ch.tensor].data_ptr(), grad, idx + ch.begin, m + ch.begin, v + ch.begin,
-                     ms ? ms + ch.begin : nullptr, ch.end - ch.begin, c);
+                     ms ? ms + ch.begin : nullptr, ch.end - ch.begin, numels[ch.tensor], c);
     }
   });
 }

@@ -194,6 +194,7 @@ void sparse_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Int
                             const at::Tensor& indices, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                             const std::optional<at::Tensor>& master, const std::optional<at::Tensor>& pivot_grads,
                             const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                            const std::optional<at::Tensor>& grad_coef, const std::optional<at::Tensor>& nonfinite,
                             double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == n + 1, "offsets has ", offsets.size(),
@@ -225,6 +226,8 @@ void sparse_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Int
   }
   const float* d_scale = scalar_ptr(grad_scale, device, "grad_scale");
   const float* d_inf = scalar_ptr(found_inf, device, "found_inf");
+  const float* d_coef = scalar_ptr(grad_coef, device, "grad_coef");
+  float* d_nonfinite = const_cast<float*>(scalar_ptr(nonfinite, device, "nonfinite"));
 
   std::vector<at::Tensor> keep;
   std::vector<pc::AdamTensor> table(static_cast<size_t>(n));
@@ -237,6 +240,7 @@ void sparse_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Int
                 " pivots but params[", i, "] only ", p.numel(), " entries");
     pc::AdamTensor& d = table[static_cast<size_t>(i)];
     d.param = p.data_ptr();
+    d.numel = p.numel();
     d.param_dtype = dtype_code(p, "params", i);
     d.grad = nullptr;
     d.grad_dtype = pc::kF32;
@@ -268,12 +272,15 @@ void sparse_adamw_step_cuda(at::TensorList params, at::TensorList grads, at::Int
   std::vector<int64_t> host_offsets(offsets.begin(), offsets.end());
   at::Tensor d_offsets = upload(host_offsets, device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  // The checked step's fp32 gather scratch: from torch's caching allocator, so it costs no cudaMalloc per step.
+  at::Tensor scratch = d_nonfinite != nullptr ? at::empty({k}, exp_avg.options()) : at::Tensor();
   check_launch(pc::sparse_adamw_step_launch(
                    reinterpret_cast<const pc::AdamTensor*>(d_table.data_ptr()),
                    reinterpret_cast<const int64_t*>(d_offsets.data_ptr()), static_cast<int>(n),
                    indices.data_ptr<int32_t>(), k, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
                    master.has_value() ? master->data_ptr<float>() : nullptr, dense ? nullptr : pg.data_ptr(),
-                   pivot_grad_dtype, d_scale, d_inf, h, stream),
+                   pivot_grad_dtype, d_scale, d_inf, d_coef, d_nonfinite,
+                   d_nonfinite != nullptr ? scratch.data_ptr<float>() : nullptr, h, stream),
                "sparse_adamw_step");
 }
 
@@ -288,7 +295,8 @@ TORCH_LIBRARY_FRAGMENT(ppt_fast, m) {
   m.def(
       "_sparse_adamw_step_cuda(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor indices, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? master, Tensor? pivot_grads, Tensor? grad_scale, "
-      "Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+      "Tensor? found_inf, Tensor? grad_coef, Tensor(e!)? nonfinite, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ppt_fast, CUDA, m) {

@@ -69,6 +69,7 @@ cudaError_t select_pivots_launch(const ScoreTensor* d_tensors, int num_tensors, 
 struct AdamTensor {
   void* param;       // fp32 / fp16 / bf16 whole parameter, updated at its pivots
   const void* grad;  // dense gradient (same shape) or null when pivot_grads is given
+  int64_t numel;     // entries of param (and grad): an index outside [0, numel) is never dereferenced
   int32_t param_dtype;
   int32_t grad_dtype;
 };
@@ -87,12 +88,16 @@ struct AdamHyper {
 // One AdamW step over k packed pivots of all tensors in one launch.
 // d_offsets: device int64 [T + 1] (pivot j belongs to tensor t when offsets[t] <= j < offsets[t + 1]).
 // d_master may be null (then fp32 params are read and written directly). d_pivot_grads (dtype pivot_grad_dtype)
-// replaces the dense grads when non-null. d_grad_scale / d_found_inf: one fp32 each on the device, or null.
+// replaces the dense grads when non-null. d_grad_scale / d_found_inf / d_grad_coef: one fp32 each on the device, or
+// null (g = grad / scale * coef; the step is skipped when *found_inf != 0).
+// d_nonfinite (fp32, device) non-null makes it a checked step in two launches: the first gathers every gradient into
+// d_scratch (fp32 [k], device) and sets *d_nonfinite = 1 on an inf/NaN; the second updates from d_scratch unless
+// the flag is up. Nothing but the scratch and the flag is written by a skipped step.
 cudaError_t sparse_adamw_step_launch(const AdamTensor* d_tensors, const int64_t* d_offsets, int num_tensors,
                                      const int32_t* d_indices, int64_t k, float* d_exp_avg, float* d_exp_avg_sq,
                                      float* d_master, const void* d_pivot_grads, int32_t pivot_grad_dtype,
-                                     const float* d_grad_scale, const float* d_found_inf, AdamHyper hyper,
-                                     cudaStream_t stream);
+                                     const float* d_grad_scale, const float* d_found_inf, const float* d_grad_coef,
+                                     float* d_nonfinite, float* d_scratch, AdamHyper hyper, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ppt_fast

@@ -73,3 +73,16 @@ def check_contiguous(tensors: Sequence[torch.Tensor], arg: str, why: str) -> Non
 def contiguous_all(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Read-only inputs may be strided views: copy those (once) so kernels see flat row-major memory."""
     return [t if t.is_contiguous() else t.contiguous() for t in tensors]
+
+
+def check_pivot_indices(tensors: Sequence[torch.Tensor], offsets: Sequence[int], indices: torch.Tensor) -> None:
+    """Refuse pivot indices that are not valid for `tensors` (PivotError), unless these very indices were checked
+    against the same offsets and sizes before (a PivotSet's are checked when it is made): no kernel may be handed an
+    index outside its tensor."""
+    from ..pivots import check_indices, is_marked_valid, mark_valid
+
+    numels = [t.numel() for t in tensors]
+    if is_marked_valid(indices, offsets, numels):
+        return
+    check_indices([f"params[{i}]" for i in range(len(tensors))], numels, offsets, indices, "pivot indices")
+    mark_valid(indices, offsets, numels)

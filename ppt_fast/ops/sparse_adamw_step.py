@@ -11,8 +11,16 @@ Contract (k = number of pivots; pivot j belongs to tensor i when offsets[i] <= j
 - `grad_scale` (fp32 scalar tensor): gradients are divided by it first (GradScaler's unscale, fused).
   `found_inf` (fp32 scalar tensor): when non-zero the whole step is skipped, nothing is written — the same
   protocol as torch's fused AdamW under GradScaler.
+- `grad_coef` (fp32 scalar tensor): gradients are then multiplied by it (a clipping coefficient computed on the
+  device, so clipping needs neither a host sync nor a pass over the dense gradients).
+- `nonfinite` (fp32 scalar tensor, written): when given, every pivot gradient (after the scale and the coefficient)
+  is checked before anything is updated; if any is inf/NaN, `nonfinite` is set to 1 and nothing else is written.
+  The flag is read on the device, so on a GPU the caller learns of a skipped step only when it reads the flag.
+- Pivot indices must lie in [0, numel) and strictly increase per tensor. They are checked once (a PivotSet's
+  indices carry the mark of their check; any other index tensor is checked here on its first use, and again after
+  any in-place change), and no backend ever reads or writes outside a parameter, whatever the indices.
 - Math per pivot, in fp32, with `step` the 1-based step count (same order of operations as torch.optim.AdamW):
-      g = grad / grad_scale
+      g = grad / grad_scale · grad_coef
       θ = θ · (1 − lr·wd)                    (decoupled weight decay, pivots only)
       m = m + (1 − β1)·(g − m)
       v = β2·v + (1 − β2)·g²
@@ -45,6 +53,8 @@ def _sparse_adamw_step_ref(
     pivot_grads: torch.Tensor | None,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    grad_coef: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -52,21 +62,36 @@ def _sparse_adamw_step_ref(
     weight_decay: float,
     step: int,
 ) -> None:
-    """The contract in plain PyTorch: gather, update the state slices, scatter (one tensor at a time)."""
+    """The contract in plain PyTorch: gather every gradient, check them, then update the state slices and scatter
+    (one tensor at a time)."""
     if found_inf is not None and float(found_inf.item()) != 0.0:
         return
     bias_correction1 = 1.0 - beta1**step
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     step_size = lr / bias_correction1
+    gathered = []
+    for i in range(len(params)):
+        lo, hi = offsets[i], offsets[i + 1]
+        if lo == hi:
+            gathered.append(None)
+            continue
+        idx = indices[lo:hi].long()
+        g = (pivot_grads[lo:hi] if pivot_grads is not None else grads[i].reshape(-1)[idx]).float()
+        if grad_scale is not None:
+            g = g / grad_scale.float()
+        if grad_coef is not None:
+            g = g * grad_coef.float()
+        gathered.append(g)
+    if nonfinite is not None and any(g is not None and not bool(torch.isfinite(g).all()) for g in gathered):
+        nonfinite.fill_(1.0)
+        return
     for i, p in enumerate(params):
         lo, hi = offsets[i], offsets[i + 1]
         if lo == hi:
             continue
         idx = indices[lo:hi].long()
         flat = p.view(-1)
-        g = (pivot_grads[lo:hi] if pivot_grads is not None else grads[i].reshape(-1)[idx]).float()
-        if grad_scale is not None:
-            g = g / grad_scale.float()
+        g = gathered[i]
         theta = master[lo:hi].clone() if master is not None else flat[idx].float()
         theta.mul_(1.0 - lr * weight_decay)
         m, v = exp_avg[lo:hi], exp_avg_sq[lo:hi]
@@ -90,6 +115,8 @@ def _run(
     pivot_grads,
     grad_scale,
     found_inf,
+    grad_coef,
+    nonfinite,
     lr,
     beta1,
     beta2,
@@ -97,6 +124,7 @@ def _run(
     weight_decay,
     step,
 ) -> None:
+    _checks.check_pivot_indices(params, offsets, indices)
     device = indices.device
     backend = _backend.select(_OP, device, _ORDER_CUDA if device.type == "cuda" else None)
     args = (
@@ -110,6 +138,8 @@ def _run(
         pivot_grads,
         grad_scale,
         found_inf,
+        grad_coef,
+        nonfinite,
         lr,
         beta1,
         beta2,
@@ -129,7 +159,9 @@ def _run(
         sparse_adamw_step_triton(*args)
 
 
-@torch.library.custom_op("ppt_fast::sparse_adamw_step", mutates_args=("params", "exp_avg", "exp_avg_sq", "master"))
+@torch.library.custom_op(
+    "ppt_fast::sparse_adamw_step", mutates_args=("params", "exp_avg", "exp_avg_sq", "master", "nonfinite")
+)
 def _sparse_adamw_step_op(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -141,6 +173,8 @@ def _sparse_adamw_step_op(
     pivot_grads: torch.Tensor | None,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    grad_coef: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -160,6 +194,8 @@ def _sparse_adamw_step_op(
         pivot_grads,
         grad_scale,
         found_inf,
+        grad_coef,
+        nonfinite,
         lr,
         beta1,
         beta2,
@@ -181,6 +217,8 @@ def _(
     pivot_grads,
     grad_scale,
     found_inf,
+    grad_coef,
+    nonfinite,
     lr,
     beta1,
     beta2,
@@ -218,6 +256,8 @@ def sparse_adamw_step(
     pivot_grads: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    grad_coef: torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> None:
     """One AdamW step over the pivots (see the module docstring for the exact math).
 
@@ -229,6 +269,11 @@ def sparse_adamw_step(
         step: the 1-based step number used for bias correction. lr, beta1, beta2, eps, weight_decay: AdamW's.
         pivot_grads: fp32/fp16/bf16 `[k]` gradients already gathered at the pivots.
         grad_scale, found_inf: one-element fp32 tensors, the GradScaler protocol (unscale; skip when found_inf != 0).
+        grad_coef: one-element fp32 tensor multiplying the (unscaled) gradients, e.g. a clipping coefficient.
+        nonfinite: one-element fp32 tensor; when given, the gradients are checked first and a NaN/inf anywhere sets
+            it to 1 and skips the step (nothing else is written).
+
+    Raises `ppt_fast.PivotError` when `indices` are not valid pivots of `params` (out of range, unsorted, repeated).
     """
     params = _checks.as_tensor_list(params, "params")
     offsets = [int(o) for o in (offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets)]
@@ -251,9 +296,14 @@ def sparse_adamw_step(
         raise ValueError("give exactly one of grads= (dense gradients) or pivot_grads= (gradients gathered at pivots)")
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"step must be an int >= 1 (the 1-based step count for bias correction), got {step!r}")
-    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value} must be a finite number >= 0")
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(
+            f"eps={eps} must be a finite number > 0: it keeps m / (sqrt(v) + eps) finite where a pivot's gradient "
+            "has been zero (eps=0 turns those pivots into NaN); AdamW's default is 1e-8"
+        )
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value} must lie in [0, 1)")
@@ -266,13 +316,6 @@ def sparse_adamw_step(
         )
     _checks.check_dtypes(params, "params", PARAM_DTYPES)
     _checks.check_contiguous(params, "params", "they are updated in place")
-    for i, p in enumerate(params):
-        n = offsets[i + 1] - offsets[i]
-        if n > p.numel():
-            raise ValueError(
-                f"tensor {i} has {n} pivots but params[{i}] only {p.numel()} entries: "
-                "the PivotSet was built for other tensors"
-            )
     for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("master", master)):
         if t is None:
             continue
@@ -306,6 +349,8 @@ def sparse_adamw_step(
         pivot_grads = pivot_grads.contiguous()
     _check_scalar(grad_scale, "grad_scale", device)
     _check_scalar(found_inf, "found_inf", device)
+    _check_scalar(grad_coef, "grad_coef", device)
+    _check_scalar(nonfinite, "nonfinite", device)
     if k == 0:
         return
     torch.ops.ppt_fast.sparse_adamw_step(
@@ -319,6 +364,8 @@ def sparse_adamw_step(
         pivot_grads,
         grad_scale,
         found_inf,
+        grad_coef,
+        nonfinite,
         float(lr),
         float(beta1),
         float(beta2),

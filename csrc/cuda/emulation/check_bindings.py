@@ -24,7 +24,8 @@ EXPECTED = {
     "_sparse_adamw_step_cuda": (
         "(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor indices, Tensor(b!) exp_avg, "
         "Tensor(c!) exp_avg_sq, Tensor(d!)? master, Tensor? pivot_grads, Tensor? grad_scale, Tensor? found_inf, "
-        "float lr, float beta1, float beta2, float eps, float weight_decay, int step) -> ()"
+        "Tensor? grad_coef, Tensor(e!)? nonfinite, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, int step) -> ()"
     ),
 }
 

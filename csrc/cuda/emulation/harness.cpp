@@ -50,10 +50,12 @@ int main() {
     const int has_master = rdv<int32_t>(), has_pg = rdv<int32_t>(), pg_dtype = rdv<int32_t>();
     const int has_scale = rdv<int32_t>(); float scale = rdv<float>();
     const int has_inf = rdv<int32_t>(); float inf = rdv<float>();
+    const int has_coef = rdv<int32_t>(); float coef = rdv<float>();
+    const int checked = rdv<int32_t>(); float nonfinite = 0.f;
     std::vector<AdamTensor> tab(T); std::vector<std::pair<void*, size_t>> outs;
     for (int t = 0; t < T; ++t) {
       const int pd = rdv<int32_t>(), gd = rdv<int32_t>(); const int64_t n = rdv<int64_t>();
-      tab[t].param = load_buf(pd, n, 0); tab[t].param_dtype = pd; tab[t].grad_dtype = gd;
+      tab[t].param = load_buf(pd, n, 0); tab[t].numel = n; tab[t].param_dtype = pd; tab[t].grad_dtype = gd;
       tab[t].grad = has_pg ? nullptr : load_buf(gd, n, 0); outs.push_back({tab[t].param, n * esize(pd)});
     }
     std::vector<int64_t> offsets(T + 1); rd(offsets.data(), 8 * (T + 1));
@@ -61,12 +63,16 @@ int main() {
     std::vector<float> m(k), v(k), master(k); rd(m.data(), 4 * k); rd(v.data(), 4 * k);
     if (has_master) rd(master.data(), 4 * k);
     void* pg = has_pg ? load_buf(pg_dtype, k, 0) : nullptr;
+    std::vector<float> scratch(k);
     cudaError_t e = sparse_adamw_step_launch(tab.data(), offsets.data(), T, idx.data(), k, m.data(), v.data(),
                                              has_master ? master.data() : nullptr, pg, pg_dtype,
-                                             has_scale ? &scale : nullptr, has_inf ? &inf : nullptr, h, nullptr);
+                                             has_scale ? &scale : nullptr, has_inf ? &inf : nullptr,
+                                             has_coef ? &coef : nullptr, checked ? &nonfinite : nullptr,
+                                             checked ? scratch.data() : nullptr, h, nullptr);
     fprintf(stderr, "err=%d\n", (int)e);
     for (auto& o : outs) fwrite(o.first, 1, o.second, stdout);
     fwrite(m.data(), 4, k, stdout); fwrite(v.data(), 4, k, stdout); fwrite(master.data(), 4, k, stdout);
+    fwrite(&nonfinite, 4, 1, stdout);
   }
 #else
   if (op == 1) {

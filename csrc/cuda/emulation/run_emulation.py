@@ -147,8 +147,10 @@ for mode, m in MODES.items():
 print("sensitivity (bitwise):", sum(r2), "/", len(r2))
 
 
-# sparse AdamW: 6 steps, mixed dtypes, master, dense or gathered bf16 grads, grad_scale, found_inf
-def run_adam(params, grads, offsets, indices, m, v, master, pivot_grads, scale, found_inf, lr, b1, b2, eps, wd, step):
+# sparse AdamW: 6 steps, mixed dtypes, master, dense or gathered bf16 grads, grad_scale, found_inf, a clipping
+# coefficient, and checked steps (a NaN at step 5 must leave everything untouched and raise the flag)
+def run_adam(params, grads, offsets, indices, m, v, master, pivot_grads, scale, found_inf, coef, checked, *hyper):
+    lr, b1, b2, eps, wd, step = hyper
     bc1, bc2 = 1.0 - b1**step, 1.0 - b2**step
     hyper = struct.pack("<7f", 1.0 - lr * wd, 1.0 - b1, b2, 1.0 - b2, eps, lr / bc1, bc2**0.5)
     pg_dtype = DT[pivot_grads.dtype] if pivot_grads is not None else 0
@@ -156,6 +158,8 @@ def run_adam(params, grads, offsets, indices, m, v, master, pivot_grads, scale, 
     b += struct.pack("<iii", master is not None, pivot_grads is not None, pg_dtype)
     b += struct.pack("<if", scale is not None, 1.0 if scale is None else scale)
     b += struct.pack("<if", found_inf is not None, 0.0 if found_inf is None else found_inf)
+    b += struct.pack("<if", coef is not None, 1.0 if coef is None else coef)
+    b += struct.pack("<i", int(checked))
     for i, p in enumerate(params):
         gd = DT[grads[i].dtype] if grads is not None else 0
         b += struct.pack("<iiq", DT[p.dtype], gd, p.numel()) + raw(p) + (raw(grads[i]) if grads is not None else b"")
@@ -172,15 +176,17 @@ def run_adam(params, grads, offsets, indices, m, v, master, pivot_grads, scale, 
     st = [
         torch.frombuffer(bytearray(out[pos + 4 * k * j : pos + 4 * k * (j + 1)]), dtype=torch.float32) for j in range(3)
     ]
-    return new_params, st[0], st[1], (st[2] if master is not None else None)
+    flag = struct.unpack("<f", out[pos + 12 * k : pos + 12 * k + 4])[0]
+    return new_params, st[0], st[1], (st[2] if master is not None else None), flag
 
 
 r3, bitwise = [], 0
-for dtypes, gathered, scaled in [
-    ((torch.float32,) * 3, False, False),
-    ((torch.float32,) * 3, True, True),
-    ((torch.bfloat16, torch.float16, torch.float32), False, True),
-    ((torch.bfloat16, torch.float16, torch.float32), True, False),
+for dtypes, gathered, scaled, coef, checked in [
+    ((torch.float32,) * 3, False, False, None, False),
+    ((torch.float32,) * 3, True, True, 0.7, False),
+    ((torch.bfloat16, torch.float16, torch.float32), False, True, None, True),
+    ((torch.bfloat16, torch.float16, torch.float32), True, False, 0.3, True),
+    ((torch.float32,) * 3, False, True, 0.5, True),
 ]:
     shapes = [(300, 7), (5,), (4099,)]
     params = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
@@ -205,11 +211,18 @@ for dtypes, gathered, scaled in [
         pg = None
         if gathered:
             pg = torch.cat([g.reshape(-1)[parts[i].long()].float() for i, g in enumerate(grads)]).to(torch.bfloat16)
+        if checked and step == 5:  # one NaN at a pivot of the last tensor
+            if gathered:
+                pg[-1] = float("nan")
+            else:
+                grads[2].view(-1)[parts[2][0].long()] = float("nan")
         found = 1.0 if step == 3 else 0.0
         hyper = (1e-2, 0.9, 0.999, 1e-8, 0.05, step)
-        params, m, v, master = run_adam(
-            params, None if gathered else grads, offsets, indices, m, v, master, pg, scale, found, *hyper
+        before = [p.clone() for p in params]
+        params, m, v, master, flag = run_adam(
+            params, None if gathered else grads, offsets, indices, m, v, master, pg, scale, found, coef, checked, *hyper
         )
+        ref_flag = torch.zeros(1) if checked else None
         _sparse_adamw_step_ref(
             ref[0],
             None if gathered else grads,
@@ -221,8 +234,13 @@ for dtypes, gathered, scaled in [
             pg,
             torch.tensor([scale]) if scaled else None,
             torch.tensor([found]),
+            torch.tensor([coef]) if coef is not None else None,
+            ref_flag,
             *hyper,
         )
+        if checked and (flag != float(ref_flag[0]) or (step == 5 and not all(map(torch.equal, before, params)))):
+            print("adam checked-step mismatch", dtypes, gathered, step, flag, ref_flag)
+            r3.append(False)
     pairs = list(zip(params, ref[0])) + [(m, ref[1]), (v, ref[2])] + ([(master, ref[3])] if master is not None else [])
     ok = True
     for a, b in pairs:

@@ -4,6 +4,11 @@ See `ppt_fast.ops.sparse_adamw_step` for the contract and the exact math. One pr
 cached tile table over the packed pivot list (a tile never straddles two tensors, so each program reads one parameter
 pointer and one gradient pointer). State (m, v, master) is fp32 and streams; θ and g are gathered at the pivots.
 `found_inf` is read on the device, so a GradScaler step never waits on the host.
+
+Checked steps (`nonfinite` given) take two launches, since a grid cannot wait for itself: the first gathers every
+pivot gradient (unscaled and clipped) into an fp32 scratch and raises the device flag on an inf/NaN; the second is
+the update, reading the scratch and emptying every tile when the flag is up. Every gather and store is also masked
+by its tensor's size, so no index, however made, reaches outside a parameter or a gradient.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ def _sparse_adamw_step_kernel(
     master,
     grad_scale,
     found_inf,
+    grad_coef,
+    nonfinite,
+    numel_tab,
     decay,
     m_weight,
     beta2,
@@ -49,6 +57,8 @@ def _sparse_adamw_step_kernel(
     HAS_MASTER: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    SKIP_ON_FLAG: tl.constexpr,
     LERP_FROM_END: tl.constexpr,
     TILE: tl.constexpr,
 ):
@@ -61,22 +71,28 @@ def _sparse_adamw_step_kernel(
         # GradScaler's protocol without a host sync: an overflowed step empties every tile, so nothing is read or
         # written. (Done on the scalar bound: the interpreter cannot AND a scalar into a block mask.)
         end = tl.where(tl.load(found_inf) == 0.0, end, 0)
+    if SKIP_ON_FLAG:
+        end = tl.where(tl.load(nonfinite) == 0.0, end, 0)
     mask = j < end
     idx = tl.load(indices + j, mask=mask, other=0).to(tl.int64)
+    # m and v live in the packed state (always in range); θ and g only where the index is inside its tensor.
+    inside = mask & (idx >= 0) & (idx < tl.load(numel_tab + tid))
     p_ptr = tl.load(param_tab + tid).to(p_like.dtype)
     if PIVOT_GRADS:
         g = tl.load(pivot_grads + j, mask=mask, other=0.0).to(tl.float32)
     else:
         g_ptr = tl.load(grad_tab + tid).to(g_like.dtype)
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     # IEEE division and sqrt (div_rn / sqrt_rn) where torch's AdamW uses them: Triton's `/` and `sqrt` are the
     # approximate GPU instructions, a few ulp off, which would drift from the other backends step by step.
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale))
+    if HAS_COEF:
+        g = g * tl.load(grad_coef)
     if HAS_MASTER:
         theta = tl.load(master + j, mask=mask, other=0.0)
     else:
-        theta = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        theta = tl.load(p_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     theta = theta * decay
     m = tl.load(exp_avg + j, mask=mask, other=0.0)
     v = tl.load(exp_avg_sq + j, mask=mask, other=0.0)
@@ -92,7 +108,55 @@ def _sparse_adamw_step_kernel(
     tl.store(exp_avg_sq + j, v, mask=mask)
     if HAS_MASTER:
         tl.store(master + j, theta, mask=mask)
-    tl.store(p_ptr + idx, theta.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + idx, theta.to(p_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _gather_check_kernel(
+    grad_tab,
+    g_like,
+    pivot_grads,
+    blk_tid,
+    blk_start,
+    offsets,
+    indices,
+    numel_tab,
+    out,
+    grad_scale,
+    found_inf,
+    grad_coef,
+    nonfinite,
+    PIVOT_GRADS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_COEF: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """Phase 1 of a checked step: out[j] = the pivot's gradient, unscaled and clipped (fp32); flag inf/NaN."""
+    pid = tl.program_id(0)
+    tid = tl.load(blk_tid + pid)
+    j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
+    end = tl.load(offsets + tid + 1)
+    if HAS_FOUND_INF:
+        end = tl.where(tl.load(found_inf) == 0.0, end, 0)
+    mask = j < end
+    if PIVOT_GRADS:
+        g = tl.load(pivot_grads + j, mask=mask, other=0.0).to(tl.float32)
+    else:
+        idx = tl.load(indices + j, mask=mask, other=0).to(tl.int64)
+        inside = mask & (idx >= 0) & (idx < tl.load(numel_tab + tid))
+        g_ptr = tl.load(grad_tab + tid).to(g_like.dtype)
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale))
+    if HAS_COEF:
+        g = g * tl.load(grad_coef)
+    tl.store(out + j, g, mask=mask)
+    # g * 0 is 0 for every finite g and NaN for inf/NaN; a NaN never compares equal to itself.
+    probe = g * 0.0
+    bad = tl.sum(tl.where(mask & (probe != probe), 1, 0), axis=0)
+    if bad > 0:
+        tl.store(nonfinite, 1.0)
 
 
 def sparse_adamw_step_triton(
@@ -106,6 +170,8 @@ def sparse_adamw_step_triton(
     pivot_grads: torch.Tensor | None,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
+    grad_coef: torch.Tensor | None,
+    nonfinite: torch.Tensor | None,
     lr: float,
     beta1: float,
     beta2: float,
@@ -119,9 +185,9 @@ def sparse_adamw_step_triton(
 
     params: T contiguous fp32 / fp16 / bf16 tensors; grads: T dense gradients shaped like them (or an empty list
     when `pivot_grads` [k] is given); offsets: T + 1 ints; indices: int32 [k] local flat indices; exp_avg,
-    exp_avg_sq, master: fp32 [k] (master may be None for fp32 params); grad_scale, found_inf: one-element fp32 tensors
-    or None. Arguments are the op's, already checked by `ppt_fast.sparse_adamw_step`. `tile` overrides the pivots per
-    program (tests).
+    exp_avg_sq, master: fp32 [k] (master may be None for fp32 params); grad_scale, found_inf, grad_coef, nonfinite:
+    one-element fp32 tensors or None (with `nonfinite`, two launches: gather + check, then the update). Arguments
+    are the op's, already checked by `ppt_fast.sparse_adamw_step`. `tile` overrides the pivots per program (tests).
     """
     k = int(offsets[-1])
     if k == 0 or not params:
@@ -145,6 +211,7 @@ def sparse_adamw_step_triton(
     param_tab = _utils.pointer_table(params, device)
     grad_tab = param_tab if use_pivot_grads else _utils.pointer_table(grads, device)
     offset_tab = _utils.int64_table(offsets, device)
+    numel_tab = _utils.int64_table([p.numel() for p in params], device)
     # The host-side scalars in double, rounded once to fp32 at the launch, as torch does with Python scalars.
     m_weight = 1.0 - beta1
     scalars = (
@@ -158,16 +225,53 @@ def sparse_adamw_step_triton(
     )
     # A placeholder for absent optional tensors: never read, since the matching constexpr flag compiles the access out.
     dummy = exp_avg
+    checked = nonfinite is not None
     with _utils.on_device(device):
+        if checked:
+            # Phase 1 over every tensor (per gradient dtype), then the update reads the fp32 scratch.
+            scratch = torch.empty(k, dtype=torch.float32, device=device)
+            by_grad: dict[torch.dtype | None, list[int]] = {}
+            for members in groups.values():
+                for i in members:
+                    by_grad.setdefault(None if use_pivot_grads else grads[i].dtype, []).append(i)
+            for members in by_grad.values():
+                blk_tid, blk_start = _utils.block_table(lengths, members, tile, device, base=offsets[:-1])
+                first = members[0]
+                _gather_check_kernel[(blk_tid.numel(),)](
+                    grad_tab,
+                    params[first] if use_pivot_grads else grads[first],
+                    pivot_grads if use_pivot_grads else dummy,
+                    blk_tid,
+                    blk_start,
+                    offset_tab,
+                    indices,
+                    numel_tab,
+                    scratch,
+                    grad_scale if grad_scale is not None else dummy,
+                    found_inf if found_inf is not None else dummy,
+                    grad_coef if grad_coef is not None else dummy,
+                    nonfinite,
+                    PIVOT_GRADS=use_pivot_grads,
+                    HAS_SCALE=grad_scale is not None,
+                    HAS_FOUND_INF=found_inf is not None,
+                    HAS_COEF=grad_coef is not None,
+                    TILE=tile,
+                    **_utils.gpu_options(num_warps=_WARPS_GPU),
+                )
+            groups = {}
+            for i, p in enumerate(params):
+                if offsets[i + 1] > offsets[i]:
+                    groups.setdefault((p.dtype, None), []).append(i)
         for members in groups.values():
             blk_tid, blk_start = _utils.block_table(lengths, members, tile, device, base=offsets[:-1])
             first = members[0]
+            from_scratch = checked or use_pivot_grads
             _sparse_adamw_step_kernel[(blk_tid.numel(),)](
                 param_tab,
                 grad_tab,
                 params[first],
-                params[first] if use_pivot_grads else grads[first],
-                pivot_grads if use_pivot_grads else dummy,
+                params[first] if from_scratch else grads[first],
+                scratch if checked else (pivot_grads if use_pivot_grads else dummy),
                 blk_tid,
                 blk_start,
                 offset_tab,
@@ -175,13 +279,18 @@ def sparse_adamw_step_triton(
                 exp_avg,
                 exp_avg_sq,
                 master if master is not None else dummy,
-                grad_scale if grad_scale is not None else dummy,
+                grad_scale if grad_scale is not None and not checked else dummy,
                 found_inf if found_inf is not None else dummy,
+                grad_coef if grad_coef is not None and not checked else dummy,
+                nonfinite if checked else dummy,
+                numel_tab,
                 *scalars,
-                PIVOT_GRADS=use_pivot_grads,
+                PIVOT_GRADS=from_scratch,
                 HAS_MASTER=master is not None,
-                HAS_SCALE=grad_scale is not None,
+                HAS_SCALE=grad_scale is not None and not checked,
                 HAS_FOUND_INF=found_inf is not None,
+                HAS_COEF=grad_coef is not None and not checked,
+                SKIP_ON_FLAG=checked,
                 LERP_FROM_END=m_weight >= 0.5,
                 TILE=tile,
                 **_utils.gpu_options(num_warps=_WARPS_GPU, enable_fp_fusion=False),
