@@ -107,3 +107,82 @@ def test_failed_save_leaves_old_file(tmp_path, monkeypatch):
         random_set(0.9).save(path)
     assert PivotSet.load(path).equal(a)
     assert os.listdir(tmp_path) == ["p.safetensors"]
+
+
+# ---- crafted pivot files and hand-made PivotSets: refused with the tensor's name, whatever made them ---------------
+def _write_pivot_file(path, names, shapes, offsets, indices) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    meta = {"format": "ppt_fast.PivotSet/1", "layout": json.dumps({"names": names, "shapes": shapes})}
+    save_file({"indices": indices, "offsets": offsets}, str(path), metadata=meta)
+
+
+CRAFTED = {
+    "index_numel": ([1, 5], "index 16 of tensor 'b' is outside"),
+    "index_minus_one": ([-1, 5], "index -1 of tensor 'b' is outside"),
+    "index_int32_max": ([3, 2**31 - 1], "index 2147483647 of tensor 'b' is outside"),
+    "unsorted": ([9, 4], "tensor 'b' do not strictly increase"),
+    "duplicate": ([4, 4], "tensor 'b' do not strictly increase"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_load_refuses_crafted_indices_naming_the_tensor(tmp_path, case):
+    from ppt_fast import PivotError
+
+    b_idx, message = CRAFTED[case]
+    b_idx = [1, 16] if case == "index_numel" else b_idx
+    a_idx = sorted(torch.randperm(10)[:3].tolist())  # fresh, valid pivots in the first tensor
+    idx = torch.tensor(a_idx + b_idx, dtype=torch.int32)
+    path = tmp_path / f"{case}.pivots"
+    _write_pivot_file(path, ["a", "b"], [[10], [4, 4]], torch.tensor([0, 3, 5]), idx)
+    with pytest.raises(PivotError, match=message):
+        PivotSet.load(path)
+
+
+@pytest.mark.parametrize(
+    "offsets,message",
+    [([0, 4, 3], "offsets decrease at tensor 'b'"), ([1, 3, 5], "must start at 0"), ([0, 3, 4], "offsets end at 4")],
+)
+def test_load_refuses_crafted_offsets(tmp_path, offsets, message):
+    from ppt_fast import PivotError
+
+    path = tmp_path / "bad.pivots"
+    idx = torch.tensor([0, 1, 2, 3, 4], dtype=torch.int32)
+    _write_pivot_file(path, ["a", "b"], [[10], [4, 4]], torch.tensor(offsets), idx)
+    with pytest.raises(PivotError, match=message):
+        PivotSet.load(path)
+
+
+def test_load_refuses_broken_layout_and_foreign_tensors(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ppt_fast import PivotError
+
+    path = tmp_path / "x.pivots"
+    for layout in ("not json", json.dumps({"names": ["a"]}), json.dumps({"names": ["a"], "shapes": [["x"]]})):
+        save_file({"indices": torch.zeros(0, dtype=torch.int32), "offsets": torch.zeros(2, dtype=torch.int64)},
+                  str(path), metadata={"format": "ppt_fast.PivotSet/1", "layout": layout})  # fmt: skip
+        with pytest.raises(PivotError):
+            PivotSet.load(path)
+    path.write_bytes(os.urandom(64))
+    with pytest.raises(PivotError, match="not a readable PivotSet"):
+        PivotSet.load(path)
+
+
+def test_every_way_of_making_a_pivotset_is_checked_and_marked():
+    from ppt_fast import PivotError
+    from ppt_fast.pivots import is_marked_valid
+
+    with pytest.raises(PivotError, match="outside"):
+        PivotSet(["a"], [(4,)], [0, 1], torch.tensor([4], dtype=torch.int32))
+    ps = PivotSet.from_masks({"a": torch.rand(40) < 0.3, "b": torch.rand(5, 6) < 0.3})
+    other = PivotSet.from_masks({"a": torch.rand(40) < 0.3, "b": torch.rand(5, 6) < 0.3})
+    for made in (ps, ps | other, ps & other, ps - other, ps.relayout(["b", "a"], [(5, 6), (40,)])):
+        assert is_marked_valid(made.indices, made.offsets_list, made.numels)
+    ps.indices[0] = 39  # an in-place change voids the mark: the next op call checks again
+    assert not is_marked_valid(ps.indices, ps.offsets_list, ps.numels)
