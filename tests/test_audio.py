@@ -15,7 +15,7 @@ def test_write_read_roundtrip(tmp_path):
     assert sr == 16000 and b.shape == a.shape
     # 16-bit PCM: quantisation error at most half a step (1/32768) plus clipping of nothing (|a| <= 0.51).
     assert (a - b).abs().max() <= 1 / 32768 + 1e-7
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    assert os.listdir(tmp_path) == ["x.wav"]  # no temporary file left beside it
 
 
 def test_write_accepts_batch_of_one_and_1d(tmp_path):
@@ -98,3 +98,15 @@ def test_fit_peak_scales_down_with_one_gain_and_never_up(tmp_path):
         write_wav(tmp_path / "clip.wav", loud, 16000)
     with pytest.raises(ValueError, match="limit"):
         fit_peak(quiet, limit=1.5)
+
+
+def test_write_wav_takes_integer_pcm_by_its_range(tmp_path):
+    """An int16 clip is 16-bit PCM already: written through, sample for sample (not clipped as floats of +-32767)."""
+    n = int(torch.randint(800, 4000, (1,)))
+    pcm = torch.randint(-32768, 32768, (2, n), dtype=torch.int32).to(torch.int16)
+    path = write_wav(tmp_path / "pcm.wav", pcm, 8000)
+    back, sr = sf.read(path, dtype="int16", always_2d=True)
+    assert sr == 8000 and np.array_equal(back.T, pcm.numpy())
+    with pytest.raises(AudioError, match="sample rate 0 must be a whole number"):
+        write_wav(tmp_path / "zero.wav", pcm, 0)
+    assert sorted(os.listdir(tmp_path)) == ["pcm.wav"]

@@ -44,8 +44,8 @@ def test_bank_interface_and_errors():
 
 
 def test_collisions():
-    assert ids.find_collisions("<v1>", ["a piece of music, <v1>"]) == []
-    assert ids.find_collisions("<jazz>", ["smooth jazz, <jazz>"]) == ["smooth jazz, <jazz>"]
+    assert ids.find_collisions("<v1>", ["a piece of music, {}"]) == []
+    assert ids.find_collisions("<jazz>", ["smooth jazz, {}"]) == [("smooth jazz, {}", "jazz")]
 
 
 def test_condition_gets_tokens_appended(tiny):

@@ -1,9 +1,16 @@
-"""`generate()`: text-to-music with concepts applied, on a base model, seeded."""
+"""`generate()`: text-to-music with concepts applied, on a base model, seeded.
+
+Every argument is checked before the model is loaded (`check_generate_args`), and the output's size against the
+memory available before anything is sampled: a bad one raises GenerateError naming it and the fix.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +19,125 @@ from ..audio import SILENCE_RMS
 from .models import load_model
 
 logger = logging.getLogger(__name__)
+
+#: Longest clip generate() makes (10 minutes). MusicGen extends past its 30-s window chunk by chunk (memory stays
+#: bounded, time grows linearly): unbounded, a slip of the keyboard (1e6 s: 64 GB of 16-kHz audio) runs for ever.
+MAX_DURATION = 600.0
+#: Most times a silent clip is sampled again: a model that only makes silence must not loop for ever.
+MAX_RESAMPLE = 10
+#: Largest classifier-free guidance coefficient: MusicGen uses 3; far beyond it the guided logits overflow.
+MAX_CFG_COEF = 100.0
+#: Smallest positive temperature: 0 is greedy decoding; logits / 1e-40 overflow to inf and sampling fails.
+MIN_TEMPERATURE = 1e-3
+
+
+class GenerateError(ValueError):
+    """Bad input to generate(), raised before the model is loaded or sampled; the message names the fix."""
+
+
+def _real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _whole(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_generate_args(
+    prompts: Any,
+    *,
+    duration: Any = 5.0,
+    seed: Any = None,
+    cfg_coef: Any = None,
+    top_k: Any = None,
+    top_p: Any = None,
+    temperature: Any = None,
+    scale: Any = 1.0,
+    resample_silent: Any = 0,
+) -> list[str]:
+    """Check generate()'s arguments without touching a model; return the prompts as a list. GenerateError names the
+    first bad one: prompts must be one non-empty string or a non-empty list of them; duration finite, > 0 and <=
+    MAX_DURATION seconds; seed None or a whole number in [0, 2**63); cfg_coef in [0, MAX_CFG_COEF]; top_k a whole
+    number >= 0 (0: no top-k); top_p in [0, 1] (0: off, top-k is used); temperature 0 (greedy) or in
+    [MIN_TEMPERATURE, inf); scale finite with |scale| <= ppt_fast.concept.MAX_SCALE; resample_silent a whole number in
+    [0, MAX_RESAMPLE]. None takes the model's own setting (see `generate`)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, (Sequence, set, frozenset)):
+        raise GenerateError(f"prompts must be a string or a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise GenerateError("prompts is empty; give at least one prompt, e.g. 'a piece of music, <v1>'")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise GenerateError(f"prompt {i} is a {type(p).__name__}, not a string: {p!r}")
+        if not p.strip():
+            raise GenerateError(f"prompt {i} is empty; describe the music, e.g. 'a piece of music, <v1>'")
+    if not _real(duration) or not 0 < duration <= MAX_DURATION:
+        raise GenerateError(
+            f"duration={duration!r} must be a number of seconds in (0, {MAX_DURATION:g}] (the longest clip "
+            f"generate() makes is {MAX_DURATION / 60:g} minutes; join several for more)"
+        )
+    if seed is not None and (not _whole(seed) or not 0 <= seed < 2**63):
+        raise GenerateError(f"seed={seed!r} must be None or a whole number in [0, 2**63)")
+    if cfg_coef is not None and (not _real(cfg_coef) or not 0 <= cfg_coef <= MAX_CFG_COEF):
+        raise GenerateError(
+            f"cfg_coef={cfg_coef!r} must be a number in [0, {MAX_CFG_COEF:g}] (classifier-free guidance: 1 follows the "
+            "prompt as trained, MusicGen uses 3; None: the model's own)"
+        )
+    if top_k is not None and (not _whole(top_k) or top_k < 0):
+        raise GenerateError(f"top_k={top_k!r} must be a whole number >= 0 (0: sample from every code; None: the "
+                            "model's own, 250 for MusicGen)")  # fmt: skip
+    if top_p is not None and (not _real(top_p) or not 0 <= top_p <= 1):
+        raise GenerateError(f"top_p={top_p!r} must be a number in [0, 1] (nucleus sampling; 0: off, top_k is used)")
+    if temperature is not None and (not _real(temperature) or not (temperature == 0 or temperature >= MIN_TEMPERATURE)):
+        raise GenerateError(
+            f"temperature={temperature!r} must be 0 (greedy decoding) or a finite number >= {MIN_TEMPERATURE:g} "
+            "(1: the model's distribution; None: the model's own)"
+        )
+    from ..concept import MAX_SCALE
+
+    if not _real(scale) or abs(scale) > MAX_SCALE:
+        raise GenerateError(
+            f"scale={scale!r} must be a finite number in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (the concepts' strength: "
+            "1 = as tuned, 0 = the base model)"
+        )
+    if not _whole(resample_silent) or not 0 <= resample_silent <= MAX_RESAMPLE:
+        raise GenerateError(
+            f"resample_silent={resample_silent!r} must be a whole number in [0, {MAX_RESAMPLE}] (how many times to "
+            "re-sample a silent clip; 0: only log it)"
+        )
+    return prompts
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_model_bounds(mg, n_clips: int, duration: float) -> None:
+    """GenerateError when `duration` is shorter than one of the model's frames or the clips would not fit in memory
+    (float32 audio, counted twice: the decoder's output and the CPU copy returned)."""
+    frame_rate = float(getattr(mg, "frame_rate", 0) or 0)
+    if frame_rate and duration * frame_rate < 1:
+        raise GenerateError(f"duration={duration!r} s is shorter than one frame of this model (1/{frame_rate:g} s)")
+    need = 2 * 4 * n_clips * int(mg.audio_channels) * int(mg.sample_rate) * duration
+    have = _available_memory()
+    if have is not None and need > have:
+        raise GenerateError(
+            f"{n_clips} clip(s) of {duration:g} s would take about {need / 2**30:.1f} GiB of memory for the audio "
+            f"alone; {have / 2**30:.1f} GiB is available: generate fewer or shorter clips at a time"
+        )
 
 
 def _as_concepts(concepts: Any) -> list[Any]:
@@ -31,15 +157,16 @@ def _as_concepts(concepts: Any) -> list[Any]:
 
 
 def set_sampling(mg, duration: float, *, cfg_coef: float | None = None, top_k: int | None = None,
-                 temperature: float | None = None) -> None:  # fmt: skip
+                 temperature: float | None = None, top_p: float | None = None) -> None:  # fmt: skip
     """Set MusicGen's generation parameters; None takes the model's own recommended setting (see `generate`)."""
     own = getattr(mg, "_ppt_fast_sampling", {})  # a model's recommended settings (the trained default sets them)
     top_k = int(top_k if top_k is not None else own.get("top_k", 250))
     cfg_coef = float(cfg_coef if cfg_coef is not None else own.get("cfg_coef", 3.0))
     temperature = float(temperature if temperature is not None else own.get("temp", 1.0))
+    top_p = float(top_p if top_p is not None else own.get("top_p", 0.0))
     mg.set_generation_params(
         duration=float(duration), top_k=min(top_k, mg.lm.card), cfg_coef=cfg_coef, temperature=temperature,
-        extend_stride=min(18.0, mg.max_duration / 2),
+        top_p=top_p, extend_stride=min(18.0, mg.max_duration / 2),
     )  # fmt: skip
 
 
@@ -53,6 +180,7 @@ def generate(
     cfg_coef: float | None = None,
     top_k: int | None = None,
     temperature: float | None = None,
+    top_p: float | None = None,
     scale: float = 1.0,
     device: str | torch.device | None = None,
     progress: bool = False,
@@ -66,29 +194,25 @@ def generate(
             afterwards, so a model object is left as it was.
         concepts: Concept objects or concept file paths (composed in the order given; composition is
             order-independent, see ppt_fast.concept).
-        duration: seconds of audio; seed: sampling seed (None: not reseeded); cfg_coef, top_k, temperature:
-            MusicGen's sampling settings (top_k is capped at the model's codebook size); None takes the model's own
-            (MusicGen's: 3.0, 250, 1.0; the trained default `tiny`: 1.0, 64, 0.7, what its figures were measured
-            with).
+        duration: seconds of audio, at most MAX_DURATION (10 minutes); seed: sampling seed (None: not reseeded);
+            cfg_coef, top_k, temperature, top_p: MusicGen's sampling settings (top_k is capped at the model's codebook
+            size; top_p > 0 samples from the nucleus instead of the top k); None takes the model's own (MusicGen's:
+            3.0, 250, 1.0, 0; the trained default `tiny`: 1.0, 64, 0.7, what its figures were measured with). Every
+            argument is checked before the model is loaded (`check_generate_args`; GenerateError).
         scale: strength of every concept's parameter change (1.0 = as tuned).
         resample_silent: generate a clip that came out silent again, up to this many times (sampling seed `seed + 1`,
             `seed + 2`, ...; unseeded when `seed` is None), with the same concepts applied. A small LM can collapse
             into silence on a sample (the trained default does on ~1-2 % of clips). 0 (the default, and what the
             figures are measured with, so that they count the collapses) only logs them; `ppt-fast generate` uses 2.
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty string or list of strings")
-    if not duration > 0:
-        raise ValueError(f"duration={duration} must be > 0 seconds")
-    if isinstance(resample_silent, bool) or not isinstance(resample_silent, int) or resample_silent < 0:
-        raise ValueError(f"resample_silent={resample_silent!r} must be an int >= 0 (how many times to re-sample a "
-                         "silent clip; 0: only log it)")  # fmt: skip
+    prompts = check_generate_args(
+        prompts, duration=duration, seed=seed, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
+        scale=scale, resample_silent=resample_silent,
+    )  # fmt: skip
     mg = load_model(model, device=device)
+    _check_model_bounds(mg, len(prompts), float(duration))
     cs = _as_concepts(concepts)
-    set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature)
+    set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature, top_p=top_p)
     applied = []
     try:
         for c in cs:

@@ -4,7 +4,8 @@ Mechanism (conditioner-agnostic; works for T5 and for the LUT conditioner of sma
 
 1. Before the text conditioner tokenizes a prompt, every registered identifier is cut out of the text
    ("a piece of music, <v1>" -> "a piece of music"), and the identifiers found are remembered per sample, in
-   the order they appear.
+   the order they appear. An identifier is matched as a whole token (`token_pattern`): never inside a longer word
+   ("v1" is not cut out of "v10" or "nav1"), while punctuation around it delimits it ("<v1>," and "(<v1>)" match).
 2. After the conditioner ran (T5 -> `output_proj`, or LUT -> `output_proj`), each identifier's embeddings
    (`[n_tokens, output_dim]`, i.e. already in the conditioner's OUTPUT space) are appended to that sample's
    condition tensor, and its mask gets ones there.
@@ -27,6 +28,7 @@ looks for). The hook is installed by swapping the condition provider's class for
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -94,16 +96,12 @@ class IdentifierBank:
         if text is None or not self._tokens:
             return text, []
         found: list[tuple[int, str]] = []
-        # Longest first so "<v10>" is not read as "<v1>" + "0".
+        # Longest first, each occurrence blanked once found, so "<v10>" is never read as "<v1>" + "0".
         for ident in sorted(self._tokens, key=len, reverse=True):
-            start = 0
-            while True:
-                pos = text.find(ident, start)
-                if pos < 0:
-                    break
-                found.append((pos, ident))
-                text = text[:pos] + " " * len(ident) + text[pos + len(ident) :]
-                start = pos + len(ident)
+            rx = token_pattern(ident)
+            while (m := rx.search(text)) is not None:
+                found.append((m.start(), ident))
+                text = text[: m.start()] + " " * len(ident) + text[m.end() :]
         found.sort()
         return clean_prompt(text), [i for _, i in found]
 
@@ -144,17 +142,35 @@ def clean_prompt(text: str) -> str:
     return text.strip(" ,;")
 
 
-def find_collisions(identifier: str, prompts: Iterable[str]) -> list[str]:
-    """Prompts that use `identifier` (without its brackets) as an ordinary word, e.g. 'v1' in 'v1 synth lead'."""
-    bare = identifier.strip("<>[]{}*")
-    if not bare:
-        return []
+@functools.lru_cache(maxsize=256)
+def token_pattern(identifier: str) -> re.Pattern[str]:
+    """`identifier` as a whole token of a prompt: where it begins (ends) with a word character, no word character may
+    stand right before (after) it. So "v1" is found in "v1 synth" and "v1," but not in "v10" or "nav1"; "<v1>", whose
+    ends are punctuation, is found in "<v1>,", "(<v1>)" and "jazz<v1>"."""
+    left = r"(?<!\w)" if re.match(r"\w", identifier[:1]) else ""
+    right = r"(?!\w)" if re.match(r"\w", identifier[-1:]) else ""
+    return re.compile(left + re.escape(identifier) + right)
+
+
+def mentions(identifier: str, text: str) -> bool:
+    """Whether `text` names `identifier` the way the bank reads prompts (as a whole token, `token_pattern`)."""
+    return token_pattern(identifier).search(text) is not None
+
+
+def find_collisions(identifier: str, texts: Iterable[str]) -> list[tuple[str, str]]:
+    """`(text, word)` for each text whose ordinary words include `identifier` itself or its bare form (brackets
+    stripped, any case): "music" in "a piece of music, {}", "v1" in "v1 synth lead" for "<v1>". `texts` are
+    templates (each "{}" is where the identifier goes and is left out) or prompts that must not name the identifier.
+    The bank would cut the identifier out of every prompt that uses it as a word; a bare form in the text competes
+    with the concept for what the word means."""
+    bare = identifier.strip("<>[]{}*").lower()
     out = []
-    for p in prompts:
-        cleaned = p.replace(identifier, " ")
-        words = re.findall(r"[\w'-]+", cleaned.lower())
-        if bare.lower() in words:
-            out.append(p)
+    for text in texts:
+        ordinary = text.replace("{}", " ")
+        if mentions(identifier, ordinary):
+            out.append((text, identifier))
+        elif bare and bare in re.findall(r"[\w'-]+", ordinary.lower()):
+            out.append((text, bare))
     return out
 
 

@@ -41,7 +41,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import os
+import string
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -74,9 +76,35 @@ class _Pool:
     codes: torch.Tensor  # [N, K, F]
 
 
+def _has_slot(template: str) -> bool:
+    """Whether `template` holds the `{}` the identifiers go into (`_check_templates` allows at most one)."""
+    return any(field == "" for _, field, _, _ in string.Formatter().parse(template))
+
+
 def _prompts(templates: Sequence[str], idents: Sequence[str]) -> list[str]:
     joined = ", ".join(idents)
-    return [t.format(joined) if "{}" in t else f"{t}, {joined}" for t in templates]
+    return [t.format(joined) if _has_slot(t) else f"{t.format()}, {joined}" for t in templates]
+
+
+def _check_templates(templates: Sequence[str]) -> None:
+    """TuneError unless every template is a non-empty string with at most one `{}` and no other field: the
+    identifiers go into the `{}` (or after a comma when there is none); `{{` and `}}` write literal braces."""
+    for t in templates:
+        if not isinstance(t, str) or not t.strip():
+            raise TuneError(f"template {t!r} is not a non-empty string; e.g. 'a piece of music, {{}}'")
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
+        except ValueError as e:
+            raise TuneError(f"template {t!r}: {e}; write '{{{{' and '}}}}' for literal braces") from None
+        other = [f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") for f, spec, conv in fields
+                 if f != "" or spec or conv]  # fmt: skip
+        if other:
+            raise TuneError(
+                f"template {t!r} has a field {{{other[0]}}}: templates take one '{{}}' where the identifier goes "
+                "and no other field; write '{{' and '}}' for literal braces"
+            )
+        if len(fields) > 1:
+            raise TuneError(f"template {t!r} has {len(fields)} '{{}}': give one, where the identifier goes")
 
 
 def _make_batch(pool: _Pool, templates: Sequence[str], batch_size: int, g: torch.Generator):
@@ -183,7 +211,7 @@ def class_prompts(templates: Sequence[str]) -> list[str]:
     by default (DreamBooth's "class prompt")."""
     out: list[str] = []
     for t in templates:
-        p = ident_mod.clean_prompt(t.replace("{}", " "))
+        p = ident_mod.clean_prompt(t.format(" ") if _has_slot(t) else t.format())
         if p and p not in out:
             out.append(p)
     return out
@@ -205,12 +233,20 @@ def _check_prior(prior: float, prompts, clips: int, templates: Sequence[str], id
     for p in prompts:
         if not isinstance(p, str) or not p.strip():
             raise TuneError(f"prior_prompts: {p!r} is not a non-empty string")
-        named = [i for i in idents if i in p]  # the bank cuts an identifier wherever it stands in a prompt
+        named = [i for i in idents if ident_mod.mentions(i, p)]  # the bank cuts an identifier as a whole token
         if named:
             raise TuneError(
                 f"prior prompt {p!r} names the identifier {named[0]!r}: prior prompts are what the model must keep "
                 "doing without the concept; leave the identifier out"
+                + ("" if _bracketed(named[0]) else f" (or pick an identifier that is no word, e.g. '<{named[0]}>')")
             )
+        for ident in idents:
+            clash = ident_mod.find_collisions(ident, [p])
+            if clash:
+                raise TuneError(
+                    f"identifier {ident!r}: {clash[0][1]!r} is an ordinary word of the prior prompt {p!r}; pick an "
+                    "identifier that is no word of the prompts, e.g. '<v1>' when no prompt says 'v1'"
+                )
     return prompts
 
 
@@ -238,21 +274,56 @@ def _prior_batch(codes: torch.Tensor, texts: Sequence[str], batch_size: int, g: 
     return codes[pick], attrs
 
 
+def _bracketed(ident: str) -> bool:
+    return ident.strip("<>[]{}*") != ident
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_settings(**settings: Any) -> None:
+    """TuneError for a setting of the wrong kind (after the defaults are resolved): counts are ints, rates finite and
+    > 0, the rest finite and >= 0."""
+    ints = {"steps": 0, "batch_size": 1, "sensitivity_batches": 0, "prior_clips": 0, "n_tokens": 1}
+    for name, low in ints.items():
+        v = settings[name]
+        if not _is_int(v) or v < low:
+            raise TuneError(f"{name}={v!r} must be a whole number >= {low}")
+    if not _is_int(settings["seed"]) or not 0 <= settings["seed"] < 2**63:
+        raise TuneError(f"seed={settings['seed']!r} must be a whole number in [0, 2**63)")
+    for name in ("lr", "token_lr", "segment_seconds"):
+        v = settings[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+            raise TuneError(f"{name}={v!r} must be a finite number > 0")
+    for name in ("max_norm", "weight_decay"):
+        v = settings[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+            raise TuneError(f"{name}={v!r} must be a finite number >= 0 (0 turns it off)")
+    if not isinstance(settings["init_text"], str) or not settings["init_text"].strip():
+        raise TuneError(f"init_text={settings['init_text']!r} must be a non-empty string (e.g. 'music')")
+    from ..ops.sensitivity_accumulate import MODES
+
+    if settings["criterion"] not in MODES:
+        raise TuneError(f"criterion={settings['criterion']!r} is not one of {', '.join(MODES)}")
+
+
 def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens) -> None:
     if preset not in PRESETS:
         raise TuneError(f"preset={preset!r} is not one of {', '.join(PRESETS)}")
     if ratio is not None and count is not None:
         raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
-    if count is None and (ratio is None or not 0 < ratio <= 1):
+    if count is None and (not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise TuneError(f"ratio={ratio!r} must lie in (0, 1] (a fraction of the entries in scope, e.g. 0.01)")
-    if count is not None and count < 1:
-        raise TuneError(f"count={count!r} must be >= 1")
-    if n_tokens < 1:
+    if count is not None and (not _is_int(count) or count < 1):
+        raise TuneError(f"count={count!r} must be a whole number >= 1")
+    if not _is_int(n_tokens) or n_tokens < 1:
         raise TuneError(f"n_tokens={n_tokens} must be >= 1 (3 separates concepts best)")
     if not refs:
         raise TuneError("no reference given")
     if not templates:
         raise TuneError("templates= is empty; give at least one, e.g. 'a piece of music, {}'")
+    _check_templates(templates)
     for ident in refs:
         try:
             ident_mod.check_identifier(ident)
@@ -260,9 +331,12 @@ def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str
             raise TuneError(str(e)) from None
         clash = ident_mod.find_collisions(ident, templates)
         if clash:
+            template, word = clash[0]
+            where = "names the identifier outside its '{}'" if word == ident else f"uses {word!r} as an ordinary word"
             raise TuneError(
-                f"identifier {ident!r} collides with a word the prompts use ({clash[0]!r}); pick an identifier "
-                "that is no ordinary word, e.g. '<v1>' with a word not in the prompts"
+                f"identifier {ident!r} collides with the template {template!r}, which {where}: the identifier would "
+                "be cut out of (or compete with) that word in every prompt; pick an identifier that is no word of "
+                "the templates, e.g. '<v1>'"
             )
     idents = list(refs)
     for a in idents:
@@ -308,6 +382,8 @@ def tune_model(
     from . import data
 
     refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {identifier: reference}
+    if isinstance(templates, str):
+        raise TuneError(f"templates={templates!r} must be a list of strings, e.g. [{templates!r}]")
     templates = tuple(templates) if templates is not None else DEFAULT_TEMPLATES
     if ratio is None and count is None:
         ratio = default_ratio(model)
@@ -315,14 +391,13 @@ def tune_model(
     steps, lr, token_lr, batch_size, segment_seconds, prior = _resolve_defaults(
         model, steps, lr, token_lr, batch_size, segment_seconds, prior
     )
+    _check_settings(steps=steps, batch_size=batch_size, sensitivity_batches=sensitivity_batches,
+                    prior_clips=prior_clips, n_tokens=n_tokens, seed=seed, lr=lr, token_lr=token_lr,
+                    segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay,
+                    init_text=init_text, criterion=criterion)  # fmt: skip
     prior_prompts = _check_prior(prior, prior_prompts, prior_clips, templates, list(refs))
     if preset == "tokens":  # nothing the prompts without the identifier read is trained: nothing to preserve
         prior, prior_prompts = 0.0, []
-    if steps < 0 or batch_size < 1 or sensitivity_batches < 0:
-        raise TuneError(
-            f"steps={steps}, batch_size={batch_size}, sensitivity_batches={sensitivity_batches}: need steps >= 0, "
-            "batch_size >= 1 and sensitivity_batches >= 0"
-        )
 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -690,7 +765,10 @@ def tune(
         ratio / count=: pivots as a fraction of the entries in scope, or a fixed number (count= wins over ratio);
             ratio None: 0.001 on the trained default `tiny`, 0.01 elsewhere (`default_ratio`).
         steps: training steps (default 150 on the tiny model, 500 otherwise).
-        out: write the concept file here (for several concepts: a directory; one `<identifier>.ppt` each).
+        out: write the concept file here (for several concepts: a directory; one `concept_file_name(identifier)`,
+            e.g. `v1.ppt`, each). Checked before any work (`ppt_fast._io.check_writable`): a path that cannot be
+            written (a directory or device as the file, a path under a regular file, a folder where no file can be
+            created) or two identifiers that would share a file name raise TuneError before tuning starts.
         seed: everything random (token init, batches) derives from it; on CPU a fixed seed gives the same file.
         verbose: a tqdm bar per phase (phase, step, loss, steps/s); False silences it.
         **kwargs: lr, token_lr, batch_size, sensitivity_batches, criterion, n_tokens, init_text, templates,
@@ -705,25 +783,64 @@ def tune(
             produce stays closer to the base model; default 0 = off; ignored by preset "tokens") (see `tune_model`).
     """
     count = kwargs.pop("count", None)
+    files = _check_out(out, reference, identifier)
     result = tune_model(
         reference, model=model, identifier=identifier, preset=preset, ratio=None if count is not None else ratio,
         count=count, steps=steps, seed=seed, verbose=verbose, **kwargs,
     )  # fmt: skip
     concepts = _capture(result)
     if out is not None:
-        out = os.fspath(out)
-        if len(concepts) == 1 and not isinstance(reference, Mapping):
-            concepts[0].save(out)
+        if not isinstance(reference, Mapping):
+            concepts[0].save(files[identifier])
         else:
             os.makedirs(out, exist_ok=True)
             for ident, c in zip(result.identifiers, concepts):
-                c.save(os.path.join(out, _safe(ident) + ".ppt"))
+                c.save(files[ident])
     return concepts if isinstance(reference, Mapping) else concepts[0]
 
 
-def _safe(ident: str) -> str:
-    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in ident).strip("_")
-    return s or "concept"
+def concept_file_name(identifier: str) -> str:
+    """The file `tune(..., out=folder)` writes `identifier`'s concept to: its letters, digits, `-` and `_` (others
+    become `_`, leading / trailing `_` dropped; `concept` when none is left) + `.ppt`: `<v1>` -> `v1.ppt`. The name
+    never holds a separator or a dot before `.ppt`, so it stays inside the folder."""
+    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in identifier).strip("_")
+    return (s or "concept") + ".ppt"
 
 
-__all__ = ["PRESETS", "TuneError", "TuneResult", "tune", "tune_model"]
+def _check_out(out, reference, identifier: str) -> dict[str, str]:
+    """Before any work: the file each identifier's concept will be written to, checked writable (`check_writable`);
+    TuneError when `out` cannot be written or two identifiers would share a file (names compared case-insensitively:
+    some file systems do). `{}` when `out` is None."""
+    from .._io import UnwritablePathError, check_writable
+
+    if out is None:
+        return {}
+    if not isinstance(out, (str, os.PathLike)):
+        raise TuneError(f"out={out!r} must be a path (a file for one concept, a folder for several)")
+    out = os.fspath(out)
+    try:
+        if not isinstance(reference, Mapping):
+            check_writable(out)
+            return {identifier: out}
+        check_writable(out, folder=True)
+        files: dict[str, str] = {}
+        by_name: dict[str, Any] = {}
+        for ident in reference:
+            name = concept_file_name(ident) if isinstance(ident, str) else None
+            if name is None:
+                continue  # _check_inputs refuses it, naming it
+            if name.casefold() in by_name:
+                raise TuneError(
+                    f"identifiers {by_name[name.casefold()]!r} and {ident!r} would both be written to "
+                    f"{os.path.join(out, name)!r} (a file name keeps letters, digits, '-' and '_'); rename one, e.g. "
+                    "'<v1>' and '<v2>'"
+                )
+            by_name[name.casefold()] = ident
+            files[ident] = os.path.join(out, name)
+            check_writable(files[ident])
+        return files
+    except UnwritablePathError as e:
+        raise TuneError(f"out: {e}") from None
+
+
+__all__ = ["PRESETS", "TuneError", "TuneResult", "concept_file_name", "tune", "tune_model"]
