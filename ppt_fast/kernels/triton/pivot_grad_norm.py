@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
+from .sparse_adamw_step import load_pivot_grads
 
 _TILE_GPU, _WARPS_GPU = 1024, 4
 _TILE_INTERPRETER = 256
@@ -42,13 +43,7 @@ def _pivot_grad_norm_kernel(
     tid = tl.load(blk_tid + pid)
     j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
     mask = j < tl.load(offsets + tid + 1)
-    if PIVOT_GRADS:
-        g = tl.load(pivot_grads + j, mask=mask, other=0.0).to(tl.float32)
-    else:
-        idx = tl.load(indices + j, mask=mask, other=0).to(tl.int64)
-        inside = mask & (idx >= 0) & (idx < tl.load(numel_tab + tid))
-        g_ptr = tl.load(grad_tab + tid).to(g_like.dtype)
-        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    g = load_pivot_grads(grad_tab, g_like, pivot_grads, indices, numel_tab, tid, j, mask, PIVOT_GRADS)
     a = tl.abs(g)
     is_nan = mask & (a != a)
     is_inf = mask & (a == float("inf"))

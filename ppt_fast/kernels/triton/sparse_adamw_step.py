@@ -112,6 +112,20 @@ def _sparse_adamw_step_kernel(
 
 
 @triton.jit
+def load_pivot_grads(grad_tab, g_like, pivot_grads, indices, numel_tab, tid, j, mask, PIVOT_GRADS: tl.constexpr):
+    """The fp32 gradients at pivots `j` of tensor `tid`: from the gathered `pivot_grads`, or from the dense gradient
+    at the pivots' indices (0 where masked off or where an index lies outside the tensor)."""
+    if PIVOT_GRADS:
+        g = tl.load(pivot_grads + j, mask=mask, other=0.0).to(tl.float32)
+    else:
+        idx = tl.load(indices + j, mask=mask, other=0).to(tl.int64)
+        inside = mask & (idx >= 0) & (idx < tl.load(numel_tab + tid))
+        g_ptr = tl.load(grad_tab + tid).to(g_like.dtype)
+        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    return g
+
+
+@triton.jit
 def _gather_check_kernel(
     grad_tab,
     g_like,
@@ -140,13 +154,7 @@ def _gather_check_kernel(
     if HAS_FOUND_INF:
         end = tl.where(tl.load(found_inf) == 0.0, end, 0)
     mask = j < end
-    if PIVOT_GRADS:
-        g = tl.load(pivot_grads + j, mask=mask, other=0.0).to(tl.float32)
-    else:
-        idx = tl.load(indices + j, mask=mask, other=0).to(tl.int64)
-        inside = mask & (idx >= 0) & (idx < tl.load(numel_tab + tid))
-        g_ptr = tl.load(grad_tab + tid).to(g_like.dtype)
-        g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    g = load_pivot_grads(grad_tab, g_like, pivot_grads, indices, numel_tab, tid, j, mask, PIVOT_GRADS)
     if HAS_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale))
     if HAS_COEF:
