@@ -425,3 +425,15 @@ def test_description_word_lists_are_part_of_the_recorded_config(tmp_path, monkey
 def test_the_weights_record_the_command_however_the_cli_was_started(monkeypatch, argv, want):
     monkeypatch.setattr("sys.argv", argv)
     assert P._cli_command() == want
+
+
+def test_pretrain_refuses_an_unwritable_output_before_any_work(tmp_path, monkeypatch):
+    """The weights are written after ~50 minutes: a path that cannot take them is refused before anything runs."""
+    from ppt_fast._io import UnwritablePathError
+
+    monkeypatch.setattr(P, "prepare", lambda *a, **k: pytest.fail("pretraining started"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out in (str(tmp_path), str(blocker / "w.pt"), "/dev/null"):
+        with pytest.raises(UnwritablePathError):
+            P.pretrain(P.QUICK, out=out, workdir=str(tmp_path / "work"), verbose=False)

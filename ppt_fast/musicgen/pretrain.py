@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .. import _env
-from .._io import CorruptFileError, atomic_write_bytes, load_checked, save_checked
+from .._io import CorruptFileError, atomic_write_bytes, check_writable, load_checked, save_checked
 from .melcodec import MelCodecConfig, MelRVQCodec
 
 logger = logging.getLogger(__name__)
@@ -594,6 +594,9 @@ def pretrain(cfg: PretrainConfig = PretrainConfig(), *, out: str = ASSET, workdi
 
     `stop_after`: stop the LM phase after that many steps (as an interruption would) without exporting.
     """
+    # The weights and their JSON are written ~50 min from now: an output that cannot be written is refused first.
+    check_writable(out)
+    check_writable(os.path.splitext(out)[0] + ".json")
     workdir = workdir or os.path.join(_env.cache_dir(), "pretrain", cfg.digest())
     if fresh:
         for f in ("data.pt", "checkpoint.pt"):
