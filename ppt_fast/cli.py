@@ -1,16 +1,26 @@
 """`ppt-fast`: the command line (tune | generate | demo, plus dataset | eval when ppt_fast.eval provides them).
 
-Exit codes: 0 success; 2 bad input or usage (the message says what to fix; no traceback); 1 an unexpected failure
-(traceback printed, please report it); 130 interrupted.
+Exit codes: 0 success; 2 bad input or usage: one line `ppt-fast: error: ...` on stderr saying what to fix, no
+traceback (`--debug` or `PPT_FAST_DEBUG=1` prints it too); 1 an unexpected failure (traceback printed, please
+report it); 130 interrupted.
+
+Bad input is: `UsageError`; every error class of the library (all `ValueError` subclasses defined in ppt_fast:
+`ConceptError`, `AudioError`, `TuneError`, `PivotError`, `ScopeError`, `CorruptFileError`, `PretrainError`,
+`NaNScoresError`, ...) and a plain `ValueError` raised by ppt_fast's own argument checks; an `OSError` about a
+path (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`, `NotADirectoryError`, or any with a file
+name, a full disk, a read-only file system); an `ImportError` of a missing optional package (its message says
+what to install; not one inside ppt_fast itself). Anything else is a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 
 EPILOG = """examples:
@@ -25,17 +35,75 @@ class UsageError(Exception):
     """A problem with the user's input: printed as `ppt-fast: error: ...` with exit code 2."""
 
 
-def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from .audio import AudioError
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
-    types: list[type[BaseException]] = [UsageError, AudioError, FileNotFoundError, ImportError]
-    try:
-        from .musicgen.tune import TuneError
 
-        types.append(TuneError)
-    except ImportError:  # pragma: no cover - tune imports only ppt_fast modules
-        pass
-    return tuple(types)
+def raised_in_ppt_fast(e: BaseException) -> bool:
+    """The innermost Python frame of `e`'s traceback is ppt_fast code (our own check raised it)."""
+    tb = e.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "")
+    return module == "ppt_fast" or module.startswith("ppt_fast.")
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether `e` is bad input (exit 2, one line) rather than a bug (exit 1, traceback); see the module docstring."""
+    if isinstance(e, ImportError):  # a missing optional package, not a broken ppt_fast (`from .x import gone`)
+        return not (e.name or "").startswith("ppt_fast")
+    if isinstance(e, (UsageError, *_PATH_ERRORS)):
+        return True
+    if isinstance(e, OSError):
+        return e.filename is not None or e.errno in _ENV_ERRNOS
+    if isinstance(e, ValueError):
+        module = type(e).__module__
+        return module == "ppt_fast" or module.startswith("ppt_fast.") or raised_in_ppt_fast(e)
+    return False
+
+
+def debug_requested(args: argparse.Namespace | None = None) -> bool:
+    """`--debug`, or `PPT_FAST_DEBUG=1` (read here until ppt_fast._env parses it): print tracebacks of user errors."""
+    if args is not None and getattr(args, "debug", False):
+        return True
+    return os.environ.get("PPT_FAST_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def report_user_error(e: BaseException, debug: bool) -> int:
+    """Print `e` as one line `ppt-fast: error: ...` (after its traceback when `debug`); return the exit code, 2."""
+    if debug:
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.strerror}: {e.filename!r}"
+    text = " ".join(str(msg).split()) or type(e).__name__
+    print(f"ppt-fast: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _check_out_file(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or under a file."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file path, e.g. {os.path.join(path, 'out.wav')!r}")
+    _check_parent(os.path.dirname(os.path.abspath(path)), path, flag)
+
+
+def _check_out_dir(path: str, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be made: an existing file, or under a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file, not a folder; give a folder to write into")
+    _check_parent(os.path.abspath(path), path, flag)
+
+
+def _check_parent(folder: str, path: str, flag: str) -> None:
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path!r}: {folder!r} is a file, not a folder; choose another path")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable; choose a writable path")
 
 
 def _add_tune(sub) -> None:
@@ -113,7 +181,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (default: the model's; 3)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
-    p.add_argument("--scale", type=float, default=1.0, help="concept strength (default 1)")
+    p.add_argument("--scale", type=float, default=1.0, help="concept strength, in [-10, 10] (default 1)")
+    p.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="apply concept files that hold no fingerprint of their base model (nothing then checks that they were "
+        "tuned on --model)",
+    )
     p.add_argument("--resample-silent", type=int, default=2, metavar="N",
                    help="sample a clip that came out silent again, up to N times with the next seeds (default 2; "
                         "0: keep it and warn)")  # fmt: skip
@@ -164,10 +238,10 @@ def _cmd_pretrain(args) -> int:
     cfg = pt.QUICK if args.quick else pt.PretrainConfig()
     cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
     out = args.out or pt.ASSET
-    try:
-        prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)
-    except pt.PretrainError as e:
-        raise UsageError(str(e)) from e
+    _check_out_file(out)
+    if args.plot:
+        _check_out_file(args.plot, "--plot")
+    prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)
     t = prov["timings"]
     if args.plot:
         _plot_losses(prov["losses_every_10"], args.plot, title="ppt-fast pretrain: the default model's LM", every=10)
@@ -185,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_tune(sub)
     _add_generate(sub)
@@ -197,7 +272,21 @@ def build_parser() -> argparse.ArgumentParser:
     except ModuleNotFoundError as e:
         if e.name not in ("ppt_fast.eval.cli", "ppt_fast.eval"):
             raise
+    _add_debug_everywhere(sub)
     return parser
+
+
+_DEBUG_HELP = "on an error, also print the traceback (same as PPT_FAST_DEBUG=1)"
+
+
+def _add_debug_everywhere(sub: argparse._SubParsersAction) -> None:
+    """`--debug` is global: accepted before the command and after it, in every (nested) subcommand."""
+    for p in sub.choices.values():
+        if not any("--debug" in a.option_strings for a in p._actions):
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                _add_debug_everywhere(a)
 
 
 def _cmd_tune(args) -> int:
@@ -205,6 +294,7 @@ def _cmd_tune(args) -> int:
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
+    _check_out_file(args.out)
     kwargs = dict(n_tokens=args.n_tokens, activation_checkpointing=args.activation_checkpointing,
                   row_grads={"auto": None, "on": True, "off": False}[args.row_grads])  # fmt: skip
     if args.count is not None:
@@ -239,23 +329,51 @@ def _fit_peak_noted(*clips):
     return out, gain
 
 
+def _load_concept_files(paths: Sequence[str], allow_unverified: bool) -> list:
+    """Every concept in the files (one each, or bundles), read and checked before any model is loaded."""
+    from .concept import load_concepts
+
+    concepts = []
+    for path in paths:
+        if os.path.isdir(path):
+            raise UsageError(f"concept file {path!r} is a folder; give a concept file (.ppt)")
+        if not os.path.isfile(path):
+            raise UsageError(f"concept file {path!r} does not exist")
+        for c in load_concepts(path):
+            missing = c.unverified_names()
+            if missing and not allow_unverified:
+                raise UsageError(
+                    f"concept file {path!r} holds no fingerprint of its base model for {len(missing)} of the tensors "
+                    f"it changes ({missing[0]!r}{', ...' if len(missing) > 1 else ''}), so nothing checks that it "
+                    "was tuned on --model; pass --allow-unverified to apply it anyway, or tune it again"
+                )
+            concepts.append(c)
+    return concepts
+
+
 def _cmd_generate(args) -> int:
     from .audio import write_wav
+    from .concept import check_scale
     from .musicgen.generate import generate
     from .musicgen.models import load_model
 
-    for c in args.concept:
-        if not os.path.isfile(c):
-            raise UsageError(f"concept file {c!r} does not exist")
     if not args.duration > 0:
         raise UsageError(f"--duration {args.duration:g}: give a length in seconds > 0")
     if args.resample_silent < 0:
         raise UsageError(f"--resample-silent {args.resample_silent}: give 0 (keep a silent clip, warn) or more")
+    try:
+        check_scale(args.scale)
+    except ValueError as e:
+        raise UsageError(f"--scale {args.scale:g}: {e}") from None
+    _check_out_file(args.out)
+    concepts = _load_concept_files(args.concept, args.allow_unverified)
+    # generate() passes allow_unverified on to Concept.apply; only asked for when the user gave the flag
+    extra = {"allow_unverified": True} if args.allow_unverified else {}
     model = load_model(args.model)
     audio = generate(
-        [args.prompt], model=model, concepts=args.concept, duration=args.duration, seed=args.seed,
+        [args.prompt], model=model, concepts=concepts, duration=args.duration, seed=args.seed,
         cfg_coef=args.cfg_coef, top_k=args.top_k, temperature=args.temperature, scale=args.scale,
-        resample_silent=args.resample_silent,
+        resample_silent=args.resample_silent, **extra,
     )  # fmt: skip
     (clip,), _ = _fit_peak_noted(audio[0])
     write_wav(args.out, clip, model.sample_rate)
@@ -298,6 +416,7 @@ def _cmd_demo(args) -> int:
 
     t0 = time.perf_counter()
     out = args.out
+    _check_out_dir(out)
     os.makedirs(out, exist_ok=True)
     sr = 16000
     ref_path = os.path.join(out, "reference.wav")
@@ -369,9 +488,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ppt-fast: interrupted", file=sys.stderr)
         return 130
-    except _bad_input_types() as e:
-        print(f"ppt-fast: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if is_user_error(e):
+            return report_user_error(e, debug_requested(args))
+        traceback.print_exc()
+        print(f"ppt-fast: unexpected error ({type(e).__name__}); this is a bug: please report it with the traceback "
+              "above", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,11 @@ parameter's dtype). Concepts of one joint run (same `meta["joint_run"]`) count o
 mean of their scaled deltas; the jointly tuned value at scale 1). The result does not depend on the order concepts
 were applied or removed in.
 
-Applying a concept whose identifier is already applied is refused (`ConceptError`); remove it first.
+Applying a concept whose identifier is already applied is refused (`ConceptError`); remove it first. A concept
+without a base fingerprint for some tensor it touches cannot be checked against the model: applying it needs an
+explicit `allow_unverified=True`. Every stored value (tuned values, dense values, token embeddings) is finite:
+construction, capture, save and load refuse NaN / inf naming the tensor, and `scale` must be finite with
+|scale| <= `MAX_SCALE`.
 
 File format: see docs/concept_format.md (safetensors, JSON header, varint-packed index gaps, sha256 checksum,
 atomic writes). A file holds one concept or several (a bundle); `Concept.load` reads a one-concept file and
@@ -33,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +59,11 @@ _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 _DTYPE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items()} | {torch.float64: "float64"}
 # A tensor whose touched share passes this keeps a whole clone of its base (cheaper than indices + values).
 _WHOLE_BASE_SHARE = 0.25
+# |scale| above this is refused: the paper's strengths are 0..2; 10 already extrapolates the tuned change tenfold, and
+# larger factors mostly push parameters out of the range the model was trained in (fp16 ones towards overflow).
+MAX_SCALE = 10.0
+# No tensor of a PivotSet passes 2**31 entries (int32 local indices); a file's shapes are held to the same bound.
+_MAX_NUMEL = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,7 +74,8 @@ class ConceptError(ValueError):
 
 
 class ConceptFileError(ConceptError):
-    """A concept file is not readable: not a concept file, truncated, or its checksum does not match (tampered)."""
+    """A concept file is not readable: not a concept file, truncated, its checksum does not match (damaged), or what
+    it declares does not hold (sizes, shapes, dtypes, indices, non-finite values: crafted or written by a bug)."""
 
 
 class ConceptVersionError(ConceptError):
@@ -201,6 +212,41 @@ def _dtype_name(dtype: torch.dtype) -> str:
         return _DTYPE_NAMES[dtype]
     except KeyError:
         raise ConceptError(f"storage dtype {dtype} is not one of float32, float16, bfloat16") from None
+
+
+def _count_nonfinite(t: torch.Tensor) -> int:
+    return int((~torch.isfinite(t)).sum()) if t.numel() else 0
+
+
+def _json_safe_meta(obj: Any) -> Any:
+    """`meta` as strict JSON: non-finite floats become their names ("inf", "nan"); other objects their str()."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe_meta(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe_meta(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float)):
+        return obj
+    return str(obj)
+
+
+def check_scale(scale: Any) -> float:
+    """`scale` as a float; ConceptError unless it is a finite number with |scale| <= MAX_SCALE."""
+    try:
+        if isinstance(scale, (bool, str, bytes)):
+            raise TypeError
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConceptError(
+            f"scale {scale!r} is not a number; give the concept strength as a float (1.0 = as tuned)"
+        ) from None
+    if not math.isfinite(value) or abs(value) > MAX_SCALE:
+        raise ConceptError(
+            f"scale {value!r} is outside [-{MAX_SCALE:g}, {MAX_SCALE:g}]; give a finite concept strength "
+            "(1.0 = as tuned, 0 = the base model)"
+        )
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,8 +428,11 @@ class Concept:
                 rows = (lo, hi)
             self.dense[n] = t.detach().cpu().contiguous()
             self.dense_rows[n] = rows
-        self.fingerprint: dict[str, Any] = json.loads(json.dumps(dict(fingerprint or {})))
-        self.meta: dict[str, Any] = json.loads(json.dumps(dict(meta or {}), default=str))
+        self.fingerprint: dict[str, Any] = json.loads(json.dumps(dict(fingerprint or {}), allow_nan=False))
+        self.meta: dict[str, Any] = _json_safe_meta(dict(meta or {}))
+        #: the file the concept was read from (`load_concepts`), named in error messages; None when built in memory
+        self.source: str | None = None
+        self.check_finite()
 
     # ---- facts -----------------------------------------------------------------------------------------------------
     @property
@@ -402,6 +451,37 @@ class Concept:
     def touched_count(self) -> int:
         """Entries the concept changes (a pivot inside a dense range counts once)."""
         return sum(int(self._positions(n, None).numel()) for n in self.touched_names())
+
+    def unverified_names(self) -> list[str]:
+        """Touched tensors the fingerprint holds no sha256 for: nothing checks that the concept was tuned on the base
+        they are applied to. Applying a concept with any needs `allow_unverified=True`."""
+        tensors = self.fingerprint.get("tensors", {}) if isinstance(self.fingerprint, Mapping) else {}
+        return [
+            n for n in self.touched_names() if not isinstance(tensors.get(n), Mapping) or not tensors[n].get("sha256")
+        ]
+
+    def check_finite(self) -> None:
+        """ConceptError naming the first tensor (tuned values, dense values, token embeddings) with a NaN or inf."""
+        o = self.pivots.offsets_list
+        for i, name in enumerate(self.pivots.names):
+            bad = _count_nonfinite(self.values[o[i] : o[i + 1]])
+            if bad:
+                self._nonfinite(f"the tuned values of {name!r}", bad)
+        for name, t in self.dense.items():
+            bad = _count_nonfinite(t)
+            if bad:
+                self._nonfinite(f"the dense tuned values of {name!r}", bad)
+        for ident, t in self.tokens.items():
+            bad = _count_nonfinite(t)
+            if bad:
+                self._nonfinite(f"the token embeddings of {ident!r}", bad)
+
+    def _nonfinite(self, what: str, bad: int) -> None:
+        raise ConceptError(
+            f"concept {self.identifiers}: {what} hold {bad} non-finite entries (NaN or inf); a concept must be finite. "
+            "A tuning run that produced them diverged (lower the learning rate, keep gradient clipping on); a file "
+            "that holds them is damaged or crafted: write it again from a good run"
+        )
 
     def __repr__(self) -> str:
         return (
@@ -472,7 +552,8 @@ class Concept:
             fp: dict[str, Any] = {}
             logger.warning(
                 "Concept.capture: no base fingerprint given; the concept cannot check that it is applied to the right "
-                "model (pass base=snapshot_base(model, pivots, dense) or fingerprint_model(model) taken before tuning)"
+                "model, and applying it will need allow_unverified=True (pass base=snapshot_base(model, pivots, "
+                "dense) or fingerprint_model(model) taken before tuning)"
             )
         elif isinstance(base, BaseSnapshot):
             fp, snapshot = base.fingerprint, base
@@ -620,9 +701,12 @@ class Concept:
                 )
         fp = self.fingerprint.get("tensors", {})
         for n, entry in fp.items():
-            if entry.get("sha256") is None:
+            if not isinstance(entry, Mapping) or entry.get("sha256") is None:
                 continue
-            p = params[n]
+            p = params.get(n)
+            if p is None:
+                problems.append(f"{n!r} (in the fingerprint) is not a parameter of the model")
+                continue
             dtype = str(p.dtype).replace("torch.", "")
             kind = "sha256" if dtype == entry.get("dtype") else "sha256_bf16"
             memo = {} if _memo is None else _memo
@@ -649,15 +733,17 @@ class Concept:
             logger.debug("concept %s has no base fingerprint; only names and shapes were checked", self.identifiers)
 
     # ---- apply / remove ----------------------------------------------------------------------------------------------
-    def apply(self, model: Any, scale: float = 1.0, *, force: bool = False) -> None:
+    def apply(self, model: Any, scale: float = 1.0, *, force: bool = False, allow_unverified: bool = False) -> None:
         """Apply the concept to `model` (an LM nn.Module or an object with `.lm`), in place.
 
         Touched entries become `base + scale * (tuned - base)` (fp32 from the base; exactly `tuned` at scale 1), the
         identifiers' tokens go into the LM's identifier bank (`lm._ppt_fast_identifier_bank`, when it has one; a
-        warning otherwise). Refused (ConceptError) when one of the identifiers is already applied or registered;
-        FingerprintMismatch when the model is not the concept's base (`force=True` applies anyway).
+        warning otherwise). Refused (ConceptError) when one of the identifiers is already applied or registered, when
+        `scale` is not finite or |scale| > MAX_SCALE, and when the concept has no base fingerprint for a tensor it
+        touches unless `allow_unverified=True`; FingerprintMismatch when the model is not the concept's base
+        (`force=True` applies anyway).
         """
-        compose([self], model, scales=[scale], force=force)
+        compose([self], model, scales=[scale], force=force, allow_unverified=allow_unverified)
 
     def remove(self, model: Any) -> None:
         """Undo `apply`: every touched entry gets back its base value (bitwise) or, where other applied concepts
@@ -931,22 +1017,47 @@ def _check_distinct(concepts: Sequence[Concept]) -> None:
             seen[ident] = c.identifiers
 
 
+def _check_verified(c: Concept) -> None:
+    missing = c.unverified_names()
+    if missing:
+        where = f" (from {c.source!r})" if c.source else ""
+        raise ConceptError(
+            f"concept {c.identifiers}{where} has no base-model fingerprint for {len(missing)} of the tensors it "
+            f"changes ({', '.join(repr(n) for n in missing[:3])}{', ...' if len(missing) > 3 else ''}): nothing "
+            "checks that it was tuned on this model. Capture it with base=snapshot_base(...) taken before tuning, "
+            "or pass allow_unverified=True (ppt-fast generate --allow-unverified) to apply it anyway"
+        )
+
+
 def compose(
-    concepts: Sequence[Concept], model: Any, scales: Sequence[float] | None = None, *, force: bool = False
+    concepts: Sequence[Concept],
+    model: Any,
+    scales: Sequence[float] | None = None,
+    *,
+    force: bool = False,
+    allow_unverified: bool = False,
 ) -> dict[str, Any]:
     """Apply several concepts at once (alongside any already applied); returns the `overlap` report of all of them.
 
     The union of their pivots is changed; entries shared by several concepts get the sum of their scaled deltas from
     the base, computed in the canonical order (sorted identifiers), so the result does not depend on the order of
-    `concepts` or on which were applied first. Every check runs before anything changes.
+    `concepts` or on which were applied first. Every check runs before anything changes: scales finite with
+    |scale| <= MAX_SCALE, every concept finite and, unless `allow_unverified=True`, fingerprinted for every tensor
+    it changes; identifiers free; the model the concepts' base (`force=True` overrides a hash mismatch only).
     """
     concepts = list(concepts)
     if scales is None:
         scales = [1.0] * len(concepts)
-    scales = [float(s) for s in scales]
+    if isinstance(scales, (str, bytes)) or not isinstance(scales, Iterable):
+        raise ConceptError(f"compose: scales must be a list of numbers, got {type(scales).__name__}")
+    scales = [check_scale(s) for s in scales]
     if len(scales) != len(concepts):
         raise ConceptError(f"compose: {len(scales)} scales for {len(concepts)} concepts; give one scale per concept")
     _check_distinct(concepts)
+    for c in concepts:
+        c.check_finite()  # the tensors are plain attributes: they may have been changed since construction
+        if not allow_unverified:
+            _check_verified(c)
     lm = _resolve_lm(model)
     reg = getattr(lm, REGISTRY_ATTR, None)
     bank = getattr(lm, BANK_ATTR, None)
@@ -1041,7 +1152,7 @@ def overlap(concepts: Sequence[Concept]) -> dict[str, Any]:
 # The file
 # ---------------------------------------------------------------------------------------------------------------------
 def _canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _checksum(header: str, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -1133,12 +1244,15 @@ def save_concepts(concepts: Sequence[Concept], path: str | os.PathLike) -> None:
     """Write one file holding `concepts` (a bundle when several): safetensors + JSON header + sha256 checksum.
 
     Atomic: written to a temporary file in the same folder, fsynced, then `os.replace`d over `path`, so an existing
-    file is never left half-written. Raises ConceptError naming the path when it cannot be written.
+    file is never left half-written. Raises ConceptError naming the path when it cannot be written, and before
+    writing anything when a concept holds a NaN or inf.
     """
     concepts = list(concepts)
     if not concepts:
         raise ConceptError("save_concepts: no concepts given")
     _check_distinct(concepts)
+    for c in concepts:
+        c.check_finite()
     meta, tensors = _encode(concepts)
     data = _serialize(tensors, meta)
     try:
@@ -1148,81 +1262,241 @@ def save_concepts(concepts: Sequence[Concept], path: str | os.PathLike) -> None:
 
 
 def load_concepts(path: str | os.PathLike) -> list[Concept]:
-    """Read every concept in a concept file (one, or a bundle) after checking its format version and checksum."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    """Read every concept in a concept file (one, or a bundle) after checking its format version and checksum.
 
+    Everything the file declares is checked before it is used, so a damaged or crafted file raises
+    ConceptFileError (never another exception) and allocates no more than a small multiple of its own size: counts
+    against the bytes that hold them, shapes against the tensors, indices against their tensors, every value
+    finite. The checksum is an unkeyed sha256: it catches accidents, not forgery (docs/concept_format.md).
+    """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise ConceptError(f"cannot read the concept file {str(path)!r}: {e}") from e
-    try:
-        tensors = load(data)
-        meta = _read_metadata(data)
-    except (SafetensorError, ValueError, KeyError, UnicodeDecodeError) as e:
-        raise ConceptFileError(
-            f"{str(path)!r} is not a readable concept file (truncated or not safetensors: {e}); write it again"
-        ) from e
+    where = repr(str(path))
+    tensors, meta = _read_safetensors(data, where)
     if meta.get("format") != FORMAT:
-        raise ConceptFileError(f"{str(path)!r} is not a concept file (format {meta.get('format')!r}, not {FORMAT!r})")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise ConceptFileError(
-            f"{str(path)!r}: format_version {meta.get('format_version')!r} is not a number"
-        ) from None
+        raise ConceptFileError(f"{where} is not a concept file (format {meta.get('format')!r}, not {FORMAT!r})")
+    version_text = meta.get("format_version", "")
+    version = int(version_text) if version_text.isascii() and version_text.isdigit() and len(version_text) < 10 else 0
+    if version < 1:
+        raise ConceptFileError(f"{where}: format_version {version_text!r} is not a concept format version (1, 2, ...)")
     if version > FORMAT_VERSION:
         from . import __version__
 
         raise ConceptVersionError(
-            f"{str(path)!r} was written in concept format {version} (by ppt_fast {meta.get('ppt_fast_version')}); "
+            f"{where} was written in concept format {version} (by ppt_fast {meta.get('ppt_fast_version')}); "
             f"this ppt_fast ({__version__}) reads format {FORMAT_VERSION} and older: upgrade ppt_fast"
         )
     header = meta.get("header", "")
     if _checksum(header, tensors) != meta.get("checksum"):
         raise ConceptFileError(
-            f"{str(path)!r}: checksum mismatch (the file was changed or damaged after it was written); write it again"
+            f"{where}: checksum mismatch (the file was changed or damaged after it was written); write it again"
         )
     try:
-        entries = json.loads(header)["concepts"]
-        concepts = [_decode_entry(e, tensors, f"c{i}.") for i, e in enumerate(entries)]
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        if isinstance(e, ConceptError):
-            raise
-        raise ConceptFileError(f"{str(path)!r}: malformed header ({e})") from e
-    _check_distinct(concepts)
+        entries = _header_entries(header)
+        used: set[str] = set()
+        concepts = [_decode_entry(e, tensors, f"c{i}.", used) for i, e in enumerate(entries)]
+        extra = sorted(set(tensors) - used)
+        if extra:
+            raise ConceptFileError(f"holds tensors its header does not describe: {extra[:3]}")
+        _check_distinct(concepts)
+    except ConceptError as e:
+        # The decoder's own refusals say what is wrong; the fix is the same for all of them.
+        fix = "; the file is damaged or not written by ppt_fast: write it again" if type(e) is ConceptFileError else ""
+        raise ConceptFileError(f"{where}: {e}{fix}") from e
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as e:  # pragma: no cover
+        # A safety net: the checks above are meant to leave nothing for it (tests/test_concept_fuzz.py checks that).
+        raise ConceptFileError(f"{where}: malformed concept header ({type(e).__name__}: {e}); write it again") from e
+    for c in concepts:
+        c.source = str(path)
     return concepts
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_safetensors(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the string metadata of a safetensors file in memory; ConceptFileError when it is not one."""
+    from safetensors.torch import load
+
+    fix = "truncated or not safetensors"
+    if len(data) < 8:
+        raise ConceptFileError(f"{where} is not a readable concept file ({fix}: {len(data)} bytes); write it again")
     n = int.from_bytes(data[:8], "little")
-    head = json.loads(data[8 : 8 + n].decode("utf-8"))
-    return head.get("__metadata__", {}) or {}
+    if n > len(data) - 8:
+        raise ConceptFileError(
+            f"{where} is not a readable concept file ({fix}: its header claims {n} bytes, {len(data) - 8} follow); "
+            "write it again"
+        )
+    try:
+        head = json.loads(data[8 : 8 + n].decode("utf-8"))
+        meta = head.get("__metadata__") or {} if isinstance(head, dict) else None
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("its metadata is not a map of strings")
+        # The file's bytes are untrusted input to a third-party parser: whatever it raises means "not readable".
+        tensors = load(data)
+    except Exception as e:
+        raise ConceptFileError(f"{where} is not a readable concept file ({fix}: {e}); write it again") from e
+    return tensors, meta
 
 
-def _decode_entry(e: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], pre: str) -> Concept:
-    piv = e["pivots"]
+def _refuse_constant(name: str) -> Any:
+    raise ConceptFileError(f"the header holds the non-finite number {name} (no ppt_fast writes one)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ConceptFileError(f"the header holds the number {text[:20]}, which overflows a float")
+    return value
+
+
+def _header_entries(header: str) -> list[dict[str, Any]]:
+    """The header's concept entries; strict JSON (no NaN / Infinity), an object with a non-empty `concepts` list."""
+    try:
+        obj = json.loads(header, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ConceptFileError("the header nests too deeply to be a concept header") from None
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's digit limit
+        raise ConceptFileError(f"the header is not JSON this reader takes ({e})") from None
+    entries = obj.get("concepts") if isinstance(obj, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConceptFileError("the header lists no concepts (`concepts` must be a non-empty list)")
+    return entries
+
+
+def _field(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    """`d[key]`, which must be of `kind` (bools never count as ints); ConceptFileError naming `what` otherwise."""
+    if not isinstance(d, dict) or key not in d:
+        raise ConceptFileError(f"{what}: missing `{key}`")
+    v = d[key]
+    if isinstance(v, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)) or not isinstance(v, kind):
+        raise ConceptFileError(f"{what}: `{key}` is {type(v).__name__}, not {getattr(kind, '__name__', kind)}")
+    return v
+
+
+def _ints(v: Any, what: str, lo: int = 0, hi: int = _MAX_NUMEL) -> list[int]:
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v):
+        raise ConceptFileError(f"{what} must be a list of integers in [{lo}, {hi}], got {str(v)[:80]}")
+    return v
+
+
+def _strs(v: Any, what: str, unique: bool = True) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConceptFileError(f"{what} must be a list of strings, got {str(v)[:80]}")
+    if unique and len(set(v)) != len(v):
+        raise ConceptFileError(f"{what} repeats a name: {str(v)[:80]}")
+    return v
+
+
+def _shape(v: Any, what: str) -> torch.Size:
+    dims = _ints(v, what)
+    if len(dims) > 8 or math.prod(dims) > _MAX_NUMEL:
+        raise ConceptFileError(f"{what} {str(v)[:80]} is not a parameter shape (at most 8 dims, < 2**31 entries)")
+    return torch.Size(dims)
+
+
+def _tensor(tensors: Mapping[str, torch.Tensor], name: str, used: set[str], dtypes: Sequence[torch.dtype],
+            shape: Sequence[int] | None = None, dim: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The file's tensor `name`, of one of `dtypes` and the given shape (or number of dims)."""
+    t = tensors.get(name)
+    if t is None:
+        raise ConceptFileError(f"tensor {name!r}, which the header describes, is missing")
+    if t.dtype not in dtypes:
+        raise ConceptFileError(f"tensor {name!r} is {t.dtype}, not {' or '.join(str(d) for d in dtypes)}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ConceptFileError(f"tensor {name!r} has shape {tuple(t.shape)}, the header says {tuple(shape)}")
+    if dim is not None and t.dim() != dim:
+        raise ConceptFileError(f"tensor {name!r} has {t.dim()} dims, not {dim}")
+    used.add(name)
+    return t
+
+
+def _fingerprint(fp: Any, what: str) -> dict[str, Any]:
+    """A header's fingerprint: {} or {"algorithm": "sha256", "tensors": {name: {shape, dtype, sha256, ...}}}."""
+    if fp is None or fp == {}:
+        return {}
+    if not isinstance(fp, dict) or fp.get("algorithm", "sha256") != "sha256" or not isinstance(fp.get("tensors"), dict):
+        raise ConceptFileError(f"{what}: not a sha256 fingerprint ({str(fp)[:80]})")
+    for name, entry in fp["tensors"].items():
+        if not isinstance(entry, dict):
+            raise ConceptFileError(f"{what} of {name!r} is {type(entry).__name__}, not an object")
+        if "shape" in entry:
+            _shape(entry["shape"], f"{what} of {name!r}: shape")
+        for key in ("dtype", "sha256", "sha256_bf16"):
+            v = entry.get(key)
+            if v is not None and not isinstance(v, str):
+                raise ConceptFileError(f"{what} of {name!r}: `{key}` is {type(v).__name__}, not a string")
+    return fp
+
+
+def _decode_entry(e: Any, tensors: Mapping[str, torch.Tensor], pre: str, used: set[str]) -> Concept:
+    """One header entry + its tensors -> a Concept; every declared size is checked before it is used."""
+    what = f"concept {pre[:-1]}"
+    piv = _field(e, "pivots", dict, what)
     if piv.get("encoding") != "varint-gap":
-        raise ConceptFileError(f"unknown pivot encoding {piv.get('encoding')!r}")
-    counts = [int(x) for x in piv["counts"]]
-    shapes = [torch.Size(s) for s in piv["shapes"]]
-    idx = _unpack_indices(tensors[pre + "pivots.gaps"], counts)
+        raise ConceptFileError(f"{what}: unknown pivot encoding {piv.get('encoding')!r} (ppt_fast writes varint-gap)")
+    names = _strs(_field(piv, "names", list, what), f"{what}: pivots.names")
+    shapes = [_shape(s, f"{what}: the shape of {n!r}") for n, s in zip(names, _field(piv, "shapes", list, what))]
+    counts = _ints(_field(piv, "counts", list, what), f"{what}: pivots.counts")
+    if not len(names) == len(shapes) == len(counts):
+        raise ConceptFileError(f"{what}: {len(names)} pivot names, {len(shapes)} shapes, {len(counts)} counts")
+    for n, s, k in zip(names, shapes, counts):
+        if k > s.numel():
+            raise ConceptFileError(f"{what}: {k} pivots in {n!r}, which has {s.numel()} entries")
+    storage = _field(e, "storage_dtype", str, what)
+    if storage not in _STORAGE_DTYPES:
+        raise ConceptFileError(f"{what}: storage dtype {storage!r} is not one of {', '.join(_STORAGE_DTYPES)}")
+    dtype = _STORAGE_DTYPES[storage]
+    k = sum(counts)
+    gaps = _tensor(tensors, pre + "pivots.gaps", used, (torch.uint8,), dim=1)
+    # Every index costs at least one byte of the stream: the count is bounded by bytes in the file BEFORE decoding.
+    if k > gaps.numel():
+        raise ConceptFileError(f"{what}: the header counts {k} pivots, the index stream holds {gaps.numel()} bytes")
+    values = _tensor(tensors, pre + "pivots.values", used, (dtype,), shape=(k,))
+    idx = _unpack_indices(gaps, counts)
     bounds = [0, *torch.tensor(counts, dtype=torch.int64).cumsum(0).tolist()]
     for i, s in enumerate(shapes):
         if counts[i] and int(idx[bounds[i + 1] - 1]) >= s.numel():
-            raise ConceptFileError(f"pivot indices of {piv['names'][i]!r} pass its {s.numel()} entries")
-    pivots = PivotSet(piv["names"], shapes, bounds, idx.to(torch.int32))
-    values = tensors[pre + "pivots.values"]
-    if _dtype_name(values.dtype) != e["storage_dtype"]:
-        raise ConceptFileError(f"values are {values.dtype}, the header says {e['storage_dtype']}")
+            raise ConceptFileError(f"pivot indices of {names[i]!r} pass its {s.numel()} entries")
+    try:
+        pivots = PivotSet(names, shapes, bounds, idx.to(torch.int32))
+    except ValueError as err:  # PivotError: the PivotSet's own checks, naming the tensor
+        raise ConceptFileError(f"{what}: {err}") from err
     dense, rows = {}, {}
-    for j, d in enumerate(e["dense"]):
-        dense[d["name"]] = tensors[f"{pre}dense.{j}"]
-        rows[d["name"]] = tuple(d["rows"]) if d["rows"] is not None else None
-    idents = list(e["identifiers"])
-    tokens = {ident: tensors[f"{pre}tokens.{idents.index(ident)}"] for ident in e["tokens"]}
-    return Concept(idents, tokens, pivots, values, dense, e.get("fingerprint") or {}, e.get("meta") or {}, rows)
+    for j, d in enumerate(_field(e, "dense", list, what)):
+        dw = f"{what}: dense[{j}]"
+        n = _field(d, "name", str, dw)
+        if n in dense:
+            raise ConceptFileError(f"{dw}: {n!r} is listed twice")
+        shape = _shape(_field(d, "shape", list, dw), f"{dw}: shape")
+        if shape.numel() == 0:
+            raise ConceptFileError(f"{dw}: the dense values of {n!r} are empty ({tuple(shape)})")
+        r = _field(d, "rows", (list, type(None)), dw)
+        if r is not None:
+            r = tuple(_ints(r, f"{dw}: rows"))
+            if len(r) != 2 or len(shape) == 0 or not r[0] < r[1] or r[1] - r[0] != shape[0]:
+                raise ConceptFileError(f"{dw}: rows {list(r)} do not fit its shape {tuple(shape)} (need [lo, hi])")
+        dense[n] = _tensor(tensors, f"{pre}dense.{j}", used, (dtype,), shape=shape)
+        rows[n] = r
+    idents = _strs(_field(e, "identifiers", list, what), f"{what}: identifiers")
+    token_idents = _strs(_field(e, "tokens", list, what), f"{what}: tokens")
+    tokens = {}
+    for ident in token_idents:
+        if ident not in idents:
+            raise ConceptFileError(f"{what}: tokens for {ident!r}, which is not one of its identifiers {idents}")
+        t = _tensor(tensors, f"{pre}tokens.{idents.index(ident)}", used, (torch.float32,), dim=2)
+        if t.shape[0] < 1 or t.shape[1] < 1:
+            raise ConceptFileError(f"{what}: the token embeddings of {ident!r} are empty ({tuple(t.shape)})")
+        tokens[ident] = t
+    fp = _fingerprint(e.get("fingerprint"), f"{what}: fingerprint")
+    for n, s in zip(names, shapes):
+        fs = fp.get("tensors", {}).get(n, {}).get("shape")
+        if fs is not None and torch.Size(fs) != s:
+            raise ConceptFileError(f"{what}: {n!r} has shape {tuple(s)} in the pivots, {tuple(fs)} in the fingerprint")
+    meta = e.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise ConceptFileError(f"{what}: meta is {type(meta).__name__}, not an object")
+    return Concept(idents, tokens, pivots, values, dense, fp, meta, rows)
 
 
 __all__ = [

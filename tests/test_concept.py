@@ -388,8 +388,8 @@ def test_truncated_and_tampered_files(tmp_path):
 
 
 def _read(path):
-    data = path.read_bytes()
-    return C._read_metadata(data), load(data)
+    tensors, meta = C._read_safetensors(path.read_bytes(), str(path))
+    return meta, tensors
 
 
 def test_newer_format_version_refused(tmp_path):
@@ -535,13 +535,16 @@ def test_crafted_file_with_valid_checksum_but_bad_indices(tmp_path):
     m = with_bank(Net())
     c = tune_fake(m, "<v1>")
     meta, tensors = C._encode([c])
-    header = json.loads(meta["header"])
-    header["concepts"][0]["pivots"]["shapes"][0] = [1]  # the first tensor now has 1 entry: its indices overflow
-    meta["header"] = C._canonical_json(header)
-    meta["checksum"] = C._checksum(meta["header"], tensors)
-    (tmp_path / "f.ppt").write_bytes(C._serialize(tensors, meta))
-    with pytest.raises(ConceptFileError, match="pass its"):
-        Concept.load(tmp_path / "f.ppt")
+    k0 = c.pivots.counts()[0]
+    for shape, match in (([1], "pivots in"), ([k0], "pass its")):  # [k0]: room for the count, not the indices
+        header = json.loads(meta["header"])
+        header["concepts"][0]["pivots"]["shapes"][0] = shape
+        header["concepts"][0]["fingerprint"] = {}
+        meta["header"] = C._canonical_json(header)
+        meta["checksum"] = C._checksum(meta["header"], tensors)
+        (tmp_path / "f.ppt").write_bytes(C._serialize(tensors, meta))
+        with pytest.raises(ConceptFileError, match=match):
+            Concept.load(tmp_path / "f.ppt")
 
 
 def test_capture_from_tune_result_like_object():
@@ -587,10 +590,182 @@ def test_capture_from_tune_result_like_object():
 
 def test_unsorted_or_out_of_range_indices_refused():
     names, shapes = ["a", "b"], [(4, 3), (5,)]
-    for idx, match in (([3, 1, 0, 2], "strictly increasing"), ([1, 1, 0, 2], "strictly increasing"),
-                       ([0, 12, 0, 2], "past the end"), ([0, 1, 4, 5], "past the end")):  # fmt: skip
-        piv = PivotSet(names, shapes, [0, 2, 4], torch.tensor(idx, dtype=torch.int32))
-        with pytest.raises(ConceptError, match=match):
+    for idx, match in (([3, 1, 0, 2], "strictly increas"), ([1, 1, 0, 2], "strictly increas"),
+                       ([0, 12, 0, 2], "past the end|outside"), ([0, 1, 4, 5], "past the end|outside")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):  # PivotError from PivotSet itself, or ConceptError
+            piv = PivotSet(names, shapes, [0, 2, 4], torch.tensor(idx, dtype=torch.int32))
             Concept(["<v1>"], {}, piv, torch.zeros(4))
     ok = PivotSet(names, shapes, [0, 2, 4], torch.tensor([5, 11, 0, 4], dtype=torch.int32))  # resets per tensor
     assert Concept(["<v1>"], {}, ok, torch.zeros(4)).pivots.count == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# No input can hurt: non-finite values, unverified concepts, scales (issue 22)
+# ---------------------------------------------------------------------------------------------------------------------
+def _forge(path, c, change):
+    """Write `c` with `change(header_entry, tensors)` applied and the (unkeyed) checksum recomputed: a crafted file."""
+    meta, tensors = C._encode([c])
+    header = json.loads(meta["header"])
+    change(header["concepts"][0], tensors)
+    meta["header"] = json.dumps(header)
+    meta["checksum"] = C._checksum(meta["header"], tensors)
+    path.write_bytes(C._serialize(tensors, meta))
+
+
+def _poison(name, value):
+    def change(entry, tensors):
+        entry["fingerprint"] = {}
+        t = tensors[name].clone()
+        t.view(-1)[torch.randint(t.numel(), ())] = value
+        tensors[name] = t
+
+    return change
+
+
+@pytest.mark.parametrize("tensor, value, what", [
+    ("c0.pivots.values", float("nan"), "the tuned values of"), ("c0.pivots.values", float("inf"), "tuned values"),
+    ("c0.dense.0", -float("inf"), "dense tuned values of 'in_proj_weight'"),
+    ("c0.tokens.0", float("nan"), "token embeddings of '<v1>'"),
+])  # fmt: skip
+def test_crafted_nonfinite_file_refused_at_load(tmp_path, tensor, value, what):
+    """The issue's file: NaN weights, the fingerprint removed, the checksum recomputed. Refused, naming the tensor."""
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>", dense={"in_proj_weight": slice(24, 36)})
+    c.remove(m)
+    path = tmp_path / "nan.ppt"
+    _forge(path, c, _poison(tensor, value))
+    with pytest.raises(ConceptFileError, match=f"{what}.*non-finite") as e:
+        Concept.load(path)
+    assert str(path) in str(e.value)
+    assert_state_equal(m, base)
+
+
+def test_header_with_nan_or_overflowing_number_refused(tmp_path):
+    m = with_bank(Net())
+    c = tune_fake(m, "<v1>")
+    for bad in (float("nan"), float("inf"), 1e999):
+        _forge(tmp_path / "h.ppt", c, lambda e, t, bad=bad: e["meta"].update(lr=bad))
+        with pytest.raises(ConceptFileError, match="non-finite number|overflows"):
+            Concept.load(tmp_path / "h.ppt")
+
+
+def test_capture_and_save_refuse_nonfinite(tmp_path):
+    m = with_bank(Net())
+    g = torch.Generator().manual_seed(8)
+    piv = random_pivots(m, 0.2, g)
+    fp = fingerprint_model(m)
+    name, idx = next((n, i) for n, i in piv if i.numel())
+    with torch.no_grad():
+        m.get_parameter(name).view(-1)[idx[int(torch.randint(idx.numel(), ()))].long()] = float("nan")  # diverged
+    with pytest.raises(ConceptError, match=f"tuned values of {name!r} hold 1 non-finite"):
+        Concept.capture(m, piv, identifiers=["<v1>"], base=fp)
+    assert not hasattr(m, C.REGISTRY_ATTR)
+    ok = tune_fake(with_bank(Net()), "<v2>")
+    ok.values[int(torch.randint(ok.values.numel(), ()))] = float("inf")  # changed after it was built
+    with pytest.raises(ConceptError, match="non-finite"):
+        ok.save(tmp_path / "inf.ppt")
+    assert not (tmp_path / "inf.ppt").exists()
+    ok.values.nan_to_num_(posinf=1.0)
+    ok.tokens["<v2>"][0, 0] = float("nan")
+    with pytest.raises(ConceptError, match="token embeddings of '<v2>'"):
+        save_concepts([ok], tmp_path / "nan.ppt")
+    assert not (tmp_path / "nan.ppt").exists()
+
+
+def test_apply_refuses_concept_changed_to_nonfinite_and_leaves_model():
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>", dense={"in_proj_bias": None})
+    c.remove(m)
+    c.dense["in_proj_bias"][int(torch.randint(c.dense["in_proj_bias"].numel(), ()))] = float("nan")
+    with pytest.raises(ConceptError, match="dense tuned values of 'in_proj_bias'"):
+        c.apply(m)
+    assert_state_equal(m, base)
+    assert not hasattr(m, C.REGISTRY_ATTR)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), C.MAX_SCALE * 1.01, -11.0, "2", None,
+                                   True, [1.0]])  # fmt: skip
+def test_bad_scales_refused_before_anything_changes(scale):
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>")
+    c.remove(m)
+    with pytest.raises(ConceptError, match="scale"):
+        c.apply(m, scale=scale)
+    with pytest.raises(ConceptError, match="scale"):
+        C.compose([c], m, scales=[scale])
+    assert_state_equal(m, base)
+    assert not hasattr(m, C.REGISTRY_ATTR)
+
+
+def test_scale_bound_is_inclusive():
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>")
+    c.remove(m)
+    for scale in (C.MAX_SCALE, -C.MAX_SCALE):
+        c.apply(m, scale=scale)
+        assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+        assert not all(torch.equal(p.detach(), base[n]) for n, p in m.named_parameters())
+        c.remove(m)
+    assert_state_equal(m, base)
+
+
+@pytest.mark.parametrize("drop", ["all", "one"])
+def test_unverified_concept_needs_explicit_allow(tmp_path, drop):
+    """No fingerprint (or none for one touched tensor): refused unless allow_unverified=True, naming file and fix."""
+    m = with_bank(Net())
+    base = state(m)
+    c = tune_fake(m, "<v1>")
+    tuned = state(m)
+    c.remove(m)
+    path = tmp_path / "unverified.ppt"
+    victim = c.touched_names()[int(torch.randint(len(c.touched_names()), ()))]
+
+    def change(entry, tensors):
+        if drop == "all":
+            entry["fingerprint"] = {}
+        else:
+            del entry["fingerprint"]["tensors"][victim]
+
+    _forge(path, c, change)
+    r = Concept.load(path)  # loading is fine: the file is intact, only unverifiable
+    assert r.unverified_names() == (c.touched_names() if drop == "all" else [victim])
+    for attempt in (lambda: r.apply(m), lambda: C.compose([r], m)):
+        with pytest.raises(ConceptError, match="allow_unverified=True") as e:
+            attempt()
+        assert str(path) in str(e.value) and repr(victim) in str(e.value)
+        assert_state_equal(m, base)
+    r.apply(m, allow_unverified=True)
+    assert_state_equal(m, tuned)
+    r.remove(m)
+    C.compose([r], m, allow_unverified=True)
+    assert_state_equal(m, tuned)
+    C.remove_all(m)
+    assert_state_equal(m, base)
+
+
+def test_capture_without_base_is_unverified(caplog):
+    m = with_bank(Net())
+    piv = random_pivots(m, 0.1, torch.Generator().manual_seed(2))
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.concept"):
+        c = Concept.capture(m, piv, identifiers=["<v1>"])
+    assert "allow_unverified=True" in caplog.text
+    assert c.unverified_names() == c.touched_names()
+    with pytest.raises(ConceptError, match="allow_unverified"):
+        c.apply(with_bank(Net()))
+
+
+def test_nonfinite_meta_is_stored_as_text_and_header_is_strict_json(tmp_path):
+    m = with_bank(Net())
+    g = torch.Generator().manual_seed(4)
+    piv = random_pivots(m, 0.1, g)
+    c = Concept.capture(m, piv, identifiers=["<v1>"], base=fingerprint_model(m),
+                        meta={"max_norm": float("inf"), "lr": 1e-3, "nested": [float("nan")]})  # fmt: skip
+    c.save(tmp_path / "m.ppt")
+    meta, _ = _read(tmp_path / "m.ppt")
+    json.loads(meta["header"], parse_constant=lambda name: pytest.fail(f"header holds {name}"))
+    r = Concept.load(tmp_path / "m.ppt")
+    assert r.meta["max_norm"] == "inf" and r.meta["nested"] == ["nan"] and r.meta["lr"] == 1e-3

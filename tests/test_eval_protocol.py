@@ -192,3 +192,104 @@ def test_caveats_follow_what_the_model_is_not_its_name(tmp_path):
     # reports written before model_kind existed read as before
     assert "trained here" in " ".join(_caveats({"model": "tiny", "tiny_model": True}))
     assert "random-init" in " ".join(_caveats({"model": "tiny-random", "tiny_model": True}))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Strict JSON: a missing or non-finite score is null, never a bare NaN (issue 22)
+# ---------------------------------------------------------------------------------------------------------------------
+def _strict_load(path):
+    """json.load that refuses NaN / Infinity (what a strict reader, e.g. a browser's JSON.parse, does)."""
+    with open(path) as f:
+        return json.load(f, parse_constant=lambda name: pytest.fail(f"{path} holds a bare {name}"))
+
+
+def test_dumps_json_writes_null_for_non_finite():
+    from ppt_fast.eval.protocol import dumps_json
+
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    x = torch.rand(3, generator=g).tolist()
+    obj = {"a": float("nan"), "b": [float("inf"), x[0]], "c": (x[1], -float("inf")), "d": {"e": [x[2], None]},
+           "n": 3, "ok": True, "s": "nan"}  # fmt: skip
+    back = json.loads(dumps_json(obj), parse_constant=lambda name: pytest.fail(name))
+    assert back == {"a": None, "b": [None, x[0]], "c": [x[1], None], "d": {"e": [x[2], None]}, "n": 3, "ok": True,
+                    "s": "nan"}  # fmt: skip
+
+
+def test_results_json_is_strict_and_reads_back(manifest, tmp_path, monkeypatch):
+    """A prompt that names no tag word has no text-alignment score (NaN in memory): results.json says null, and the
+    report made from the file reads n/a exactly as the one made from memory."""
+    from ppt_fast.eval import metrics
+    from ppt_fast.eval.protocol import markdown_report
+
+    calls = []
+    _install_fakes(monkeypatch, calls)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    monkeypatch.setattr(metrics, "audio_alignment", lambda *a, **k: float(torch.rand((), generator=g)))
+    monkeypatch.setattr(metrics, "copying", lambda *a, **k: float("nan"))
+    monkeypatch.setattr(
+        metrics, "text_alignment", lambda *a, **k: metrics.TextAlignmentScore(float("nan"), metrics.TAG_PROXY)
+    )
+    monkeypatch.setattr(metrics, "diversity", lambda *a, **k: float(torch.rand((), generator=g)))
+    s = Settings(duration=3.2, clips_per_prompt=2, prompts=("{}, played",))
+    report = run_protocol(manifest, str(tmp_path), settings=s, methods=["base", "ppt-1%"], concepts=["violin"])
+    on_disk = _strict_load(tmp_path / "results.json")
+    for r in on_disk["results"]:
+        assert r["text_alignment"] is None and r["copying"] is None
+        assert all(p["text_alignment"] is None for p in r["prompts"])
+        assert isinstance(r["audio_alignment"], float) and 0 <= r["audio_alignment"] <= 1
+    assert markdown_report(on_disk) == markdown_report(report)
+    assert "| n/a |" in (tmp_path / "report.md").read_text()
+
+
+@needs_musicnn
+def test_retrieval_json_is_strict(manifest, tmp_path, monkeypatch, capsys):
+    from ppt_fast.eval import metrics
+
+    monkeypatch.setattr(
+        metrics,
+        "retrieval",
+        lambda *a, **k: {
+            "top1": float("nan"),
+            "n": 0,
+            "same_mean": float("nan"),
+            "different_mean": float("inf"),
+            "confusions": [],
+        },
+    )
+    p = _parser()
+    args = p.parse_args(["eval", "--retrieval", "--dataset", manifest, "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    capsys.readouterr()
+    r = _strict_load(tmp_path / "retrieval.json")
+    assert r["top1"] is None and r["different_mean"] is None and r["n"] == 0
+
+
+def test_default_model_eval_json_is_strict(tmp_path, monkeypatch):
+    """`python -m ppt_fast.eval.default_model`: a figure that comes out NaN is written as null."""
+    import types
+
+    import ppt_fast.musicgen.models as models
+    from ppt_fast.eval import default_model as DM
+
+    monkeypatch.setattr(ppt_fast, "load_model", lambda *a, **k: types.SimpleNamespace(sample_rate=16000))
+    monkeypatch.setattr(models, "require_audiocraft", lambda: None)
+    monkeypatch.setattr(DM.features, "get_embedder", lambda name: None)
+    monkeypatch.setattr(DM, "gallery", lambda names, *a, **k: torch.zeros(len(names), 4))
+    monkeypatch.setattr(DM, "text_control", lambda *a, **k: {"top1": float("nan"), "chance": 0.0625,
+                                                              "diversity": float("inf")})  # fmt: skip
+    out = tmp_path / "eval.json"
+    assert DM.main(["--out", str(out), "--skip", "codec,sweep,long,preservation"]) == 0
+    data = _strict_load(out)
+    assert data["complete"] is True
+    assert data["text_control"] == {"top1": None, "chance": 0.0625, "diversity": None}
+
+
+def test_eval_package_writes_json_only_through_write_json():
+    """Every JSON the eval CLI, protocol and default-model figures write goes through write_json (strict)."""
+    import inspect
+
+    from ppt_fast.eval import cli, default_model, protocol
+
+    for mod in (cli, protocol, default_model):
+        src = inspect.getsource(mod)
+        assert "json.dump(" not in src and "json.dumps(report" not in src, mod.__name__

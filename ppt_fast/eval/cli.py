@@ -1,16 +1,15 @@
 """`ppt-fast dataset ...` and `ppt-fast eval ...`: added to the main CLI's subparsers by :func:`register`.
 
-Self-contained: each command catches bad input (ValueError, KeyError, FileNotFoundError, ImportError), prints
-``ppt-fast: error: ...`` and returns exit code 2.
+Self-contained: each command turns bad input (what :func:`ppt_fast.cli.is_user_error` calls so, and a KeyError
+raised by ppt_fast naming what exists, e.g. an unknown concept) into one line ``ppt-fast: error: ...`` and exit
+code 2 (with the traceback under ``--debug`` / ``PPT_FAST_DEBUG=1``); anything else propagates as a bug.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import sys
 from collections.abc import Callable
 
 DATASET_EPILOG = """examples:
@@ -36,12 +35,14 @@ examples:
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
+        from ..cli import debug_requested, is_user_error, raised_in_ppt_fast, report_user_error
+
         try:
             return fn(args)
-        except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"ppt-fast: error: {msg}", file=sys.stderr)
-            return 2
+        except Exception as e:
+            if is_user_error(e) or isinstance(e, KeyError) and raised_in_ppt_fast(e):
+                return report_user_error(e, debug_requested(args))
+            raise
 
     return run
 
@@ -158,6 +159,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .metrics import retrieval
+    from .protocol import write_json
 
     if args.retrieval:
         if not args.dataset:
@@ -165,8 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         r = retrieval(args.dataset, embedder=args.embedder, concepts=_csv(args.concepts))
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "retrieval.json")
-        with open(path, "w") as f:
-            json.dump(r, f, indent=2)
+        write_json(path, r)
         print(f"{args.embedder}: top-1 retrieval {r['top1']:.3f} over {r['n']} held-out clips; cosine to own "
               f"concept {r['same_mean']:.3f}, to others {r['different_mean']:.3f}")  # fmt: skip
         for clip, true, pred in r["confusions"]:

@@ -33,7 +33,6 @@ clip uses), i.e. the original soundfont audio, never codec output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -44,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _env
-from .._io import atomic_write_bytes
 from . import features
 
 GALLERY_INDEX = 300_000
@@ -316,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .. import load_model
     from ..musicgen import pretrain as P
     from .dataset import build
+    from .protocol import write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/default-model-eval.json")
@@ -362,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         or is stopped late keeps its finished parts."""
         report["seconds"] = round(time.perf_counter() - t0, 1)
         report["complete"] = done
-        atomic_write_bytes(args.out, (json.dumps(report, indent=2) + "\n").encode())
+        write_json(args.out, report)  # strict JSON: a figure with nothing to measure is null, never NaN
 
     table_all = gallery(train + held, model.sample_rate, emb, seed=args.seed)
     if "codec" not in skip:

@@ -137,8 +137,38 @@ def evaluate(
 
 
 def _mean(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    vals = [r[key] for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+    """Mean of the finite numbers under `key` (missing, None / null and NaN rows left out); None when none are."""
+    vals = [r[key] for r in rows if _number(r.get(key)) and math.isfinite(r[key])]
     return sum(vals) / len(vals) if vals else None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def json_ready(obj: Any) -> Any:
+    """`obj` with every non-finite float (NaN: a metric with nothing to score, inf) as None, so it is written as
+    JSON `null`; tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any) -> str:
+    """Strict JSON (missing or non-finite values as `null`, never a bare `NaN`), indented; what the eval package
+    writes. `allow_nan=False` after the conversion: a value the conversion misses fails loudly here."""
+    return json.dumps(json_ready(obj), indent=2, allow_nan=False) + "\n"
+
+
+def write_json(path: str, obj: Any) -> None:
+    """:func:`dumps_json` of `obj` into `path`, atomically (a reader never sees half a file)."""
+    from .._io import atomic_write_bytes
+
+    atomic_write_bytes(path, dumps_json(obj).encode())
 
 
 def _load_refs(manifest, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, int]]:
@@ -257,15 +287,15 @@ def run_protocol(
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), report)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown_report(report))
     return report
 
 
 def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """A table cell: "n/a" for a missing value (None / JSON null, NaN from an older results.json, inf)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "n/a"
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -413,8 +443,7 @@ def evaluate_concept_file(
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(out_dir, "results.json"), report)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write(markdown_report(report))
     return report
