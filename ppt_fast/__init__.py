@@ -28,6 +28,12 @@ _LAZY = {
     "load_model": "ppt_fast.musicgen",
     "write_wav": "ppt_fast.audio",
     "fit_peak": "ppt_fast.audio",
+    # The error classes to catch (every one a ValueError; UnwritablePathError an OSError too).
+    "ConceptError": "ppt_fast.concept",
+    "AudioError": "ppt_fast.audio",
+    "TuneError": "ppt_fast.musicgen.tune",
+    "GenerateError": "ppt_fast.musicgen.generate",
+    "UnwritablePathError": "ppt_fast._io",
 }
 
 __all__ = [

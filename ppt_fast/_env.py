@@ -27,3 +27,21 @@ def triton_interpret() -> bool:
 def cache_dir() -> str:
     """`PPT_FAST_CACHE`: where encoded reference clips and rendered data are cached (default ~/.cache/ppt_fast)."""
     return os.environ.get("PPT_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ppt_fast"))
+
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def debug_tracebacks() -> bool:
+    """`PPT_FAST_DEBUG=1|true|yes|on` (off: unset, 0, false, no, off): `ppt-fast` prints the traceback of a bad-input
+    error too, not only its one line (as `--debug` does)."""
+    value = os.environ.get("PPT_FAST_DEBUG", "").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(
+        f"PPT_FAST_DEBUG={value!r} is not one of {', '.join(_ON)} (on) or {', '.join(_OFF[1:])} (off); unset it or "
+        "fix it"
+    )

@@ -23,6 +23,9 @@ import time
 import traceback
 from collections.abc import Sequence
 
+from . import _env
+from ._io import UnwritablePathError, check_writable
+
 EPILOG = """examples:
   ppt-fast demo --out out/demo
   ppt-fast tune reference.wav --identifier "<v1>" --out concept.ppt
@@ -65,10 +68,13 @@ def is_user_error(e: BaseException) -> bool:
 
 
 def debug_requested(args: argparse.Namespace | None = None) -> bool:
-    """`--debug`, or `PPT_FAST_DEBUG=1` (read here until ppt_fast._env parses it): print tracebacks of user errors."""
+    """`--debug`, or `PPT_FAST_DEBUG=1` (`ppt_fast._env.debug_tracebacks`): print tracebacks of user errors."""
     if args is not None and getattr(args, "debug", False):
         return True
-    return os.environ.get("PPT_FAST_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return _env.debug_tracebacks()
+    except ValueError:  # main() refuses a bad value before any command runs
+        return False
 
 
 def report_user_error(e: BaseException, debug: bool) -> int:
@@ -83,27 +89,14 @@ def report_user_error(e: BaseException, debug: bool) -> int:
     return 2
 
 
-def _check_out_file(path: str, flag: str = "--out") -> None:
-    """Refuse, before any work, an output file path that cannot be written: a folder, or under a file."""
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a folder; give a file path, e.g. {os.path.join(path, 'out.wav')!r}")
-    _check_parent(os.path.dirname(os.path.abspath(path)), path, flag)
-
-
-def _check_out_dir(path: str, flag: str = "--out") -> None:
-    """Refuse, before any work, an output folder that cannot be made: an existing file, or under a file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UsageError(f"{flag} {path!r} is a file, not a folder; give a folder to write into")
-    _check_parent(os.path.abspath(path), path, flag)
-
-
-def _check_parent(folder: str, path: str, flag: str) -> None:
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path!r}: {folder!r} is a file, not a folder; choose another path")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable; choose a writable path")
+def check_output(path: str, flag: str = "--out", *, folder: bool = False) -> None:
+    """Refuse, before any model loads or long work starts, an output that cannot be written
+    (`ppt_fast._io.check_writable`: a folder, device, FIFO or socket where a file goes, a path under a file, a folder
+    where no file can be created), naming the flag."""
+    try:
+        check_writable(path, folder=folder)
+    except UnwritablePathError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def _add_tune(sub) -> None:
@@ -181,6 +174,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (default: the model's; 3)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling: sample from the smallest set of codes holding this much probability, in [0, 1] "
+        "(default: the model's; 0 = off, --top-k is used)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="concept strength, in [-10, 10] (default 1)")
     p.add_argument(
         "--allow-unverified",
@@ -238,9 +238,12 @@ def _cmd_pretrain(args) -> int:
     cfg = pt.QUICK if args.quick else pt.PretrainConfig()
     cfg = replace(cfg, seed=args.seed, **({"steps": args.steps} if args.steps is not None else {}))
     out = args.out or pt.ASSET
-    _check_out_file(out)
+    check_output(out)
+    check_output(os.path.splitext(out)[0] + ".json")  # the provenance written beside the weights
     if args.plot:
-        _check_out_file(args.plot, "--plot")
+        check_output(args.plot, "--plot")
+    if args.workdir:
+        check_output(args.workdir, "--workdir", folder=True)
     prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)
     t = prov["timings"]
     if args.plot:
@@ -294,7 +297,7 @@ def _cmd_tune(args) -> int:
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
-    _check_out_file(args.out)
+    check_output(args.out)
     kwargs = dict(n_tokens=args.n_tokens, activation_checkpointing=args.activation_checkpointing,
                   row_grads={"auto": None, "on": True, "off": False}[args.row_grads])  # fmt: skip
     if args.count is not None:
@@ -351,30 +354,27 @@ def _load_concept_files(paths: Sequence[str], allow_unverified: bool) -> list:
     return concepts
 
 
+_GENERATE_FLAGS = ("duration", "seed", "cfg_coef", "top_k", "top_p", "temperature", "scale", "resample_silent")
+
+
 def _cmd_generate(args) -> int:
     from .audio import write_wav
-    from .concept import check_scale
-    from .musicgen.generate import generate
+    from .musicgen.generate import GenerateError, check_generate_args, generate
     from .musicgen.models import load_model
 
-    if not args.duration > 0:
-        raise UsageError(f"--duration {args.duration:g}: give a length in seconds > 0")
-    if args.resample_silent < 0:
-        raise UsageError(f"--resample-silent {args.resample_silent}: give 0 (keep a silent clip, warn) or more")
+    settings = dict(duration=args.duration, seed=args.seed, cfg_coef=args.cfg_coef, top_k=args.top_k,
+                    top_p=args.top_p, temperature=args.temperature, scale=args.scale,
+                    resample_silent=args.resample_silent)  # fmt: skip
     try:
-        check_scale(args.scale)
-    except ValueError as e:
-        raise UsageError(f"--scale {args.scale:g}: {e}") from None
-    _check_out_file(args.out)
+        check_generate_args([args.prompt], **settings)
+    except GenerateError as e:  # "duration=-1.0 must be ..." -> "--duration -1.0 must be ...": the flag typed
+        name, eq, rest = str(e).partition("=")
+        raise UsageError(f"--{name.replace('_', '-')} {rest}" if eq and name in _GENERATE_FLAGS else str(e)) from None
+    check_output(args.out)
     concepts = _load_concept_files(args.concept, args.allow_unverified)
-    # generate() passes allow_unverified on to Concept.apply; only asked for when the user gave the flag
-    extra = {"allow_unverified": True} if args.allow_unverified else {}
     model = load_model(args.model)
-    audio = generate(
-        [args.prompt], model=model, concepts=concepts, duration=args.duration, seed=args.seed,
-        cfg_coef=args.cfg_coef, top_k=args.top_k, temperature=args.temperature, scale=args.scale,
-        resample_silent=args.resample_silent, **extra,
-    )  # fmt: skip
+    audio = generate([args.prompt], model=model, concepts=concepts, allow_unverified=args.allow_unverified,
+                     **settings)  # fmt: skip
     (clip,), _ = _fit_peak_noted(audio[0])
     write_wav(args.out, clip, model.sample_rate)
     print(f"wrote {args.out} ({audio.shape[-1] / model.sample_rate:.1f} s at {model.sample_rate} Hz)")
@@ -408,6 +408,9 @@ def _plot_losses(
     plt.close(fig)
 
 
+_DEMO_FILES = ("reference.wav", "loss.png", "concept.ppt", "with_concept.wav", "without_concept.wav")
+
+
 def _cmd_demo(args) -> int:
     from .audio import synth_reference, write_wav
     from .musicgen.generate import generate
@@ -416,7 +419,9 @@ def _cmd_demo(args) -> int:
 
     t0 = time.perf_counter()
     out = args.out
-    _check_out_dir(out)
+    check_output(out, folder=True)
+    for name in _DEMO_FILES:
+        check_output(os.path.join(out, name), f"--out ({name})")
     os.makedirs(out, exist_ok=True)
     sr = 16000
     ref_path = os.path.join(out, "reference.wav")
@@ -483,6 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        _env.debug_tracebacks()
+    except ValueError as e:
+        return report_user_error(e, debug=False)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -24,6 +24,29 @@ def test_help_is_fast_and_free_of_audiocraft():
         assert word in res.stdout
 
 
+def test_error_classes_are_exported_lazily_without_audiocraft():
+    """The errors a caller catches are `ppt_fast.<Name>`; reaching them (TuneError's module included) imports
+    neither audiocraft nor the heavier modules before they are asked for."""
+    code = (
+        "import sys, ppt_fast\n"
+        "assert 'ppt_fast.concept' not in sys.modules and 'ppt_fast.musicgen' not in sys.modules\n"
+        "names = ['ConceptError', 'AudioError', 'TuneError', 'GenerateError', 'UnwritablePathError']\n"
+        "assert set(names) <= set(ppt_fast.__all__) and set(names) <= set(dir(ppt_fast))\n"
+        "classes = [getattr(ppt_fast, n) for n in names]\n"
+        "assert all(issubclass(c, ValueError) for c in classes) and issubclass(classes[-1], OSError)\n"
+        "print([c.__module__ for c in classes], 'audiocraft' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("['ppt_fast.concept', 'ppt_fast.audio', 'ppt_fast.musicgen.tune', "
+                                  "'ppt_fast.musicgen.generate', 'ppt_fast._io'] False")  # fmt: skip
+    from ppt_fast import ConceptError
+    from ppt_fast.concept import ConceptError as Defined
+
+    assert ConceptError is Defined
+
+
 def test_usage_errors_exit_2(capsys):
     assert main([]) == 2
     with pytest.raises(SystemExit) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import types
 
 import pytest
@@ -157,7 +158,7 @@ def test_unverified_concept_needs_the_flag(tmp_path, capsys, gen_stub):
     _concept_file(verified)
     gen_stub.clear()
     assert main(["generate", "<v1>", "--concept", str(verified), "--out", str(out)]) == 0
-    assert "allow_unverified" not in gen_stub
+    assert gen_stub["allow_unverified"] is False
 
 
 @pytest.mark.parametrize("scale", ["nan", "inf", "11", "-1e3"])
@@ -183,8 +184,155 @@ def test_unwritable_out(tmp_path, capsys, gen_stub, monkeypatch):
         assert "--out" in _one_line_error(capsys.readouterr().err)
     assert main(["demo", "--out", str(blocker)]) == 2
     assert "not a folder" in _one_line_error(capsys.readouterr().err)
-    assert main(["generate", "x", "--out", "/proc/ppt-fast-test.wav"]) == 2  # fails when the WAV is written
-    _one_line_error(capsys.readouterr().err)
+    assert main(["generate", "x", "--out", "/proc/ppt-fast-test.wav"]) == 2  # no file can be created there, root or not
+    assert "--out" in _one_line_error(capsys.readouterr().err) and not gen_stub
+
+
+def _never(what):
+    def reached(*a, **k):
+        pytest.fail(f"{what} ran despite an output that cannot be written")
+
+    return reached
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Every model loader and long job of the commands replaced by a test failure: a check must refuse first."""
+    for module, names in (
+        ("ppt_fast.musicgen.models", ("load_model",)),
+        ("ppt_fast.musicgen.generate", ("generate",)),
+        ("ppt_fast.musicgen.tune", ("tune", "tune_model")),
+        ("ppt_fast.musicgen.pretrain", ("pretrain", "render_clip")),
+        ("ppt_fast.eval.dataset", ("build",)),
+        ("ppt_fast.eval.protocol", ("evaluate_concept_file", "run_protocol")),
+        ("ppt_fast.eval.metrics", ("retrieval",)),
+    ):
+        mod = importlib.import_module(module)
+        for name in names:
+            monkeypatch.setattr(mod, name, _never(f"{module}.{name}"))
+
+
+@pytest.mark.parametrize("special", ["/dev/null", "fifo"])
+def test_special_file_as_out_is_refused_before_any_model_loads(tmp_path, capsys, no_work, special):
+    """`--out /dev/null` (which root could otherwise replace with a file) or a FIFO (a write blocks until someone reads
+    it), as the file or as a file inside the output folder of every command that writes: exit 2, one line naming the
+    flag and the path, before anything is loaded or computed; the special file is left as it was."""
+    if special == "fifo":
+        target = str(tmp_path / "pipe")
+        os.mkfifo(target)
+    else:
+        target = special
+    ref = tmp_path / "ref.wav"
+    write_wav(ref, synth_reference(1.0, 16000), 16000)
+    concept = tmp_path / "c.ppt"
+    _concept_file(concept)
+
+    def folder_with(name):  # an output folder whose file `name` is the special file
+        d = tmp_path / f"with-{name}"
+        d.mkdir(exist_ok=True)
+        if not os.path.lexists(d / name):
+            os.symlink(target, d / name)
+        return str(d)
+
+    cases = [
+        (["generate", "x", "--out", target], "--out"),
+        (["generate", "x", "--concept", str(concept), "--out", target], "--out"),
+        (["tune", str(ref), "--out", target, "--quiet"], "--out"),
+        (["pretrain", "--quick", "--out", target], "--out"),
+        (["pretrain", "--quick", "--out", str(tmp_path / "w.pt"), "--plot", target], "--plot"),
+        (["demo", "--out", target], "--out"),
+        (["demo", "--out", folder_with("with_concept.wav")], "--out (with_concept.wav)"),
+        (["dataset", "build", target], "OUT"),
+        (["eval", "--concept", str(concept), "--reference", str(ref), "--out", target], "--out"),
+        (["eval", "--concept", str(concept), "--reference", str(ref), "--out", folder_with("results.json")],
+         "--out (results.json)"),
+        (["eval", "--retrieval", "--dataset", str(tmp_path), "--out", folder_with("retrieval.json")],
+         "--out (retrieval.json)"),
+    ]  # fmt: skip
+    kind = "character device" if special == "/dev/null" else "FIFO"
+    for argv, flag in cases:
+        assert main(argv) == 2, argv
+        line = _one_line_error(capsys.readouterr().err)
+        assert line.startswith(f"ppt-fast: error: {flag}: ") and kind in line, (argv, line)
+    if special == "fifo":
+        assert os.path.exists(target) and not os.path.isfile(target)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--duration", "0"], "--duration 0.0 must be a number of seconds in (0, 600]"),
+    (["--duration", "1e6"], "--duration 1000000.0 must"),
+    (["--resample-silent", "11"], "--resample-silent 11 must be a whole number in [0, 10]"),
+    (["--top-p", "1.5"], "--top-p 1.5 must be a number in [0, 1]"),
+    (["--temperature", "1e-9"], "--temperature 1e-09 must be 0"),
+    (["--seed", "-1"], "--seed -1 must"),
+    (["--cfg-coef", "inf"], "--cfg-coef inf must"),
+    (["--scale", "nan"], "--scale nan must be a finite number in [-10, 10]"),
+    (["--top-k", "-3"], "--top-k -3 must"),
+])  # fmt: skip
+def test_bad_generation_settings_name_the_flag_before_the_model(tmp_path, capsys, no_work, flags, words):
+    out = tmp_path / "o.wav"
+    assert main(["generate", "x", "--out", str(out), *flags]) == 2
+    assert words in _one_line_error(capsys.readouterr().err) and not out.exists()
+    assert main(["generate", "  ", "--out", str(out)]) == 2
+    assert "prompt 0 is empty" in _one_line_error(capsys.readouterr().err)
+
+
+def test_top_p_is_passed_on(tmp_path, gen_stub):
+    assert main(["generate", "x", "--out", str(tmp_path / "o.wav"), "--top-p", "0.9"]) == 0
+    assert gen_stub["top_p"] == 0.9
+    assert main(["generate", "x", "--out", str(tmp_path / "o.wav")]) == 0
+    assert gen_stub["top_p"] is None  # the model's own
+
+
+def test_debug_knob(tmp_path, capsys, monkeypatch, gen_stub):
+    """PPT_FAST_DEBUG: 1/true/yes/on show the traceback, 0/false/no/off/unset do not, anything else is refused (one
+    line naming the knob, exit 2) before the command runs."""
+    from ppt_fast import _env
+
+    _raising_command(monkeypatch, lambda: CLI.UsageError("bad input"))
+    argv = ["generate", "x", "--out", str(tmp_path / "o.wav")]
+    for value, on in (("1", True), ("TRUE", True), (" yes ", True), ("on", True), ("", False), ("0", False),
+                      ("false", False), ("No", False), ("off", False)):  # fmt: skip
+        monkeypatch.setenv("PPT_FAST_DEBUG", value)
+        assert _env.debug_tracebacks() is on
+        assert main(argv) == 2
+        assert ("Traceback" in capsys.readouterr().err) is on, value
+    monkeypatch.delenv("PPT_FAST_DEBUG")
+    assert _env.debug_tracebacks() is False
+    monkeypatch.setattr(CLI, "_cmd_generate", lambda args: pytest.fail("ran despite a bad PPT_FAST_DEBUG"))
+    for value in ("2", "debug", "y"):
+        monkeypatch.setenv("PPT_FAST_DEBUG", value)
+        with pytest.raises(ValueError, match="PPT_FAST_DEBUG"):
+            _env.debug_tracebacks()
+        assert main(argv) == 2
+        assert f"PPT_FAST_DEBUG={value!r}" in _one_line_error(capsys.readouterr().err)
+
+
+def test_eval_refuses_an_unverified_concept_unless_allowed(tmp_path, capsys, monkeypatch):
+    """`ppt-fast eval --concept` on a file without a fingerprint: refused before anything is generated (not after the
+    base row); `--allow-unverified` reaches generate()."""
+    protocol = importlib.import_module("ppt_fast.eval.protocol")
+    path = tmp_path / "u.ppt"
+    _concept_file(path, fingerprint=False)
+    ref = tmp_path / "ref.wav"
+    write_wav(ref, synth_reference(1.0, 16000), 16000)
+    seen = []
+
+    def evaluate(concepts, references, identifiers, s, prompts=None):
+        seen.append((len(concepts), s.allow_unverified))
+        return [{"prompt": "p", "clips": 1, "audio_alignment": 0.5, "copying": 0.1, "text_alignment": None,
+                 "text_alignment_method": "none", "text_alignment_tags": [], "diversity": None}]  # fmt: skip
+
+    monkeypatch.setattr(protocol, "evaluate", evaluate)
+    argv = ["eval", "--concept", str(path), "--reference", str(ref), "--model", "tiny-random", "--out",
+            str(tmp_path / "ev")]  # fmt: skip
+    assert main(argv) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "fingerprint" in line and str(path) in line and not seen
+    assert main([*argv, "--allow-unverified"]) == 0
+    assert seen == [(0, True), (1, True)]
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["settings"]["allow_unverified"] is True
+    capsys.readouterr()
 
 
 def test_concept_write_failure_in_tune_is_one_line(tmp_path, capsys, monkeypatch):

@@ -43,7 +43,8 @@ def _install_fakes(monkeypatch, calls):
             return [_FakeConcept(i, r, preset, kw.get("n_tokens")) for i, r in reference.items()]
         return _FakeConcept(identifier, reference, preset, kw.get("n_tokens"))
 
-    def fake_generate(prompts, *, model, concepts, duration, seed, top_k):
+    def fake_generate(prompts, *, model, concepts, duration, seed, top_k, allow_unverified):
+        assert allow_unverified is False
         calls.append(("generate", tuple(prompts), len(concepts)))
         n = int(duration * SR)
         g = torch.Generator().manual_seed(seed)
@@ -282,6 +283,30 @@ def test_default_model_eval_json_is_strict(tmp_path, monkeypatch):
     data = _strict_load(out)
     assert data["complete"] is True
     assert data["text_control"] == {"top1": None, "chance": 0.0625, "diversity": None}
+
+
+def test_default_model_eval_refuses_an_unwritable_out_before_the_model(tmp_path, monkeypatch, capsys):
+    """`python -m ppt_fast.eval.default_model --out X`: X a folder, a FIFO or under a file exits 2 (argparse's usage
+    error naming --out) before audiocraft or the model is loaded; the FIFO is left alone."""
+    import ppt_fast.musicgen.models as models
+    from ppt_fast.eval import default_model as DM
+
+    def never(*a, **k):
+        pytest.fail("loaded despite an unwritable --out")
+
+    monkeypatch.setattr(models, "require_audiocraft", never)
+    monkeypatch.setattr(ppt_fast, "load_model", never)
+    fifo = tmp_path / "eval.json"
+    os.mkfifo(fifo)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, words in ((fifo, "FIFO"), (tmp_path, "directory"), (blocker / "eval.json", "not a folder")):
+        with pytest.raises(SystemExit) as e:
+            DM.main(["--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--out: " in err and words in err and str(out) in err, err
+    assert fifo.is_fifo()
 
 
 def test_eval_package_writes_json_only_through_write_json():

@@ -97,6 +97,34 @@ def test_several_concepts_files_and_combined_prompt(refs, tmp_path):
     assert audio.shape == (2, 1, 4800) and torch.isfinite(audio).all()
 
 
+def test_unverified_concept_file_generates_only_when_allowed(refs, tmp_path, capsys):
+    """A concept file whose fingerprint is removed: `generate()` and `ppt-fast generate` refuse it (before the model
+    loads) unless allowed; allowed, it generates exactly what the fingerprinted file does (same pivots, same seed)."""
+    from ppt_fast.cli import main
+    from ppt_fast.concept import ConceptError
+
+    c = T._capture(T.tune_model(refs[0], **FAST))[0]
+    verified, unverified = tmp_path / "v.ppt", tmp_path / "u.ppt"
+    c.save(verified)
+    c.fingerprint = {}
+    c.save(unverified)
+    assert Concept.load(unverified).unverified_names() == Concept.load(verified).touched_names()
+    kw = dict(model="tiny-random", duration=0.3, seed=2, top_k=16)
+    with pytest.raises(ConceptError, match="allow_unverified=True"):
+        generate(["<v1> jazz"], concepts=[str(unverified)], **{**kw, "model": "no-such-model"})  # refused first
+    a = generate(["<v1> jazz"], concepts=[str(unverified)], allow_unverified=True, **kw)
+    assert torch.equal(a, generate(["<v1> jazz"], concepts=[str(verified)], **kw))
+
+    argv = ["generate", "<v1> jazz", "--model", "tiny-random", "--duration", "0.3", "--seed", "2", "--top-k", "16"]
+    out_v, out_u = tmp_path / "v.wav", tmp_path / "u.wav"
+    assert main([*argv, "--concept", str(unverified), "--out", str(out_u)]) == 2
+    assert "--allow-unverified" in capsys.readouterr().err and not out_u.exists()
+    assert main([*argv, "--concept", str(verified), "--out", str(out_v)]) == 0
+    assert main([*argv, "--concept", str(unverified), "--out", str(out_u), "--allow-unverified"]) == 0
+    assert out_u.read_bytes() == out_v.read_bytes()
+    capsys.readouterr()
+
+
 def test_generate_names_clips_that_came_out_silent(monkeypatch, caplog):
     base = load_model("tiny-random")
     loud = torch.sin(torch.linspace(0, 200, 8000)).view(1, 1, -1)

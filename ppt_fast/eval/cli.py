@@ -105,13 +105,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--embedder", default="musicnn", choices=("musicnn", "mfcc"))
     e.add_argument("--pad", default="error", choices=("error", "repeat"), help="clips shorter than 3 s: error|repeat")
     e.add_argument("--clap-checkpoint", default=None, help="local LAION-CLAP .pt (needs pip install laion-clap)")
+    e.add_argument(
+        "--allow-unverified",
+        action="store_true",
+        help="--concept mode: apply concept files that hold no fingerprint of their base model (nothing then checks "
+        "that they were tuned on --model)",
+    )
     e.add_argument("--out", default="out/eval", help="output folder for results.json and report.md")
     e.set_defaults(func=_guard(_cmd_eval))
+
+
+def _check_outputs(folder: str, names: tuple[str, ...], flag: str) -> None:
+    """UsageError naming `flag` when the output folder or a file `names` in it cannot be written (before any work)."""
+    from ..cli import check_output
+
+    check_output(folder, flag, folder=True)
+    for name in names:
+        check_output(os.path.join(folder, name), f"{flag} ({name})")
 
 
 def _cmd_dataset_build(args: argparse.Namespace) -> int:
     from .dataset import build, load_manifest
 
+    _check_outputs(args.out, ("manifest.json",), "OUT")
     path = build(
         args.out, concepts=_csv(args.concepts), seconds=args.seconds, heldout=args.heldout,
         heldout_seconds=args.heldout_seconds, sample_rate=args.sample_rate, renderer=args.renderer,
@@ -140,7 +156,7 @@ def _settings(args: argparse.Namespace):
     return Settings(
         model=args.model, steps=args.steps, duration=args.duration, clips_per_prompt=args.clips,
         prompts=tuple(args.prompts) if args.prompts else DEFAULT_PROMPTS, seed=args.seed, embedder=args.embedder,
-        pad=args.pad, clap_checkpoint=args.clap_checkpoint, top_k=args.top_k,
+        pad=args.pad, clap_checkpoint=args.clap_checkpoint, top_k=args.top_k, allow_unverified=args.allow_unverified,
     )  # fmt: skip
 
 
@@ -159,8 +175,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .metrics import retrieval
-    from .protocol import write_json
+    from .protocol import REPORT_FILES, write_json
 
+    _check_outputs(args.out, ("retrieval.json",) if args.retrieval else REPORT_FILES, "--out")
     if args.retrieval:
         if not args.dataset:
             raise ValueError("--retrieval needs --dataset MANIFEST")

@@ -342,6 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"--rows: unknown row(s) {unknown}; choose from {','.join(PRESERVATION_ROWS)}")
     if "twin" in rows and "ppt" not in rows:
         ap.error("--rows: twin moves the ppt row's deltas; add ppt")
+    from .._io import UnwritablePathError, check_writable
+
+    try:  # refused before the model loads and anything is measured, not when the first figure is saved
+        check_writable(args.out)
+    except UnwritablePathError as e:
+        ap.error(f"--out: {e}")
     from ..musicgen.models import require_audiocraft
 
     require_audiocraft()  # importing audiocraft (~10 s) is not loading the model

@@ -78,6 +78,7 @@ class Settings:
     pad: str = "error"  # short generations: 'repeat' tiles them to the embedders' 3-s window
     clap_checkpoint: str | None = None
     top_k: int | None = None  # None: the model's own sampling settings
+    allow_unverified: bool = False  # apply concept files without a base-model fingerprint (see generate())
     tune_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,8 @@ def text_part(prompt: str) -> str:
 def _generate(prompts: list[str], concepts: Sequence[Any], s: Settings, seed: int) -> torch.Tensor:
     from ppt_fast import generate
 
-    return generate(prompts, model=s.model, concepts=list(concepts), duration=s.duration, seed=seed, top_k=s.top_k)
+    return generate(prompts, model=s.model, concepts=list(concepts), duration=s.duration, seed=seed, top_k=s.top_k,
+                    allow_unverified=s.allow_unverified)  # fmt: skip
 
 
 def score_clips(
@@ -171,6 +173,27 @@ def write_json(path: str, obj: Any) -> None:
     atomic_write_bytes(path, dumps_json(obj).encode())
 
 
+#: The files run_protocol and evaluate_concept_file write into their output folder.
+REPORT_FILES = ("results.json", "report.md")
+
+
+def check_outputs(out_dir: str, names: Sequence[str] = REPORT_FILES) -> None:
+    """Raise ppt_fast._io.UnwritablePathError when `out_dir` or a file `names` in it cannot be written: called before
+    the measurements start, so a run does not fail at its end."""
+    from .._io import check_writable
+
+    check_writable(out_dir, folder=True)
+    for name in names:
+        check_writable(os.path.join(out_dir, name))
+
+
+def _write_report(out_dir: str, report: Mapping[str, Any]) -> None:
+    from .._io import atomic_write_bytes
+
+    write_json(os.path.join(out_dir, "results.json"), report)
+    atomic_write_bytes(os.path.join(out_dir, "report.md"), markdown_report(report).encode())
+
+
 def _load_refs(manifest, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, int]]:
     from .dataset import read_wav
 
@@ -204,6 +227,7 @@ def run_protocol(
     from .dataset import load_manifest
 
     s = settings or Settings()
+    check_outputs(out_dir)
     m = load_manifest(manifest_path)
     names = list(concepts) if concepts is not None else m.concepts[:2]
     for n in names:
@@ -287,9 +311,7 @@ def run_protocol(
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }
-    write_json(os.path.join(out_dir, "results.json"), report)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown_report(report))
+    _write_report(out_dir, report)
     return report
 
 
@@ -410,13 +432,20 @@ def evaluate_concept_file(
 ) -> dict[str, Any]:
     """``ppt-fast eval --concept``: score existing concept file(s) against a reference; write JSON + markdown.
 
-    Also scores the base model (no concept) on the same prompts and seeds, as the floor to compare with.
+    Also scores the base model (no concept) on the same prompts and seeds, as the floor to compare with. The outputs
+    are checked writable and the concept files read and checked (fingerprinted unless
+    ``settings.allow_unverified``) before anything is generated.
     """
+    from ppt_fast.concept import _check_verified
     from ppt_fast.musicgen.generate import _as_concepts
 
     s = settings or Settings()
-    os.makedirs(out_dir, exist_ok=True)
+    check_outputs(out_dir)
     concepts = _as_concepts(list(concept_paths))
+    if not s.allow_unverified:  # refused now, not after the base row has been generated and scored
+        for c in concepts:
+            _check_verified(c)
+    os.makedirs(out_dir, exist_ok=True)
     refs = {reference_name: reference}
     results = []
     for name, cs in (("base", []), ("concept", concepts)):
@@ -443,7 +472,5 @@ def evaluate_concept_file(
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
         "results": results,
     }
-    write_json(os.path.join(out_dir, "results.json"), report)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown_report(report))
+    _write_report(out_dir, report)
     return report

@@ -1,7 +1,9 @@
 """`generate()`: text-to-music with concepts applied, on a base model, seeded.
 
 Every argument is checked before the model is loaded (`check_generate_args`), and the output's size against the
-memory available before anything is sampled: a bad one raises GenerateError naming it and the fix.
+memory available before anything is sampled: a bad one raises GenerateError naming it and the fix. Concept files are
+read and checked before the model is loaded too; one without a fingerprint of its base model is applied only with
+`allow_unverified=True`.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ def generate(
     device: str | torch.device | None = None,
     progress: bool = False,
     resample_silent: int = 0,
+    allow_unverified: bool = False,
 ) -> torch.Tensor:
     """Generate music for `prompts` with `concepts` applied; returns float32 `[B, C, T]` at `model.sample_rate`.
 
@@ -204,19 +207,29 @@ def generate(
             `seed + 2`, ...; unseeded when `seed` is None), with the same concepts applied. A small LM can collapse
             into silence on a sample (the trained default does on ~1-2 % of clips). 0 (the default, and what the
             figures are measured with, so that they count the collapses) only logs them; `ppt-fast generate` uses 2.
+        allow_unverified: apply concepts that hold no fingerprint of their base model for some tensor they change
+            (`Concept.unverified_names()`; a file captured without `base=`, or one whose fingerprint was removed).
+            Nothing then checks that they were tuned on `model` (only the names and shapes of what they change).
+            False (the default): such a concept raises ConceptError before the model is loaded.
     """
     prompts = check_generate_args(
         prompts, duration=duration, seed=seed, cfg_coef=cfg_coef, top_k=top_k, top_p=top_p, temperature=temperature,
         scale=scale, resample_silent=resample_silent,
     )  # fmt: skip
+    cs = _as_concepts(concepts)  # files read and checked before the model loads
+    if not allow_unverified:
+        from ..concept import _check_verified
+
+        for c in cs:
+            if hasattr(c, "unverified_names"):
+                _check_verified(c)
     mg = load_model(model, device=device)
     _check_model_bounds(mg, len(prompts), float(duration))
-    cs = _as_concepts(concepts)
     set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature, top_p=top_p)
     applied = []
     try:
         for c in cs:
-            c.apply(mg, scale=scale)
+            c.apply(mg, scale=scale, allow_unverified=allow_unverified)
             applied.append(c)
         bank = getattr(mg.lm, "_ppt_fast_identifier_bank", None)
         known = bank.identifiers() if bank is not None else []
