@@ -278,10 +278,11 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "cpp"])
-def test_cpp_kernel_never_writes_outside_a_parameter(backend, device):
-    """The raw private kernel, handed an index past the end of params[1] (whose storage continues into a
-    neighbour): the checked step refuses before writing anything; the single pass skips that pivot, so the
-    neighbour stays bitwise unchanged while the valid pivots update."""
+@pytest.mark.parametrize("checked", [False, True])
+def test_cpp_kernel_never_writes_outside_a_parameter(backend, device, checked):
+    """The raw private kernel (no Python checks), handed an index past the end of params[1] whose storage continues
+    into a neighbour: the pass skips that pivot, so the neighbour stays bitwise unchanged while the valid pivots
+    update (checked or not)."""
     storage = torch.randn(10 + 16 + 8)
     params = [storage[:10], storage[10:26].view(4, 4)]
     neighbour = storage[26:].clone()
@@ -289,19 +290,39 @@ def test_cpp_kernel_never_writes_outside_a_parameter(backend, device):
     bad = case.indices.clone()
     bad[-1] = 16 + 3  # lands in the neighbour, three entries past the end of params[1]
     saved = storage.clone()
-    hyper = (1e-3, 0.9, 0.999, 1e-8, 0.0, 1)
-    with pytest.raises(RuntimeError, match=r"reach outside params\[1\].*nothing was written"):
-        torch.ops.ppt_fast._sparse_adamw_step_cpp(
-            params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None, None,
-            torch.zeros(1), *hyper,
-        )  # fmt: skip
-    assert torch.equal(storage, saved)
+    flag = torch.zeros(1) if checked else None
     torch.ops.ppt_fast._sparse_adamw_step_cpp(
-        params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None, None, None,
-        *hyper,
+        params, _grads(case), case.offsets, bad, case.exp_avg, case.exp_avg_sq, None, None, None, None, None, flag,
+        1e-3, 0.9, 0.999, 1e-8, 0.0, 1,
     )  # fmt: skip
     assert torch.equal(storage[26:], neighbour)
     assert not torch.equal(storage[:26], saved[:26])  # the valid pivots did update
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where", ["first", "last", "inf"])
+def test_checked_step_with_a_nonfinite_gradient_changes_nothing(backend, device, where):
+    """A NaN/inf at one pivot (first or last tensor, a grad scale and a clipping coefficient in play, bf16 params
+    with an fp32 master beside fp32 ones): the checked step raises its flag and every param, m, v and master is
+    bitwise what it was; without the bad value the same call matches the reference."""
+    with use_backend(OP, backend, device) as dev:
+        case = Case([(33, 5), (80,), (7,)], [torch.bfloat16, torch.float32, torch.float32], dev, density=0.3)
+        grads = _grads(case)
+        scale, coef = torch.tensor([2.0], device=dev), torch.tensor([0.5], device=dev)
+        for step in (1, 2):  # a finite step first, so m, v and master hold non-trivial values
+            flag = torch.zeros(1, device=dev)
+            sparse_adamw_step(case.params, grads, case.offsets, case.indices, case.exp_avg, case.exp_avg_sq,
+                              case.master, step=step, lr=1e-2, grad_scale=scale, grad_coef=coef, nonfinite=flag)
+            assert float(flag) == 0.0
+        before = [t.clone() for t in case.params + [case.exp_avg, case.exp_avg_sq, case.master]]
+        t = 0 if where == "first" else 2
+        grads[t].view(-1)[case.indices[case.offsets[t]].long()] = float("inf") if where == "inf" else float("nan")
+        flag = torch.zeros(1, device=dev)
+        sparse_adamw_step(case.params, grads, case.offsets, case.indices, case.exp_avg, case.exp_avg_sq, case.master,
+                          step=3, lr=1e-2, grad_scale=scale, grad_coef=coef, nonfinite=flag)  # fmt: skip
+        assert float(flag) == 1.0
+        after = case.params + [case.exp_avg, case.exp_avg_sq, case.master]
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -13,9 +13,11 @@ Contract (k = number of pivots; pivot j belongs to tensor i when offsets[i] <= j
   protocol as torch's fused AdamW under GradScaler.
 - `grad_coef` (fp32 scalar tensor): gradients are then multiplied by it (a clipping coefficient computed on the
   device, so clipping needs neither a host sync nor a pass over the dense gradients).
-- `nonfinite` (fp32 scalar tensor, written): when given, every pivot gradient (after the scale and the coefficient)
-  is checked before anything is updated; if any is inf/NaN, `nonfinite` is set to 1 and nothing else is written.
-  The flag is read on the device, so on a GPU the caller learns of a skipped step only when it reads the flag.
+- `nonfinite` (fp32 scalar tensor, written): when given, the step is checked: if any pivot gradient (after the
+  scale and the coefficient) is inf/NaN, `nonfinite` is set to 1 and every param, m, v and master is left bitwise as
+  it was. (`cpp` runs the one pass speculatively, keeping a backup of the old values it overwrites, and puts them
+  back in the rare bad step; `triton` / `cuda` gather and check in one launch and update in a second that reads the
+  flag on the device, so on a GPU the caller learns of a skipped step only when it reads the flag.)
 - Pivot indices must lie in [0, numel) and strictly increase per tensor. They are checked once (a PivotSet's
   indices carry the mark of their check; any other index tensor is checked here on its first use, and again after
   any in-place change), and no backend ever reads or writes outside a parameter, whatever the indices.
@@ -270,8 +272,8 @@ def sparse_adamw_step(
         pivot_grads: fp32/fp16/bf16 `[k]` gradients already gathered at the pivots.
         grad_scale, found_inf: one-element fp32 tensors, the GradScaler protocol (unscale; skip when found_inf != 0).
         grad_coef: one-element fp32 tensor multiplying the (unscaled) gradients, e.g. a clipping coefficient.
-        nonfinite: one-element fp32 tensor; when given, the gradients are checked first and a NaN/inf anywhere sets
-            it to 1 and skips the step (nothing else is written).
+        nonfinite: one-element fp32 tensor; when given, a NaN/inf gradient anywhere sets it to 1 and leaves the
+            step undone (every param, m, v and master bitwise unchanged).
 
     Raises `ppt_fast.PivotError` when `indices` are not valid pivots of `params` (out of range, unsorted, repeated).
     """
