@@ -301,27 +301,37 @@ def test_cpp_kernel_never_writes_outside_a_parameter(backend, device, checked):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("where", ["first", "last", "inf"])
-def test_checked_step_with_a_nonfinite_gradient_changes_nothing(backend, device, where):
-    """A NaN/inf at one pivot (first or last tensor, a grad scale and a clipping coefficient in play, bf16 params
-    with an fp32 master beside fp32 ones): the checked step raises its flag and every param, m, v and master is
-    bitwise what it was; without the bad value the same call matches the reference."""
+@pytest.mark.parametrize("density", [0.3, 0.01])  # cpp: check-first above 2.5 %, speculative + rollback below
+@pytest.mark.parametrize("master", [True, False])
+def test_checked_step_with_a_nonfinite_gradient_changes_nothing(backend, device, where, density, master):
+    """A NaN/inf at one pivot (first or last tensor, a grad scale and a clipping coefficient in play; bf16 params
+    with an fp32 master beside fp32 ones, or fp32 alone): the checked step raises its flag and every param, m, v and
+    master is bitwise what it was, after two good checked steps that matched the unchecked op exactly."""
     with use_backend(OP, backend, device) as dev:
-        case = Case([(33, 5), (80,), (7,)], [torch.bfloat16, torch.float32, torch.float32], dev, density=0.3)
+        shapes = [(330, 50), (8000,), (700,)]
+        dtypes = [torch.bfloat16 if master else torch.float32, torch.float32, torch.float32]
+        case = Case(shapes, dtypes, dev, density=density)
+        twin = [p.clone() for p in case.params]
+        twin_state = [t.clone() if t is not None else None for t in (case.exp_avg, case.exp_avg_sq, case.master)]
         grads = _grads(case)
         scale, coef = torch.tensor([2.0], device=dev), torch.tensor([0.5], device=dev)
-        for step in (1, 2):  # a finite step first, so m, v and master hold non-trivial values
+        for step in (1, 2):  # finite steps first, so m, v and master hold non-trivial values
             flag = torch.zeros(1, device=dev)
             sparse_adamw_step(case.params, grads, case.offsets, case.indices, case.exp_avg, case.exp_avg_sq,
                               case.master, step=step, lr=1e-2, grad_scale=scale, grad_coef=coef, nonfinite=flag)
+            sparse_adamw_step(twin, grads, case.offsets, case.indices, *twin_state, step=step, lr=1e-2,
+                              grad_scale=scale, grad_coef=coef)  # fmt: skip
             assert float(flag) == 0.0
-        before = [t.clone() for t in case.params + [case.exp_avg, case.exp_avg_sq, case.master]]
+        assert all(torch.equal(a, b) for a, b in zip(case.params, twin))  # checked == unchecked, bitwise
+        before = [t.clone() for t in case.params + [case.exp_avg, case.exp_avg_sq]]
+        before += [case.master.clone()] if case.master is not None else []
         t = 0 if where == "first" else 2
         grads[t].view(-1)[case.indices[case.offsets[t]].long()] = float("inf") if where == "inf" else float("nan")
         flag = torch.zeros(1, device=dev)
         sparse_adamw_step(case.params, grads, case.offsets, case.indices, case.exp_avg, case.exp_avg_sq, case.master,
                           step=3, lr=1e-2, grad_scale=scale, grad_coef=coef, nonfinite=flag)  # fmt: skip
         assert float(flag) == 1.0
-        after = case.params + [case.exp_avg, case.exp_avg_sq, case.master]
+        after = case.params + [case.exp_avg, case.exp_avg_sq] + ([case.master] if case.master is not None else [])
         assert all(torch.equal(a, b) for a, b in zip(after, before))
 
 
