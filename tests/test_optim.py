@@ -700,3 +700,19 @@ def test_cuda_matches_cpu_reference(dtype, gather_in_backward):
     for (n, p), (_, q) in zip(model.named_parameters(), gpu.named_parameters()):
         torch.testing.assert_close(q.detach().cpu()[masks[n]], p.detach()[masks[n]], **tol(dtype))
     assert_nonpivots_unchanged(gpu.cpu(), {n: v.cpu() for n, v in before.items()}, ps)
+
+
+def test_step_bumps_the_version_of_updated_parameters():
+    """The kernel writes through data pointers: the step tells autograd (as torch's in-place optimizers do), so a
+    graph that saved a parameter before the step refuses to backward through it afterwards."""
+    model = Tiny()
+    ps = random_pivots(model, 0.2)
+    opt = SparseAdamW(model, ps, lr=1e-2)
+    x, y = batch()
+    loss_fn(model, x, y).backward()
+    before = {n: p._version for n, p in model.named_parameters()}
+    kept = loss_fn(model, x, y)  # a graph that saved the parameters
+    opt.step()
+    assert all(p._version > before[n] for n, p in model.named_parameters() if ps.indices_of(n).numel())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        kept.backward()

@@ -15,9 +15,10 @@ Contract (k = number of pivots; pivot j belongs to tensor i when offsets[i] <= j
   device, so clipping needs neither a host sync nor a pass over the dense gradients).
 - `nonfinite` (fp32 scalar tensor, written): when given, the step is checked: if any pivot gradient (after the
   scale and the coefficient) is inf/NaN, `nonfinite` is set to 1 and every param, m, v and master is left bitwise as
-  it was. (`cpp` runs the one pass speculatively, keeping a backup of the old values it overwrites, and puts them
-  back in the rare bad step; `triton` / `cuda` gather and check in one launch and update in a second that reads the
-  flag on the device, so on a GPU the caller learns of a skipped step only when it reads the flag.)
+  it was. (`cpp` either runs the one pass speculatively, keeping a backup of the old values it overwrites and
+  putting them back in the rare bad step, or checks first, by density; `triton` / `cuda` gather and check in one
+  launch and update in a second that reads the flag on the device, so on a GPU the caller learns of a skipped step
+  only when it reads the flag.)
 - Pivot indices must lie in [0, numel) and strictly increase per tensor. They are checked once (a PivotSet's
   indices carry the mark of their check; any other index tensor is checked here on its first use, and again after
   any in-place change), and no backend ever reads or writes outside a parameter, whatever the indices.
