@@ -716,3 +716,25 @@ def test_step_bumps_the_version_of_updated_parameters():
     assert all(p._version > before[n] for n, p in model.named_parameters() if ps.indices_of(n).numel())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         kept.backward()
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3])  # the speculative pass's backup (3k) and the check-first scratch (k)
+def test_kept_workspace_gives_the_same_steps_and_is_reported(density):
+    model = Tiny(d=64, h=97)
+    ps = random_pivots(model, density)
+    other = copy.deepcopy(model)
+    a = SparseAdamW(model, ps, lr=1e-2)
+    b = SparseAdamW(other, ps, lr=1e-2, keep_workspace=False)
+    for i in range(3):
+        x, y = batch(d=64)
+        for m, o in ((model, a), (other, b)):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            if i == 1:  # a skipped step with the kept workspace holding the previous step's backup
+                next(m.parameters()).grad.view(-1)[ps.indices_of(ps.names[0])[0].long()] = float("nan")
+            o.step()
+    for (n, p), (_, q) in zip(model.named_parameters(), other.named_parameters()):
+        assert torch.equal(p, q), n
+    assert a.skipped_steps == b.skipped_steps == 1
+    k = ps.count
+    assert a.workspace_bytes() == 4 * (3 * k if density < 0.025 else k) and b.workspace_bytes() == 0

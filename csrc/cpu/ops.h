@@ -30,7 +30,8 @@ void sparse_adamw_step_cpp(
     double beta2,
     double eps,
     double weight_decay,
-    int64_t step);
+    int64_t step,
+    const std::optional<at::Tensor>& workspace);
 
 at::Tensor pivot_grad_norm_cpp(
     at::TensorList grads,

@@ -41,6 +41,8 @@ from .. import _backend
 from . import _checks
 
 PARAM_DTYPES = _checks.FLOAT_DTYPES
+# csrc/cpu/sparse_adamw_step.cpp's kCheckFirstDensityInverse: a checked step checks first when k >= N / this.
+CHECK_FIRST_DENSITY_INVERSE = 40
 _OP = "sparse_adamw_step"
 _ORDER_CUDA = ("cuda", "triton", "ref")
 
@@ -107,6 +109,13 @@ def _sparse_adamw_step_ref(
         flat[idx] = theta.to(p.dtype)
 
 
+def checked_workspace_numel(k: int, total: int, dense: bool) -> int:
+    """fp32 entries of the scratch a checked `cpp` step uses (a caller that steps often keeps one and passes it to
+    `_run`, since fresh memory costs a page fault per 4 KiB): the speculative pass's backup of m, v and θ (3k) for
+    sparse pivots with dense gradients, else the check-first scratch (k)."""
+    return 3 * k if dense and k * CHECK_FIRST_DENSITY_INVERSE < total else k
+
+
 def _run(
     params,
     grads,
@@ -126,6 +135,7 @@ def _run(
     eps,
     weight_decay,
     step,
+    workspace=None,
 ) -> None:
     _checks.check_pivot_indices(params, offsets, indices)
     device = indices.device
@@ -153,7 +163,7 @@ def _run(
     if backend == "ref":
         _sparse_adamw_step_ref(*args)
     elif backend == "cpp":
-        torch.ops.ppt_fast._sparse_adamw_step_cpp(*args)
+        torch.ops.ppt_fast._sparse_adamw_step_cpp(*args, workspace)
     elif backend == "cuda":
         torch.ops.ppt_fast._sparse_adamw_step_cuda(*args)
     else:
