@@ -31,7 +31,7 @@ TORCH_LIBRARY_FRAGMENT(ppt_fast, m) {
       "_sparse_adamw_step_cpp(Tensor(a!)[] params, Tensor[] grads, int[] offsets, Tensor indices, "
       "Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!)? master, Tensor? pivot_grads, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor? grad_coef, Tensor(e!)? nonfinite, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, int step) -> ()");
+      "float weight_decay, int step, Tensor(f!)? workspace=None) -> ()");
   m.def(
       "_pivot_grad_norm_cpp(Tensor[] grads, int[] offsets, Tensor indices, Tensor? pivot_grads, "
       "float norm_type) -> Tensor");
