@@ -3,6 +3,7 @@ integration's IdentifierBank has the same four methods)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -22,3 +23,13 @@ class TinyBank:
 
     def identifiers(self):
         return list(self.tokens)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny ops; on a loaded shared machine torch's thread pool makes each ~100x slower. Autouse in every
+    module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from _concept_cases import TinyBank
+from _concept_cases import TinyBank, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 from safetensors.torch import load, save
 
 from ppt_fast import PivotSet
@@ -30,14 +30,6 @@ from ppt_fast.concept import (
 # relative: fp16 has 10 mantissa bits (2**-11), bf16 7 (2**-8). Values here are ~N(0, 1), far from fp16's subnormals.
 STORAGE_RTOL = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops; on a loaded shared machine torch's thread pool makes each ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(torch.nn.Module):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from _concept_cases import TinyBank
+from _concept_cases import TinyBank, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 
 from ppt_fast import PivotSet
 from ppt_fast import concept as C
@@ -22,15 +22,6 @@ from ppt_fast.concept import (
     save_concepts,
     snapshot_base,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops; on a loaded shared machine torch's thread pool makes each ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(torch.nn.Module):

@@ -23,7 +23,7 @@ import tracemalloc
 
 import pytest
 import torch
-from _concept_cases import TinyBank
+from _concept_cases import TinyBank, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 from torch.profiler import ProfilerActivity, profile
 
 from ppt_fast import PivotSet
@@ -40,13 +40,6 @@ PY_SLACK = 256 * 1024
 LOAD_SECONDS = 5.0  # one load of a ~2-6 kB file takes ~1 ms; 5 s only on a hang
 SAFETY_NET = "malformed concept header ("  # load_concepts' catch-all: a mutant that reaches it escaped every check
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Net(torch.nn.Module):
