@@ -8,7 +8,7 @@ SOURCES := setup.py pyproject.toml scripts/install_audiocraft.sh $(wildcard csrc
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu lint clean pretrain eval-default
+.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu gpu-check gpu-check-dry lint clean pretrain eval-default
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -54,6 +54,14 @@ bench: $(STAMP)
 
 bench-gpu:
 	python benchmarks/run.py --suite gpu
+
+# The one prepared GPU check (scripts/gpu_check.sh: build, CUDA tests, compiled Triton, headline benchmarks; <= ~8 min),
+# with the GPU machine's own python3; the dry run is the same script on CPU (.ci/run runs it).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+gpu-check-dry: $(STAMP)
+	PY=$(BIN)/python bash scripts/gpu_check.sh --dry-run
 
 # Re-make the embedded default model's weights (ppt_fast/assets/tiny-v8.pt); ~47 min on 2 CPU cores, resumable.
 pretrain: $(STAMP)
