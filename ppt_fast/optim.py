@@ -381,8 +381,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 parts.append(torch.zeros(idx.numel(), dtype=torch.float32, device=idx.device))
             else:
                 parts.append(g.reshape(-1).index_select(0, idx).float())
-        out = torch.cat(parts)
-        return out
+        return torch.cat(parts)
 
     def _group_input(self, gi: int) -> tuple[str, Any] | None:
         """What the op reads for group gi: ("dense", [p.grad, ...]) (the op gathers inside its launch),
