@@ -132,6 +132,7 @@ class _GroupLayout:
         self.indices = indices
         self.k = self.offsets[-1]
         self.needs_master = any(p.dtype in _LOW_PRECISION for p in params)
+        self.numel = sum(p.numel() for p in params)  # N: entries of the pivoted parameters
         # Slices of a checked PivotSet, matched to parameters of the same shapes: valid by construction, so the
         # step op need not check them again.
         mark_valid(indices, self.offsets, [p.numel() for p in params])
@@ -271,7 +272,9 @@ class SparseAdamW(torch.optim.Optimizer):
         self._layouts = _split_pivots(self.param_groups, pivots, "SparseAdamW")
         self.nonfinite = nonfinite
         self._skipped = 0
-        self._pending: tuple | None = None  # the last step's skip flag, read on the next step (GPU: no host sync)
+        # The last step's skip flag as (host copy, its CUDA event or None, groups stepped, from a GradScaler), read at
+        # the next step (GPU: no host sync).
+        self._pending: tuple | None = None
         self._clip_coef: torch.Tensor | None = None  # set by clip_grad_norm_, applied inside the next step launch
         self.keep_workspace = bool(keep_workspace)
         self._workspaces: dict[int, torch.Tensor] = {}
@@ -453,7 +456,7 @@ class SparseAdamW(torch.optim.Optimizer):
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        flag, host, event, groups, from_scaler = pending
+        host, event, groups, from_scaler = pending
         if event is not None:
             event.synchronize()  # long done: a whole forward and backward ran since
         if float(host[0]) == 0.0:
@@ -603,7 +606,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     host.copy_(skip_flag.reshape(1), non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
-                self._pending = (skip_flag, host, event, live, not check)
+                self._pending = (host, event, live, not check)
         self._clip_coef = None
         self._clear_gathered()
         return loss
@@ -613,7 +616,7 @@ class SparseAdamW(torch.optim.Optimizer):
         lay = self._layouts[gi]
         if not self.keep_workspace or lay.indices.device.type != "cpu":
             return None  # GPU scratch comes from torch's caching allocator, which already reuses it
-        n = checked_workspace_numel(lay.k, sum(p.numel() for p in lay.params), dense)
+        n = checked_workspace_numel(lay.k, lay.numel, dense)
         ws = self._workspaces.get(gi)
         if ws is None or ws.numel() < n:
             ws = torch.empty(n, dtype=torch.float32)
