@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from .sparse_adamw_step import load_pivot_grads
+from .sparse_adamw_step import load_pivot_grads, pivot_tile
 
 _TILE_GPU, _WARPS_GPU = 1024, 4
 _TILE_INTERPRETER = 256
@@ -39,10 +39,8 @@ def _pivot_grad_norm_kernel(
     KIND: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tid = tl.load(blk_tid + pid)
-    j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
-    mask = j < tl.load(offsets + tid + 1)
+    tid, j, end = pivot_tile(blk_tid, blk_start, offsets, TILE)
+    mask = j < end
     g = load_pivot_grads(grad_tab, g_like, pivot_grads, indices, numel_tab, tid, j, mask, PIVOT_GRADS)
     a = tl.abs(g)
     is_nan = mask & (a != a)
@@ -56,6 +54,7 @@ def _pivot_grad_norm_kernel(
         r = tl.max(a, axis=0)
     else:
         r = tl.sum(tl.where(a > 0.0, tl.exp2(p * tl.log2(tl.maximum(a, 1e-30))), 0.0), axis=0)
+    pid = tl.program_id(0)
     tl.store(partial + pid, r)
     tl.store(bad + 2 * pid, tl.sum(tl.where(is_nan, 1, 0), axis=0))
     tl.store(bad + 2 * pid + 1, tl.sum(tl.where(is_inf, 1, 0), axis=0))

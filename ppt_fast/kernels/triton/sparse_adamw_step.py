@@ -28,6 +28,27 @@ _TILE_INTERPRETER = 256
 
 
 @triton.jit
+def pivot_tile(blk_tid, blk_start, offsets, TILE: tl.constexpr):
+    """The tile this program owns: its tensor id, its pivot positions and the tensor's end in the packed list.
+    Positions run up to k, which may pass 2**31: int64."""
+    pid = tl.program_id(0)
+    tid = tl.load(blk_tid + pid)
+    j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
+    return tid, j, tl.load(offsets + tid + 1)
+
+
+@triton.jit
+def _unscale_and_clip(g, grad_scale, grad_coef, HAS_SCALE: tl.constexpr, HAS_COEF: tl.constexpr):
+    # IEEE division (div_rn) as GradScaler's unscale in the reference; then the clipping coefficient. One place, so
+    # the checked and the single-launch paths round the same way.
+    if HAS_SCALE:
+        g = tl.div_rn(g, tl.load(grad_scale))
+    if HAS_COEF:
+        g = g * tl.load(grad_coef)
+    return g
+
+
+@triton.jit
 def _sparse_adamw_step_kernel(
     param_tab,
     grad_tab,
@@ -62,11 +83,7 @@ def _sparse_adamw_step_kernel(
     LERP_FROM_END: tl.constexpr,
     TILE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tid = tl.load(blk_tid + pid)
-    # Positions in the packed pivot list run up to k, which may pass 2**31: int64.
-    j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
-    end = tl.load(offsets + tid + 1)
+    tid, j, end = pivot_tile(blk_tid, blk_start, offsets, TILE)
     if HAS_FOUND_INF:
         # GradScaler's protocol without a host sync: an overflowed step empties every tile, so nothing is read or
         # written. (Done on the scalar bound: the interpreter cannot AND a scalar into a block mask.)
@@ -85,10 +102,7 @@ def _sparse_adamw_step_kernel(
         g = tl.load(g_ptr + idx, mask=inside, other=0.0).to(tl.float32)
     # IEEE division and sqrt (div_rn / sqrt_rn) where torch's AdamW uses them: Triton's `/` and `sqrt` are the
     # approximate GPU instructions, a few ulp off, which would drift from the other backends step by step.
-    if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(grad_scale))
-    if HAS_COEF:
-        g = g * tl.load(grad_coef)
+    g = _unscale_and_clip(g, grad_scale, grad_coef, HAS_SCALE, HAS_COEF)
     if HAS_MASTER:
         theta = tl.load(master + j, mask=mask, other=0.0)
     else:
@@ -147,18 +161,12 @@ def _gather_check_kernel(
     TILE: tl.constexpr,
 ):
     """Phase 1 of a checked step: out[j] = the pivot's gradient, unscaled and clipped (fp32); flag inf/NaN."""
-    pid = tl.program_id(0)
-    tid = tl.load(blk_tid + pid)
-    j = tl.load(blk_start + pid) + tl.arange(0, TILE).to(tl.int64)
-    end = tl.load(offsets + tid + 1)
+    tid, j, end = pivot_tile(blk_tid, blk_start, offsets, TILE)
     if HAS_FOUND_INF:
         end = tl.where(tl.load(found_inf) == 0.0, end, 0)
     mask = j < end
     g = load_pivot_grads(grad_tab, g_like, pivot_grads, indices, numel_tab, tid, j, mask, PIVOT_GRADS)
-    if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(grad_scale))
-    if HAS_COEF:
-        g = g * tl.load(grad_coef)
+    g = _unscale_and_clip(g, grad_scale, grad_coef, HAS_SCALE, HAS_COEF)
     tl.store(out + j, g, mask=mask)
     # g * 0 is 0 for every finite g and NaN for inf/NaN; a NaN never compares equal to itself.
     probe = g * 0.0
