@@ -415,14 +415,14 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
   for (int64_t i = 0; i < n_tensors; ++i) {
     total += numels[i];
   }
+  const char* pg_base = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
+  const int64_t pg_size = dense ? 0 : pg.element_size();
   // Dense pivots (or gradients already gathered, read in sequence) are checked first, into a 4 B/pivot scratch:
   // neighbouring pivots share cache lines, so the two passes lose little overlap, and the scratch is a third of the
   // backup's fresh memory. Sparse pivots run the speculative pass (see the top of this file).
   if (checked && (!dense || k * kCheckFirstDensityInverse >= total)) {
     at::Tensor scratch = scratch_of(workspace, k, exp_avg);
     float* sc = scratch.data_ptr<float>();
-    const char* pgb = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
-    const int64_t pgs = dense ? 0 : pg.element_size();
     std::vector<GatherFn> gfns(n_tensors, nullptr);
     for (int64_t i = 0; i < n_tensors; ++i) {
       gfns[i] = pick_gather(dense ? g_keep[i].scalar_type() : pg.scalar_type(), dense);
@@ -431,7 +431,7 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
     at::parallel_for(0, n_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ci = begin; ci < end; ++ci) {
         const Chunk& ch = chunks[ci];
-        const void* grad = dense ? g_keep[ch.tensor].const_data_ptr() : pgb + ch.begin * pgs;
+        const void* grad = dense ? g_keep[ch.tensor].const_data_ptr() : pg_base + ch.begin * pg_size;
         verdict[ci] = gfns[ch.tensor](grad, idx + ch.begin, sc + ch.begin, ch.end - ch.begin, numels[ch.tensor], c);
       }
     });
@@ -460,8 +460,6 @@ void sparse_adamw_step_cpp(at::TensorList params, at::TensorList grads, at::IntA
   // The checked step's backup of the old m, v, θ (see the top of this file); freed when the call returns.
   at::Tensor backup = checked ? scratch_of(workspace, 3 * k, exp_avg) : at::Tensor();
   float* bk_base = checked ? backup.data_ptr<float>() : nullptr;
-  const char* pg_base = dense ? nullptr : static_cast<const char*>(pg.const_data_ptr());
-  const int64_t pg_size = dense ? 0 : pg.element_size();
   std::vector<uint32_t> bad(chunks.size(), 0);
   auto backup_of = [&](const Chunk& ch) {
     return checked ? Backup{bk_base + ch.begin, bk_base + k + ch.begin, bk_base + 2 * k + ch.begin}
