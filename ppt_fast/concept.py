@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ._io import atomic_write_bytes
-from .pivots import PivotSet
+from .pivots import PivotError, PivotSet
 
 logger = logging.getLogger(__name__)
 
@@ -187,24 +187,6 @@ def _unpack_indices(packed: torch.Tensor, counts: Sequence[int]) -> torch.Tensor
     seg_base = torch.where(bounds[:-1] > 0, cs[(bounds[:-1] - 1).clamp_min(0)], torch.zeros_like(bounds[:-1]))
     per = torch.repeat_interleave(seg_base, torch.tensor(counts, dtype=torch.int64))
     return cs - per - 1
-
-
-def _check_increasing(pivots: PivotSet) -> None:
-    """Indices strictly increasing within each tensor and inside it (the PivotSet contract the packing relies on)."""
-    idx = pivots.indices.to(torch.int64)
-    if idx.numel() == 0:
-        return
-    counts = pivots.counts()
-    prev = torch.cat([idx.new_full((1,), -1), idx[:-1]])
-    starts = torch.tensor([0, *counts], dtype=torch.int64).cumsum(0)[:-1][torch.tensor(counts) > 0].to(idx.device)
-    prev[starts] = -1
-    if bool((idx <= prev).any()):
-        raise ConceptError("pivots: indices must be strictly increasing within each tensor (sort them per tensor)")
-    numel = torch.repeat_interleave(
-        torch.tensor(pivots.numels, dtype=torch.int64), torch.tensor(counts, dtype=torch.int64)
-    ).to(idx.device)
-    if bool((idx >= numel).any()):
-        raise ConceptError("pivots: an index is past the end of its tensor")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -396,7 +378,10 @@ class Concept:
             raise ConceptError(f"values must be a 1-D tensor with pivots.count = {pivots.count} entries, got {shape}")
         if values.dtype not in _STORAGE_DTYPES.values():
             raise ConceptError(f"values dtype {values.dtype} is not float32, float16 or bfloat16")
-        _check_increasing(pivots)
+        try:  # indices in range and strictly increasing per tensor: the contract the packing relies on
+            pivots.check()
+        except PivotError as e:
+            raise ConceptError(f"pivots: {e}") from None
         keep = [i for i, c in enumerate(pivots.counts()) if c]
         if len(keep) != len(pivots.names):
             pivots = PivotSet(

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -98,6 +98,16 @@ def is_marked_valid(indices: torch.Tensor, offsets: Sequence[int], numels: Seque
     return entry is not None and entry[0]() is indices and entry[1] == _stamp(indices, offsets, numels)
 
 
+def ensure_checked(
+    names: Callable[[], Sequence[str]], numels: Sequence[int], offsets: Sequence[int], indices: torch.Tensor, who: str
+) -> None:
+    """`check_indices` unless these very indices carry the mark of a check against the same offsets and sizes (the
+    cheap path every optimizer step takes), then mark them. `names` is called only when a check runs."""
+    if not is_marked_valid(indices, offsets, numels):
+        check_indices(names(), numels, offsets, indices, who)
+        mark_valid(indices, offsets, numels)
+
+
 class PivotSet:
     """The pivots of a list of tensors: names, shapes, per-tensor offsets and packed int32 local indices."""
 
@@ -138,6 +148,11 @@ class PivotSet:
         self.indices: torch.Tensor = indices
         self._offsets_list: list[int] = offsets_list
         mark_valid(indices, offsets_list, self.numels)
+
+    def check(self) -> None:
+        """Raise PivotError unless the indices are still the ones checked at construction (an in-place change of
+        `indices` since then voids the mark and they are checked again)."""
+        ensure_checked(lambda: self.names, self.numels, self._offsets_list, self.indices, "PivotSet")
 
     # ---- basic facts -------------------------------------------------------------------------------------------
     @property

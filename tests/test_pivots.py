@@ -186,3 +186,13 @@ def test_every_way_of_making_a_pivotset_is_checked_and_marked():
         assert is_marked_valid(made.indices, made.offsets_list, made.numels)
     ps.indices[0] = 39  # an in-place change voids the mark: the next op call checks again
     assert not is_marked_valid(ps.indices, ps.offsets_list, ps.numels)
+
+
+def test_check_revalidates_after_an_in_place_change():
+    from ppt_fast import PivotError
+
+    ps = PivotSet.from_masks({"a": torch.rand(40) < 0.3})
+    ps.check()  # marked at construction: nothing to do
+    ps.indices[-1] = 40
+    with pytest.raises(PivotError, match="outside"):
+        ps.check()

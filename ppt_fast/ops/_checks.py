@@ -79,10 +79,9 @@ def check_pivot_indices(tensors: Sequence[torch.Tensor], offsets: Sequence[int],
     """Refuse pivot indices that are not valid for `tensors` (PivotError), unless these very indices were checked
     against the same offsets and sizes before (a PivotSet's are checked when it is made): no kernel may be handed an
     index outside its tensor."""
-    from ..pivots import check_indices, is_marked_valid, mark_valid
+    from ..pivots import ensure_checked
 
-    numels = [t.numel() for t in tensors]
-    if is_marked_valid(indices, offsets, numels):
-        return
-    check_indices([f"params[{i}]" for i in range(len(tensors))], numels, offsets, indices, "pivot indices")
-    mark_valid(indices, offsets, numels)
+    def names() -> list[str]:
+        return [f"params[{i}]" for i in range(len(tensors))]
+
+    ensure_checked(names, [t.numel() for t in tensors], offsets, indices, "pivot indices")
