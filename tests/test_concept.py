@@ -12,7 +12,7 @@ import torch
 from _concept_cases import TinyBank, _one_thread  # noqa: F401  (_one_thread: an autouse fixture)
 from safetensors.torch import load, save
 
-from ppt_fast import PivotSet
+from ppt_fast import PivotSet, _io
 from ppt_fast import concept as C
 from ppt_fast.concept import (
     Concept,
@@ -25,6 +25,7 @@ from ppt_fast.concept import (
     save_concepts,
     snapshot_base,
 )
+from ppt_fast.concept import format as F
 
 # Storage rounding: values are stored as tuned_fp32.to(dtype) (one rounding to nearest). The bound is that half-ulp,
 # relative: fp16 has 10 mantissa bits (2**-11), bf16 7 (2**-8). Values here are ~N(0, 1), far from fp16's subnormals.
@@ -100,14 +101,14 @@ def assert_state_equal(model, ref):
 def test_varint_round_trip_awkward_values():
     edge = torch.tensor([0, 1, 127, 128, 255, 16383, 16384, 2**21 - 1, 2**21, 2**28, 2**31 - 1, 2**35 - 1])
     v = torch.cat([edge, torch.randint(0, 2**31, (997,)), torch.randint(0, 300, (1000,))])
-    packed = C._varint_encode(v)
+    packed = F._varint_encode(v)
     assert packed.dtype == torch.uint8
-    assert torch.equal(C._varint_decode(packed, v.numel()), v)
-    assert C._varint_encode(torch.tensor([127])).numel() == 1 and C._varint_encode(torch.tensor([128])).numel() == 2
+    assert torch.equal(F._varint_decode(packed, v.numel()), v)
+    assert F._varint_encode(torch.tensor([127])).numel() == 1 and F._varint_encode(torch.tensor([128])).numel() == 2
     with pytest.raises(ConceptFileError):
-        C._varint_decode(packed[:-1], v.numel())  # ends inside a value
+        F._varint_decode(packed[:-1], v.numel())  # ends inside a value
     with pytest.raises(ConceptFileError):
-        C._varint_decode(packed, v.numel() + 1)
+        F._varint_decode(packed, v.numel() + 1)
 
 
 @pytest.mark.parametrize("counts_pattern", ["mixed", "all_empty", "single", "dense_run"])
@@ -126,8 +127,8 @@ def test_index_packing_round_trip(counts_pattern):
         parts.append(idx)
         counts.append(idx.numel())
     idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
-    packed = C._pack_indices(idx.to(torch.int32), counts)
-    assert torch.equal(C._unpack_indices(packed, counts), idx)
+    packed = F._pack_indices(idx.to(torch.int32), counts)
+    assert torch.equal(F._unpack_indices(packed, counts), idx)
     if counts_pattern == "dense_run":
         assert packed.numel() == 4096  # consecutive indices cost one byte each
 
@@ -380,14 +381,14 @@ def test_truncated_and_tampered_files(tmp_path):
 
 
 def _read(path):
-    tensors, meta = C._read_safetensors(path.read_bytes(), str(path))
+    tensors, meta = F._read_safetensors(path.read_bytes(), str(path))
     return meta, tensors
 
 
 def test_newer_format_version_refused(tmp_path):
     m = with_bank(Net())
     c = tune_fake(m, "<v1>")
-    meta, tensors = C._encode([c])
+    meta, tensors = F._encode([c])
     meta["format_version"] = str(C.FORMAT_VERSION + 1)
     (tmp_path / "n.ppt").write_bytes(save(tensors, metadata=meta))
     with pytest.raises(ConceptVersionError, match="upgrade ppt_fast"):
@@ -457,13 +458,11 @@ def test_failed_write_leaves_old_file_intact(tmp_path, monkeypatch, fail_at):
                 self.f.write(data[: len(data) // 2])  # half of it lands, then the disk is full
                 raise OSError(28, "No space left on device")
 
-        from ppt_fast import _io
-
         monkeypatch.setattr(_io, "open", lambda path, mode: Half(real_open(path, mode)), raising=False)
     elif fail_at == "fsync":
-        monkeypatch.setattr(C.os, "fsync", boom)
+        monkeypatch.setattr(_io.os, "fsync", boom)
     else:
-        monkeypatch.setattr(C.os, "replace", boom)
+        monkeypatch.setattr(_io.os, "replace", boom)
     with pytest.raises(ConceptError, match="No space left"):
         new.save(path)
     monkeypatch.undo()
@@ -526,15 +525,15 @@ def test_crafted_file_with_valid_checksum_but_bad_indices(tmp_path):
     """The checksum catches accidents, not forgery: decoding still checks every index against its tensor."""
     m = with_bank(Net())
     c = tune_fake(m, "<v1>")
-    meta, tensors = C._encode([c])
+    meta, tensors = F._encode([c])
     k0 = c.pivots.counts()[0]
     for shape, match in (([1], "pivots in"), ([k0], "pass its")):  # [k0]: room for the count, not the indices
         header = json.loads(meta["header"])
         header["concepts"][0]["pivots"]["shapes"][0] = shape
         header["concepts"][0]["fingerprint"] = {}
-        meta["header"] = C._canonical_json(header)
-        meta["checksum"] = C._checksum(meta["header"], tensors)
-        (tmp_path / "f.ppt").write_bytes(C._serialize(tensors, meta))
+        meta["header"] = F._canonical_json(header)
+        meta["checksum"] = F._checksum(meta["header"], tensors)
+        (tmp_path / "f.ppt").write_bytes(F._serialize(tensors, meta))
         with pytest.raises(ConceptFileError, match=match):
             Concept.load(tmp_path / "f.ppt")
 
@@ -596,12 +595,12 @@ def test_unsorted_or_out_of_range_indices_refused():
 # ---------------------------------------------------------------------------------------------------------------------
 def _forge(path, c, change):
     """Write `c` with `change(header_entry, tensors)` applied and the (unkeyed) checksum recomputed: a crafted file."""
-    meta, tensors = C._encode([c])
+    meta, tensors = F._encode([c])
     header = json.loads(meta["header"])
     change(header["concepts"][0], tensors)
     meta["header"] = json.dumps(header)
-    meta["checksum"] = C._checksum(meta["header"], tensors)
-    path.write_bytes(C._serialize(tensors, meta))
+    meta["checksum"] = F._checksum(meta["header"], tensors)
+    path.write_bytes(F._serialize(tensors, meta))
 
 
 def _poison(name, value):

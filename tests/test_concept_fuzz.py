@@ -29,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from ppt_fast import PivotSet
 from ppt_fast import concept as C
 from ppt_fast.concept import Concept, ConceptError, snapshot_base
+from ppt_fast.concept import format as F
 
 # A loaded mutant's decoder may allocate this many bytes per byte of the file in one torch op (int64 copies of the
 # index stream are 8x) plus this much regardless of size (allocator granularity, small per-tensor tables).
@@ -107,15 +108,15 @@ NASTY = [-1, 0, 1, 2, 7, 2**20, 2**30, 2**31 - 1, 2**31, 2**40, 2**63, -(2**63),
 
 
 def _split(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
-    tensors, meta = C._read_safetensors(data, "corpus")
+    tensors, meta = F._read_safetensors(data, "corpus")
     return dict(meta), dict(tensors)
 
 
 def _sign(meta: dict, tensors: dict[str, torch.Tensor]) -> bytes:
     """What a forger does: recompute the unkeyed checksum, write a well-formed safetensors file."""
     meta = dict(meta)
-    meta["checksum"] = C._checksum(meta.get("header", ""), tensors)
-    return C._serialize(tensors, meta)
+    meta["checksum"] = F._checksum(meta.get("header", ""), tensors)
+    return F._serialize(tensors, meta)
 
 
 def _paths(obj, prefix=()):
@@ -217,7 +218,7 @@ def _crafted(data: bytes, rng: random.Random) -> tuple[str, bytes]:
         else:
             meta[key] = value
         signed = _sign(meta, tensors)
-        return f"metadata {key} changed", signed if key != "checksum" else C._serialize(tensors, meta)
+        return f"metadata {key} changed", signed if key != "checksum" else F._serialize(tensors, meta)
     names = sorted(tensors)
     if op == 2:  # the varint index stream
         gname = rng.choice([n for n in names if n.endswith("pivots.gaps")])
@@ -494,8 +495,8 @@ def test_mutation_operators_reach_the_decoder(corpus):
         name, data = rng.choice(files)
         how, m = _crafted(data, rng)
         try:
-            tensors, meta = C._read_safetensors(m, "m")
+            tensors, meta = F._read_safetensors(m, "m")
         except ConceptError:
             continue
-        reached += meta.get("checksum") == C._checksum(meta.get("header", ""), tensors)
+        reached += meta.get("checksum") == F._checksum(meta.get("header", ""), tensors)
     assert reached > 150

@@ -35,9 +35,10 @@ from collections.abc import Iterable
 
 import torch
 
+from ..concept.registry import BANK_ATTR
+
 logger = logging.getLogger(__name__)
 
-BANK_ATTR = "_ppt_fast_identifier_bank"
 _KEY = "__ppt_fast_identifiers__"
 _IDENT_RE = re.compile(r"^\S+$")
 

@@ -310,13 +310,3 @@ def module_device(module: torch.nn.Module) -> torch.device:
     for t in (*module.parameters(), *module.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def fingerprint(module: torch.nn.Module) -> str:
-    """sha256 over a module's state_dict (names, dtypes, shapes, bytes); identifies a base model or codec."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -51,10 +51,11 @@ from typing import Any
 
 import torch
 
+from ..concept.fingerprint import state_digest as fingerprint
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
 from .loss import pattern_cross_entropy
-from .models import fingerprint, load_model, model_kind, module_device
+from .models import load_model, model_kind, module_device
 
 logger = logging.getLogger(__name__)
 
@@ -692,7 +693,7 @@ def _snapshot(lm, trained: PivotSet, dense_rows: dict, preset: str):
     applied on the tuned model with them, so `concept.remove(model)` restores the base bitwise)."""
     try:
         from ..concept import snapshot_base
-    except ImportError:  # pragma: no cover - concept.py ships with the package
+    except ImportError:  # pragma: no cover - ppt_fast.concept ships with the package
         return None
     if preset == "full":
         return snapshot_base(lm, None, {n: None for n in dense_rows})

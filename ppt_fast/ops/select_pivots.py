@@ -25,18 +25,12 @@ import torch
 from .. import _backend
 from ..pivots import PivotSet
 from . import _checks
+from ._errors import NAN_MESSAGE, NaNScoresError
 
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _OP = "select_pivots"
 _NAN_KEY = 0x7F800000  # keys above +inf's bit pattern are NaN
 _REF_CHUNK = 1 << 22  # the reference walks tensors in chunks so its temporaries stay O(chunk), not O(N)
-
-
-NAN_MESSAGE = "ppt_fast: NaN score"  # every backend raises an error containing this when it meets a NaN key
-
-
-class NaNScoresError(ValueError):
-    """Raised by a backend that met a NaN key; the public wrapper re-raises it naming the tensor."""
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops.select_pivots import NAN_MESSAGE, NaNScoresError
+from ...ops._errors import NAN_MESSAGE, NaNScoresError
 from . import _utils
 
 _NAN_KEY = 0x7F800000  # keys above +inf's bit pattern are NaN
