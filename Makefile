@@ -44,8 +44,8 @@ check-cuda:
 
 # Host emulation of the CUDA kernels and a load check of the CUDA binding against CPU torch (no GPU needed, slow).
 check-cuda-emulation: $(STAMP)
-	$(BIN)/python csrc/cuda/emulation/run_emulation.py
-	$(BIN)/python csrc/cuda/emulation/check_bindings.py
+	$(BIN)/python tests/cuda_emulation/run_emulation.py
+	$(BIN)/python tests/cuda_emulation/check_bindings.py
 
 test-all: test test-interpreter check-cuda
 

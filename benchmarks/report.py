@@ -34,7 +34,7 @@ def _read(paths: list[Path], keep) -> list[tuple[str, dict]]:
 
 
 def _load_probes(paths: list[Path]) -> list[tuple[str, dict]]:
-    """The checkpointing probe's files (benchmarks/checkpointing_probe.py, schema 2), oldest first."""
+    """The checkpointing probe's files (experiments/probes/checkpointing_probe.py, schema 2), oldest first."""
     found = _read(paths, lambda d: d.get("suite") == "checkpointing-probe" and "summary_medians" in d)
     return sorted(found, key=lambda fd: fd[1]["provenance"]["date_utc"])
 
@@ -333,7 +333,9 @@ def run_row(fname: str, data: dict) -> str:
 def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, list[Path]]:
     results = _load(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# Benchmark results", "", "Rendered by `benchmarks/report.py` from the JSON files in this folder."]
+    lines = ["# Benchmark results", "",
+             "Rendered by `benchmarks/report.py` from the JSON files in this folder; superseded runs are kept in "
+             "`history/` and not rendered."]  # fmt: skip
     lines += _table("Runs", ["file", "device", "torch", "triton", "CUDA", "commit", "ppt_fast._C", "wall"],
                     [run_row(fname, data) for fname, data in results])  # fmt: skip
     lines += ["", "## Figures to reach", ""]
@@ -379,8 +381,8 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
                         ["method", "checkpointing", "step", "peak", "vs dense, same checkpointing (memory, time)",
                          "vs dense without checkpointing (memory, time)", "file"],
                         [r for fname, data in probes for r in probe_rows(fname, data)],
-                        intro="`benchmarks/checkpointing_probe.py`: musicgen-small shapes, B = 1, 5 s, recipe `ppt` "
-                        "at 1 %, one fresh process per configuration, medians over rounds run in turn. "
+                        intro="`experiments/probes/checkpointing_probe.py`: musicgen-small shapes, B = 1, 5 s, "
+                        "recipe `ppt` at 1 %, one fresh process per configuration, medians over rounds run in turn. "
                         "`ppt_fast_wholegrads` is ppt_fast with `row_grads=False`.")  # fmt: skip
     lines += ["", "## Skipped", ""]
     for fname, data in results:

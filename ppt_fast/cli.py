@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 from . import _env
 from ._io import UnwritablePathError, check_writable
+from .recipes import DEFAULT, RECIPES
 
 EPILOG = """examples:
   ppt-fast demo --out out/demo
@@ -110,7 +111,9 @@ def _add_tune(sub) -> None:
     p.add_argument("--identifier", default="<v1>", help="the word that names the concept in prompts (default <v1>)")
     p.add_argument("--out", required=True, help="concept file to write, e.g. concept.ppt")
     p.add_argument("--model", default="tiny", help="tiny (default), a checkpoint dir or e.g. facebook/musicgen-small")
-    p.add_argument("--preset", default="ppt", choices=("ppt", "dreamstyler", "full", "tokens"), help="what is trained")
+    p.add_argument("--preset", default=DEFAULT, choices=tuple(RECIPES),
+                   help="what is trained (default %(default)s): "
+                   + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))  # fmt: skip
     p.add_argument(
         "--ratio",
         type=float,

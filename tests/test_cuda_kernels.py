@@ -424,7 +424,7 @@ def test_speed_targets():
 # ------------------------------------------------------------------------------------------------ host emulation
 @pytest.mark.slow
 def test_kernel_logic_in_host_emulation():
-    """Without a GPU: the same .cu sources compiled as host C++ (csrc/cuda/emulation) against the references
+    """Without a GPU: the same .cu sources compiled as host C++ (tests/cuda_emulation) against the references
     (select exact, sensitivity bitwise, sparse AdamW within the fp32 tolerance). ~4 min on 2 cores."""
     import os
     import shutil
@@ -435,7 +435,7 @@ def test_kernel_logic_in_host_emulation():
     if shutil.which("g++") is None or not os.path.exists(os.path.join(cuda_home, "include", "cuda_fp16.h")):
         pytest.skip("needs g++ (C++20) and the CUDA toolkit headers under CUDA_HOME")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "csrc", "cuda", "emulation", "run_emulation.py")
+    script = os.path.join(root, "tests", "cuda_emulation", "run_emulation.py")
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -455,6 +455,6 @@ def test_bindings_schemas_load_without_gpu():
     if shutil.which("g++") is None or not os.path.exists(os.path.join(cuda_home, "lib64", "libcudart.so")):
         pytest.skip("needs g++ and a CUDA toolkit (headers and libcudart) under CUDA_HOME")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(root, "csrc", "cuda", "emulation", "check_bindings.py")
+    script = os.path.join(root, "tests", "cuda_emulation", "check_bindings.py")
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,5 +1,5 @@
 """The PyTorch port of musicnn against the original TF model's outputs (tests/data/musicnn_reference.npz, written once
-by scripts/musicnn_reference.py in a throw-away TensorFlow venv)."""
+by experiments/probes/musicnn_reference.py in a throw-away TensorFlow venv)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@
 #include "kernels.cuh"
 
 // Every launch goes through this macro so that the same sources can also be compiled as host code by the logic
-// emulation in tests/test_cuda_kernels.py (PPT_FAST_HOST_EMULATION: blocks run one after another, their threads as
-// OS threads; it checks the kernels' logic without a GPU, not their speed).
+// emulation in tests/cuda_emulation/ (run by tests/test_cuda_kernels.py; PPT_FAST_HOST_EMULATION: blocks run one after
+// another, their threads as OS threads; it checks the kernels' logic without a GPU, not their speed).
 #ifdef PPT_FAST_HOST_EMULATION
 #define PPT_LAUNCH(kernel, grid, block, stream, ...) ::ppt_fast_emu::launch((grid), (block), (kernel), __VA_ARGS__)
 #else

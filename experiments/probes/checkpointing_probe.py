@@ -1,13 +1,13 @@
 """One tune step on musicgen-small shapes, side by side: ppt_fast (with and without row-scoped gradients) vs dense
 masked, each without and with activation checkpointing.
 
-    python benchmarks/checkpointing_probe.py [--steps 3] [--repeats 2]
-                                             [--out benchmarks/results/cpu-checkpointing-<date>.json]
+    python experiments/probes/checkpointing_probe.py [--steps 3] [--repeats 2]
+                                                     [--out benchmarks/results/cpu-checkpointing-<date>.json]
 
-Runs `tune_probe.py` (a fresh process per configuration) for the 6 configurations, `--repeats` rounds in turn (so
-slow drift of a shared machine hits every configuration alike), and writes every run plus, per configuration, the
-median over rounds of the step time and of the peak memory, and the ratios to dense masked: against dense masked with
-the same checkpointing setting, and against dense masked without checkpointing (what dense masked tuning runs by
+Runs `benchmarks/tune_probe.py` (a fresh process per configuration) for the 6 configurations, `--repeats` rounds in
+turn (so slow drift of a shared machine hits every configuration alike), and writes every run plus, per configuration,
+the median over rounds of the step time and of the peak memory, and the ratios to dense masked: against dense masked
+with the same checkpointing setting, and against dense masked without checkpointing (what dense masked tuning runs by
 default). Checkpointing is audiocraft's per-layer `transformer.checkpointing = "torch"`. Allocator: as in
 `bench_tune_step.py`, MALLOC_MMAP_THRESHOLD_=131072 unless set.
 """
@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[2] / "benchmarks"  # tune_probe.py, provenance.py, results/
 sys.path.insert(0, str(HERE))
 
 ARMS = (("dense_masked", False), ("ppt_fast", True), ("ppt_fast", False))  # (method, row_grads)

@@ -5,7 +5,7 @@ of the prompt's information (`discrimination_probe.py`), want another temperatur
 divides the LM's logits of codebook k by its own temperature (the forward's output is rescaled by 0.7 / t_k, and
 audiocraft then divides by 0.7).
 
-    .venv/bin/python scripts/codebook_temperature_probe.py ["c0 0.7, rest 1.0" ...]    # ~110 s per setting
+    .venv/bin/python experiments/probes/codebook_temperature_probe.py ["c0 0.7, rest 1.0" ...]  # ~110 s per setting
 
 Output (2026-11-29, tiny-v4), text control (diversity):
 

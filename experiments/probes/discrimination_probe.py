@@ -4,7 +4,7 @@ the 16 canonical instrument prompts; a clip counts as discriminated when its own
 codebook too: where in the residual stack the prompt's information sits. No sampling, so no sampling noise: this
 separates "the LM has not learnt the instrument from its name" from "the LM's samples drift away from it".
 
-    .venv/bin/python scripts/discrimination_probe.py [WEIGHTS.pt ...]    # default: the shipped model; ~1.5 min each
+    .venv/bin/python experiments/probes/discrimination_probe.py [WEIGHTS.pt ...]  # default: `tiny`; ~1.5 min each
 
 Output (2026-11-29, tiny-v4, 128 clips): discriminated 0.648; own prompt 3.162 nats, mean over the 16 prompts 3.500.
 Per codebook, discriminated / own-prompt gain: 0: 0.727 / 0.726 nats, 1: 0.516 / 0.497, 2: 0.555 / 0.411, 3: 0.469 /

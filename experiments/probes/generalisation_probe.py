@@ -3,12 +3,13 @@ LM loss (the training loss, no sampling noise) on the first 4 s of 8 corpus comp
 (re-rendered from their seeds and encoded with the model's own codec: the very codes it trained on) and on 8 fresh
 compositions per instrument (seeds the corpus never used), with descriptions drawn by the corpus' generator.
 
-    .venv/bin/python scripts/generalisation_probe.py [WEIGHTS.pt ...]    # default: the shipped model; ~30 s each
+    .venv/bin/python experiments/probes/generalisation_probe.py [WEIGHTS.pt ...]  # default: `tiny`; ~30 s each
 
 Output (2026-11-29): tiny-v4: corpus 2.588, fresh 3.033 (gap 0.445 after ~13.5 passes over 1536 clips); the tiny-v6
 candidate (3x the compositions, ~4.3 passes): corpus 2.682, fresh 2.819 (gap 0.138). tiny-v6 generalises better and
-still renders fewer prompts as their instrument (52.6 % vs 57.8 %, `model_validation.py`; docs/default_model.md).
-Assumes the models' corpus settings (seed 0, 8-s compositions, the recorded registers), as tiny-v4's and tiny-v6's.
+still renders fewer prompts as their instrument (52.6 % vs 57.8 %, `model_validation.py`;
+experiments/default_model/history.md). Assumes the models' corpus settings (seed 0, 8-s compositions, the recorded
+registers), as tiny-v4's and tiny-v6's.
 """
 
 import statistics

@@ -6,7 +6,8 @@ The PyTorch port (ppt_fast/eval/musicnn.py) is tested against the file this writ
     python3 -m venv /tmp/tfvenv
     /tmp/tfvenv/bin/pip install tensorflow-cpu tf_keras librosa
     /tmp/tfvenv/bin/pip install --no-deps musicnn==0.1.0
-    TF_USE_LEGACY_KERAS=1 /tmp/tfvenv/bin/python scripts/musicnn_reference.py tests/data/musicnn_reference.npz
+    TF_USE_LEGACY_KERAS=1 /tmp/tfvenv/bin/python experiments/probes/musicnn_reference.py \
+        tests/data/musicnn_reference.npz
 
 (versions used for the committed file: tensorflow-cpu 2.21.0, tf_keras 2.21.0, librosa 0.11.0, numpy 2.4.6)
 

@@ -3,9 +3,9 @@ change of its weights? Tune the violin with tune()'s defaults, then move the **s
 of the same tensors and rows (the scope), and score text control without the identifier (16 instrument prompts x 3
 clips) for the base, the concept and the random twin on several sampling seeds, with the held-in loss beside it.
 
-    .venv/bin/python scripts/perturbation_probe.py          # ~7 min on 2 CPU cores
+    .venv/bin/python experiments/probes/perturbation_probe.py  # ~7 min on 2 CPU cores
 
-Output of the run quoted in docs/default_model.md ("What tuning costs").
+Output of the run quoted in experiments/default_model/history.md ("What tuning costs").
 """
 
 import os

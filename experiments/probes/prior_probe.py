@@ -9,9 +9,9 @@ what prior preservation does. Teacher-forced losses, free of sampling noise:
 With --sample, also the sampled figures: audio alignment of 8 "a piece of music, <v1>" clips to the reference, and
 text control / diversity of the 16 instrument prompts without the identifier (3 clips each).
 
-    .venv/bin/python scripts/prior_probe.py [--sample] [violin|marimba ...]    # ~4 min; --sample ~12 min (2 cores)
+    .venv/bin/python experiments/probes/prior_probe.py [--sample] [violin|marimba ...]  # ~4 min; --sample ~12 min
 
-Output of the runs quoted in docs/default_model.md ("What tuning costs"; those were tiny-v4's).
+Output of the runs quoted in experiments/default_model/history.md ("What tuning costs"; those were tiny-v4's).
 
 Output (2026-11-29, tiny-v8, `--sample violin`, 14 min; held-in loss 3.165 nats, prompt information 0.444; base:
 reference loss 4.720, alignment 0.239, text control 0.521), reference loss fall / held-in rise (share) / alignment /

@@ -9,7 +9,7 @@ compositions of it (encoded with the model's codec):
 - the decoded frames' loudness dynamics: mean level, its spread over time, mean rise per frame and the number of
   rises > 0.5 (standardised log-magnitude, averaged over the bands) per 4 s: the attacks.
 
-    .venv/bin/python scripts/sample_probe.py [WEIGHTS.pt]    # default: the shipped model; ~4 min
+    .venv/bin/python experiments/probes/sample_probe.py [WEIGHTS.pt]  # default: the shipped model; ~4 min
 
 Output (2026-11-29, tiny-v4): the LM takes its own samples for its prompt's instrument in 191 of 192 (every
 instrument 12/12 but saxophone 11/12), while musicnn hears piano 0, harp 1, harpsichord 1, clarinet, strings and synth

@@ -3,10 +3,10 @@ prompts x 12 clips, sampling seed 1, not the figures' 0) at its own setting (top
 48-clip sweep's leader (top-k 8, temperature 0.7). Rule stated before the run: switch to 8 / 0.7 only if it beats
 64 / 0.7 and reaches the 60 % target here.
 
-    .venv/bin/python scripts/topk_probe.py          # ~4 min on 2 CPU cores
+    .venv/bin/python experiments/probes/topk_probe.py  # ~4 min on 2 CPU cores
 
 Output (2026-11-29, tiny-v4): top-k 64 / 0.7: 0.578 (diversity 0.349); top-k 8 / 0.7: 0.516 (diversity 0.381).
-64 / 0.7 stays; quoted in docs/default_model.md.
+64 / 0.7 stays; quoted in experiments/default_model/history.md.
 """
 
 from ppt_fast import load_model

@@ -2,12 +2,12 @@
 on the validation sampling seed: audio alignment of `<v1>` clips and text control / diversity of the 16 instrument
 prompts without the identifier (concept applied), next to the base model. ~3 min on 2 CPU cores.
 
-    .venv/bin/python scripts/tune_lr_probe.py
+    .venv/bin/python experiments/probes/tune_lr_probe.py
 
 tiny-v4, 2026-11-29 (before prior preservation): base (no concept) 0.304 / 0.438 / 0.380; ppt 1 % at lr 1e-4: 0.542 /
 0.594 / 0.331; at 3e-4 (the default from tiny-v2 to this check): 0.562 / 0.469 / 0.287. 1e-4 is the default since.
 The text-control column moves by ~0.1 between runs of the same model (2 clips per prompt), so the choice was checked
-on teacher-forced losses too (scripts/prior_probe.py). Passes prior=0.0 to measure what it measured then.
+on teacher-forced losses too (experiments/probes/prior_probe.py). Passes prior=0.0 to measure what it measured then.
 """
 
 import os

@@ -121,16 +121,16 @@ class PretrainConfig:
     clips: int = 96  # compositions per training instrument
     # Compositions per instrument where they differ from `clips` (a rebalanced corpus). Empty for the shipped model:
     # the tiny-v5 candidate gave the six instruments tiny-v4 renders worst from their names 128-160 and lost on the
-    # validation text control (0.490 vs 0.578; docs/default_model.md), so it was not shipped.
+    # validation text control (0.490 vs 0.578; experiments/default_model), so it was not shipped.
     clip_counts: dict[str, int] = field(default_factory=dict)
     clip_seconds: float = 8.0
     # which word lists the descriptions come from (`descriptions_digest()`); pretraining refuses a config whose
     # digest is not the code's, since it could not reproduce that corpus
     descriptions: str = field(default_factory=descriptions_digest)
     # 8 residual levels: musicnn retrieval of re-synthesised new compositions of the trained instruments 81 % vs
-    # 67 % with 4 (73 % with 6; 8 x 512 entries 77 %), codecs fitted on the 48-clip corpus -- docs/default_model.md.
+    # 67 % with 4 (73 % with 6; 8 x 512 entries 77 %), codecs fitted on the 48-clip corpus -- experiments/default_model.
     # tiny-v3: beam-4 encoding and 2 passes of joint codebook refinement: coding error of held-out corpus frames
-    # 2.80 % -> 2.45 % of their variance (greedy, unrefined -> refined + beam 4; docs/default_model.md).
+    # 2.80 % -> 2.45 % of their variance (greedy, unrefined -> refined + beam 4; experiments/default_model).
     codec: MelCodecConfig = field(default_factory=lambda: MelCodecConfig(n_q=8, encode_beam=4))
     kmeans_iters: int = 12
     kmeans_sample: int = 120_000
@@ -146,9 +146,9 @@ class PretrainConfig:
     cfg_dropout: float = 0.15
     # Weight of each codebook in the LM's training loss (the weighted mean of the per-codebook cross-entropies);
     # empty: all equal, as audiocraft's solver and tiny-v4. The coarsest level carries most of what a prompt says
-    # about the clip (scripts/discrimination_probe.py on tiny-v4: own-prompt gain 0.73 nats at level 0, 0.16 at 7),
+    # about the clip (experiments discrimination_probe.py on tiny-v4: own-prompt gain 0.73 nats at level 0, 0.16 at 7),
     # so tiny-v8 weights it 3x: validation text control 57.8 % -> 58.3 %, figure seed 50.5 % -> 56.8 %, piano /
-    # harpsichord / harp sampled as themselves 2 / 5 / 8 of 12 (tiny-v4 0 / 1 / 1) -- docs/default_model.md.
+    # harpsichord / harp sampled as themselves 2 / 5 / 8 of 12 (tiny-v4 0 / 1 / 1) -- experiments/default_model.
     codebook_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     checkpoint_every: int = 50
 
@@ -323,7 +323,7 @@ def build_musicgen(cfg: PretrainConfig, codec: MelRVQCodec, lm, name: str = "tin
     # of the one before (0.56 / 0.48 / 0.48).
     model = _musicgen_class()(name, codec.eval(), lm.eval(), max_duration=30.0)  # the constructor needs > 18 s
     model.max_duration = cfg.segment_seconds
-    # Sampling settings for the trained default (docs/default_model.md): this small, briefly trained LM drifts into
+    # Sampling settings for the trained default (experiments/default_model): this small, briefly trained LM drifts into
     # noise at temperature 1 and with classifier-free guidance; top-k 64 at 0.7 without guidance scored best of the
     # validation sweep on tiny-v3 (text control 58 %; 0.6: 50 %, 0.5: 44 %, smaller top-k lower). On tiny-v4, 8 at 0.7
     # led 64 at 0.7 by two clips of 48 (60 % vs 56 %), inside the noise, after being tiny-v3's worst: 64 / 0.7 kept.

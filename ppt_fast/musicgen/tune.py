@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from .. import recipes
 from ..concept.fingerprint import state_digest as fingerprint
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
@@ -59,7 +60,7 @@ from .models import load_model, model_kind, module_device
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("ppt", "dreamstyler", "full", "tokens")
+PRESETS = tuple(recipes.RECIPES)
 DEFAULT_TEMPLATES = ("a piece of music, {}",)
 COMBO_TEMPLATES = ("a piece of music, {}",)
 
@@ -177,9 +178,9 @@ def default_ratio(model: Any) -> float:
     """tune()'s pivot ratio when none is given: 0.001 on a trained default model (`model_kind`), 0.01 elsewhere. On
     tiny-v4 (held-out violin, validation seeds) 1 % learns most (audio alignment 0.56, base 0.15) but raises the loss
     of new trained-instrument clips under their own words by 28 % of what the word tells the model; 0.1 % still lifts
-    alignment well above the base and the identifier tokens alone (0.38; tokens 0.31) at 1 % (scripts/prior_probe.py,
-    docs/default_model.md). Kept for tiny-v8: held-in cost 1.3 % at 0.1 %, 20 % at 1 %, alignment 0.39 / 0.55 (base
-    0.27). The tiny LM has 8.6 M parameters; on real MusicGens 1 % is the paper's scale."""
+    alignment well above the base and the identifier tokens alone (0.38; tokens 0.31) at 1 % (experiments
+    prior_probe.py, experiments/default_model). Kept for tiny-v8: held-in cost 1.3 % at 0.1 %, 20 % at 1 %, alignment
+    0.39 / 0.55 (base 0.27). The tiny LM has 8.6 M parameters; on real MusicGens 1 % is the paper's scale."""
     return 0.001 if model_kind(model) == "trained" else 0.01
 
 
@@ -190,7 +191,7 @@ def _resolve_defaults(model: Any, steps, lr, token_lr, batch_size, segment_secon
         steps if steps is not None else (150 if tiny else 500),
         # The trained default ("tiny") diverges at the random-init model's rates (loss on the reference rises, samples
         # collapse to silence). On tiny-v2 lr 3e-4 won on alignment alone (held-out marimba, "<v1>" clips, base 0.28:
-        # ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60). On tiny-v4 (scripts/tune_lr_probe.py, validation seed) 1e-4
+        # ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60). On tiny-v4 (experiments tune_lr_probe.py, validation seed) 1e-4
         # keeps alignment (0.54 vs 0.56, base 0.30) and the text control of prompts without "<v1>" (0.59 vs 0.47,
         # base 0.44), so 1e-4 is the default (chosen on tiny-v4, kept for tiny-v8); token lr 5e-3.
         lr if lr is not None else (1e-4 if trained else 3e-3 if tiny else 1e-4),
@@ -310,8 +311,10 @@ def _check_settings(**settings: Any) -> None:
 
 
 def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens) -> None:
-    if preset not in PRESETS:
-        raise TuneError(f"preset={preset!r} is not one of {', '.join(PRESETS)}")
+    try:
+        recipes.get(preset)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
     if ratio is not None and count is not None:
         raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
     if count is None and (not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0 < ratio <= 1):
@@ -397,7 +400,8 @@ def tune_model(
                     segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay,
                     init_text=init_text, criterion=criterion)  # fmt: skip
     prior_prompts = _check_prior(prior, prior_prompts, prior_clips, templates, list(refs))
-    if preset == "tokens":  # nothing the prompts without the identifier read is trained: nothing to preserve
+    recipe = recipes.get(preset)
+    if not recipe.trains_weights:  # nothing the prompts without the identifier read is trained: nothing to preserve
         prior, prior_prompts = 0.0, []
 
     g = torch.Generator().manual_seed(seed)
@@ -465,7 +469,7 @@ def tune_model(
 
     names = [n for n, _ in lm.named_parameters()]
     params = dict(lm.named_parameters())
-    scope = Scope.preset(preset) if preset in ("ppt", "dreamstyler") else None
+    scope = Scope.preset(recipe.scope) if recipe.selects_pivots else None
 
     # ---- phase 1: sensitivity (eval mode, one pass per concept) ------------------------------------------------
     t0 = time.perf_counter()
@@ -501,11 +505,11 @@ def tune_model(
     trained = _merge(list(pivots.values()))
     if dense_entries:
         trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
-    dense_params = list(lm.parameters()) if preset == "full" else []
-    if preset == "full":
+    dense_params = list(lm.parameters()) if recipe.dense_all else []
+    if recipe.dense_all:
         dense_rows = {n: (0, p.shape[0] if p.dim() else 1) for n, p in lm.named_parameters()}
         trained = _on_layout(names, params, {n: torch.arange(p.numel(), device=dev) for n, p in params.items()}, dev)
-    base_snapshot = _snapshot(lm, trained, dense_rows, preset)
+    base_snapshot = _snapshot(lm, trained, dense_rows, recipe.dense_all)
     freeze = freeze_unpivoted(lm, trained) if not dense_params else None
     for p in dense_params:
         p.requires_grad_(True)
@@ -688,14 +692,14 @@ def _pivot_rows(idx: torch.Tensor, param: torch.Tensor) -> tuple[int, int]:
     return int(idx[0]) // cols, int(idx[-1]) // cols + 1
 
 
-def _snapshot(lm, trained: PivotSet, dense_rows: dict, preset: str):
+def _snapshot(lm, trained: PivotSet, dense_rows: dict, dense_all: bool):
     """Base values + fingerprint of every entry the run will change (Concept.capture registers the concept as
     applied on the tuned model with them, so `concept.remove(model)` restores the base bitwise)."""
     try:
         from ..concept import snapshot_base
     except ImportError:  # pragma: no cover - ppt_fast.concept ships with the package
         return None
-    if preset == "full":
+    if dense_all:
         return snapshot_base(lm, None, {n: None for n in dense_rows})
     return snapshot_base(lm, trained, dense_rows)
 

@@ -4,7 +4,7 @@ Builds the binding with g++ against torch's headers (plus an empty `c10/cuda/imp
 wheels lack), links it with stub launchers and stubs of the few libc10_cuda symbols it references (none is ever
 called), loads it with `torch.ops.load_library`, and checks that every `_<op>_cuda` schema is registered with a
 CUDA kernel. A C++ signature that does not match its schema string fails right at load, which is what this catches
-before a GPU machine does. Run from the repository root: `python csrc/cuda/emulation/check_bindings.py` (~1 min).
+before a GPU machine does. Run from the repository root: `python tests/cuda_emulation/check_bindings.py` (~1 min).
 """
 
 import os
@@ -16,7 +16,7 @@ import torch
 import torch.utils.cpp_extension as ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CUDA_DIR = os.path.dirname(HERE)
+CUDA_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "csrc", "cuda")  # bindings.cpp, kernels.cuh
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 EXPECTED = {
     "_sensitivity_accumulate_cuda": "(Tensor(a!)[] scores, Tensor[] grads, Tensor[] params, int mode) -> ()",

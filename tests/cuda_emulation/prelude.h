@@ -1,4 +1,4 @@
-// Host emulation of the few CUDA device features ppt_fast's kernels use (see common.cuh, PPT_FAST_HOST_EMULATION).
+// Host emulation of the CUDA device features ppt_fast's kernels use (csrc/cuda/common.cuh, PPT_FAST_HOST_EMULATION).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -1,9 +1,10 @@
-"""Host emulation of the CUDA kernels' logic (no GPU): compiles csrc/cuda/{select_pivots,sensitivity_accumulate}.cu
-as host C++ (prelude.h maps the device features they use onto std::thread / std::barrier; blocks run one after
-another) and compares them with the pure-PyTorch references: select exactly, sensitivity bitwise.
+"""Host emulation of the CUDA kernels' logic (no GPU): compiles csrc/cuda/{select_pivots,sensitivity_accumulate,
+sparse_adamw_step}.cu as host C++ (prelude.h maps the device features they use onto std::thread / std::barrier;
+blocks run one after another) and compares them with the pure-PyTorch references: select exactly, sensitivity
+bitwise, sparse AdamW within the fp32 tolerance.
 
 It checks indexing, radix digits, tie handling, compaction, NaN detection, alignment paths; not speed, not memory
-ordering on real hardware. Run from the repository root: `python csrc/cuda/emulation/run_emulation.py` (~3 min on
+ordering on real hardware. Run from the repository root: `python tests/cuda_emulation/run_emulation.py` (~3 min on
 2 cores: every emulated block spawns its threads). Needs g++ with C++20 and the CUDA toolkit's headers.
 """
 
@@ -16,13 +17,14 @@ import tempfile
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/cuda_emulation/ -> root
 sys.path.insert(0, ROOT)
 from ppt_fast.ops.select_pivots import _select_pivots_ref  # noqa: E402
 from ppt_fast.ops.sensitivity_accumulate import MODES, _sensitivity_accumulate_ref  # noqa: E402
 from ppt_fast.ops.sparse_adamw_step import _sparse_adamw_step_ref  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")  # the kernel sources harness.cpp includes
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 BUILD = tempfile.mkdtemp(prefix="ppt_fast_emu_")
 
@@ -42,7 +44,7 @@ def build(variant):
             "-I",
             HERE,
             "-I",
-            os.path.dirname(HERE),
+            CUDA_DIR,
             os.path.join(HERE, "harness.cpp"),
             f"-L{CUDA_HOME}/lib64",
             "-lcudart",
