@@ -146,9 +146,9 @@ class PretrainConfig:
     cfg_dropout: float = 0.15
     # Weight of each codebook in the LM's training loss (the weighted mean of the per-codebook cross-entropies);
     # empty: all equal, as audiocraft's solver and tiny-v4. The coarsest level carries most of what a prompt says
-    # about the clip (experiments discrimination_probe.py on tiny-v4: own-prompt gain 0.73 nats at level 0, 0.16 at 7),
-    # so tiny-v8 weights it 3x: validation text control 57.8 % -> 58.3 %, figure seed 50.5 % -> 56.8 %, piano /
-    # harpsichord / harp sampled as themselves 2 / 5 / 8 of 12 (tiny-v4 0 / 1 / 1) -- experiments/default_model.
+    # about the clip (experiments/probes/discrimination_probe.py on tiny-v4: own-prompt gain 0.73 nats at level 0,
+    # 0.16 at 7), so tiny-v8 weights it 3x: validation text control 57.8 % -> 58.3 %, figure seed 50.5 % -> 56.8 %,
+    # piano / harpsichord / harp sampled as themselves 2 / 5 / 8 of 12 (tiny-v4 0 / 1 / 1) -- experiments/default_model.
     codebook_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     checkpoint_every: int = 50
 

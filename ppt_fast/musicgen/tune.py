@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from .. import recipes
+from ..concept import Concept, snapshot_base
 from ..concept.fingerprint import state_digest as fingerprint
 from ..pivots import PivotSet
 from . import identifiers as ident_mod
@@ -178,9 +179,10 @@ def default_ratio(model: Any) -> float:
     """tune()'s pivot ratio when none is given: 0.001 on a trained default model (`model_kind`), 0.01 elsewhere. On
     tiny-v4 (held-out violin, validation seeds) 1 % learns most (audio alignment 0.56, base 0.15) but raises the loss
     of new trained-instrument clips under their own words by 28 % of what the word tells the model; 0.1 % still lifts
-    alignment well above the base and the identifier tokens alone (0.38; tokens 0.31) at 1 % (experiments
-    prior_probe.py, experiments/default_model). Kept for tiny-v8: held-in cost 1.3 % at 0.1 %, 20 % at 1 %, alignment
-    0.39 / 0.55 (base 0.27). The tiny LM has 8.6 M parameters; on real MusicGens 1 % is the paper's scale."""
+    alignment well above the base and the identifier tokens alone (0.38; tokens 0.31) at 1 %
+    (experiments/probes/prior_probe.py, experiments/default_model). Kept for tiny-v8: held-in cost 1.3 % at 0.1 %,
+    20 % at 1 %, alignment 0.39 / 0.55 (base 0.27). The tiny LM has 8.6 M parameters; on real MusicGens 1 % is the
+    paper's scale."""
     return 0.001 if model_kind(model) == "trained" else 0.01
 
 
@@ -191,9 +193,9 @@ def _resolve_defaults(model: Any, steps, lr, token_lr, batch_size, segment_secon
         steps if steps is not None else (150 if tiny else 500),
         # The trained default ("tiny") diverges at the random-init model's rates (loss on the reference rises, samples
         # collapse to silence). On tiny-v2 lr 3e-4 won on alignment alone (held-out marimba, "<v1>" clips, base 0.28:
-        # ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60). On tiny-v4 (experiments tune_lr_probe.py, validation seed) 1e-4
-        # keeps alignment (0.54 vs 0.56, base 0.30) and the text control of prompts without "<v1>" (0.59 vs 0.47,
-        # base 0.44), so 1e-4 is the default (chosen on tiny-v4, kept for tiny-v8); token lr 5e-3.
+        # ppt 1e-4 / 3e-4 / 1e-3 -> 0.44 / 0.61 / 0.60). On tiny-v4 (experiments/probes/tune_lr_probe.py, validation
+        # seed) 1e-4 keeps alignment (0.54 vs 0.56, base 0.30) and the text control of prompts without "<v1>" (0.59
+        # vs 0.47, base 0.44), so 1e-4 is the default (chosen on tiny-v4, kept for tiny-v8); token lr 5e-3.
         lr if lr is not None else (1e-4 if trained else 3e-3 if tiny else 1e-4),
         token_lr if token_lr is not None else (5e-3 if trained else 2e-2 if tiny else 5e-3),
         batch_size if batch_size is not None else 4,
@@ -310,9 +312,12 @@ def _check_settings(**settings: Any) -> None:
         raise TuneError(f"criterion={settings['criterion']!r} is not one of {', '.join(MODES)}")
 
 
-def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens) -> None:
+def _check_inputs(
+    refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens
+) -> recipes.Recipe:
+    """TuneError for a bad recipe, pivot amount, identifier or template; the recipe named by `preset` otherwise."""
     try:
-        recipes.get(preset)
+        recipe = recipes.get(preset)
     except ValueError as e:
         raise TuneError(str(e)) from None
     if ratio is not None and count is not None:
@@ -347,6 +352,7 @@ def _check_inputs(refs: Mapping[str, Any], templates: Sequence[str], preset: str
         for b in idents:
             if a != b and a in b:
                 raise TuneError(f"identifier {a!r} is part of {b!r}; make them distinct (e.g. '<v1>', '<v2>')")
+    return recipe
 
 
 def tune_model(
@@ -391,7 +397,7 @@ def tune_model(
     templates = tuple(templates) if templates is not None else DEFAULT_TEMPLATES
     if ratio is None and count is None:
         ratio = default_ratio(model)
-    _check_inputs(refs, templates, preset, ratio if count is None else None, count, n_tokens)
+    recipe = _check_inputs(refs, templates, preset, ratio if count is None else None, count, n_tokens)
     steps, lr, token_lr, batch_size, segment_seconds, prior = _resolve_defaults(
         model, steps, lr, token_lr, batch_size, segment_seconds, prior
     )
@@ -400,7 +406,6 @@ def tune_model(
                     segment_seconds=segment_seconds, max_norm=max_norm, weight_decay=weight_decay,
                     init_text=init_text, criterion=criterion)  # fmt: skip
     prior_prompts = _check_prior(prior, prior_prompts, prior_clips, templates, list(refs))
-    recipe = recipes.get(preset)
     if not recipe.trains_weights:  # nothing the prompts without the identifier read is trained: nothing to preserve
         prior, prior_prompts = 0.0, []
 
@@ -695,10 +700,6 @@ def _pivot_rows(idx: torch.Tensor, param: torch.Tensor) -> tuple[int, int]:
 def _snapshot(lm, trained: PivotSet, dense_rows: dict, dense_all: bool):
     """Base values + fingerprint of every entry the run will change (Concept.capture registers the concept as
     applied on the tuned model with them, so `concept.remove(model)` restores the base bitwise)."""
-    try:
-        from ..concept import snapshot_base
-    except ImportError:  # pragma: no cover - ppt_fast.concept ships with the package
-        return None
     if dense_all:
         return snapshot_base(lm, None, {n: None for n in dense_rows})
     return snapshot_base(lm, trained, dense_rows)
@@ -734,15 +735,8 @@ def _combo_pool(mg, refs: Mapping[str, Any], segment_seconds: float, g: torch.Ge
 
 
 def _capture(result: TuneResult) -> list[Any]:
-    """One Concept per identifier from a finished run (needs ppt_fast.concept)."""
-    try:
-        from ..concept import Concept
-    except ImportError as e:
-        raise ImportError(f"ppt_fast.concept is not available ({e}); use tune_model() for the raw result") from e
-    out = []
-    for ident in result.identifiers:
-        out.append(Concept.capture(result, ident))
-    return out
+    """One Concept per identifier from a finished run."""
+    return [Concept.capture(result, ident) for ident in result.identifiers]
 
 
 def tune(
