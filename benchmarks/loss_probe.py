@@ -6,7 +6,7 @@
 - `solver` (the baseline): `LMModel.compute_predictions` (logits reverted from the pattern layout: a concatenation
   and a gather over the whole logits tensor) + `MusicGenSolver._compute_cross_entropy` (a select, copy and boolean
   gather per codebook; in backward a zero-filled full-size gradient per codebook).
-- `pattern`: `ppt_fast.musicgen.loss.pattern_cross_entropy` (targets scattered into the pattern layout, one
+- `pattern`: `ppt_fast.hosts.audiocraft.loss.pattern_cross_entropy` (targets scattered into the pattern layout, one
   cross-entropy over the logits as the model produced them). Same value and gradients (tests/test_musicgen_loss.py).
 
 Models (random init, every LM parameter trained, as in pretraining):
@@ -37,12 +37,12 @@ BATCH = {"tiny": (16, 4.0), "small": (1, 5.0)}
 
 def _lm(model: str, device: str):
     if model == "tiny":
-        from ppt_fast.musicgen.pretrain import PretrainConfig, build_lm
+        from ppt_fast.tiny.pretrain import PretrainConfig, build_lm
 
         cfg = PretrainConfig()
         torch.manual_seed(0)
         return build_lm(cfg).to(device), cfg.codec.frame_rate
-    from ppt_fast.musicgen import models
+    from ppt_fast.hosts.audiocraft import build as models
 
     mg = models.build_shapes("musicgen-small-shapes", seed=0, device=device)
     return mg.lm, mg.compression_model.frame_rate
@@ -52,7 +52,7 @@ def measure(spec: dict) -> dict:
     from audiocraft.modules.conditioners import ConditioningAttributes
     from audiocraft.solvers.musicgen import MusicGenSolver
 
-    from ppt_fast.musicgen.loss import pattern_cross_entropy
+    from ppt_fast.hosts.audiocraft.loss import pattern_cross_entropy
 
     device, provider = spec["device"], spec["provider"]
     cuda = device.startswith("cuda")

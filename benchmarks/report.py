@@ -373,7 +373,7 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
                      "file"],
                     [r for fname, data in results for r in loss_rows(fname, data)],
                     intro="`solver`: `compute_predictions` + `MusicGenSolver._compute_cross_entropy`; `pattern`: "
-                    "`ppt_fast.musicgen.loss.pattern_cross_entropy` (same value and gradients). Every LM "
+                    "`ppt_fast.hosts.audiocraft.loss.pattern_cross_entropy` (same value and gradients). Every LM "
                     "parameter gets its gradient (as in pretraining); gradients are allocated before the peak is "
                     "taken.")  # fmt: skip
     if probes:

@@ -7,8 +7,8 @@
 Prints one JSON line. What runs (recipe `ppt`, DESIGN §6: pivots over self-attention V rows and cross-attention
 K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `in_proj_weight`s):
 - the batch: B = 1, `seconds` of random codes (4 codebooks) at the codec's frame rate, the prompt
-  "a piece of music"; the loss is MusicGenSolver's cross-entropy through `ppt_fast.musicgen.tune._loss` (computed
-  in the pattern's layout, `ppt_fast.musicgen.loss.pattern_cross_entropy`; the same in both methods).
+  "a piece of music"; the loss is MusicGenSolver's cross-entropy through the host's `loss` (computed
+  in the pattern's layout, `ppt_fast.hosts.audiocraft.loss.pattern_cross_entropy`; the same in both methods).
 - phase `train`, method `dense_masked`: the trained tensors get full gradients and a dense masked AdamW step
   (ppt_fast.optim.DenseMaskedAdamW, fused torch AdamW where supported). Method `ppt_fast`: what `tune()` does:
   `SparseAdamW(gather_in_backward=True)` with row-scoped weight gradients (`ppt_fast.rowgrad`: only the rows
@@ -45,7 +45,7 @@ MODELS = {"tiny": "tiny-random", "small": "musicgen-small-shapes"}
 
 
 def _build(model: str, device: str):
-    from ppt_fast.musicgen import models
+    from ppt_fast.hosts.audiocraft import build as models
 
     if model == "tiny":
         return models.build_tiny(seed=0, device=device)
@@ -53,14 +53,15 @@ def _build(model: str, device: str):
 
 
 def measure(spec: dict) -> dict:
-    from audiocraft.modules.conditioners import ConditioningAttributes
-
-    tune_mod = importlib.import_module("ppt_fast.musicgen.tune")  # the module (the package exports a function tune)
+    tune_mod = importlib.import_module("ppt_fast.tuning")  # the module (the package exports a function tune)
 
     device, method, phase = spec["device"], spec["method"], spec["phase"]
     density = float(spec.get("density", 0.01))
     cuda = device.startswith("cuda")
     mg = _build(spec["model"], device)
+    from ppt_fast.hosts.audiocraft import AudiocraftHost, patches
+
+    host = AudiocraftHost(mg, "other")
     lm = mg.lm.eval()
     if spec.get("checkpointing", "none") != "none":  # audiocraft's per-layer activation checkpointing, both arms alike
         lm.transformer.checkpointing = spec["checkpointing"]
@@ -69,7 +70,7 @@ def measure(spec: dict) -> dict:
     frames = int(round(spec.get("seconds", 5.0) * mg.compression_model.frame_rate))
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, lm.card, (1, lm.num_codebooks, frames), generator=g).to(device)
-    attrs = [ConditioningAttributes(text={"description": "a piece of music"})]
+    prompts = ["a piece of music"]
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if cuda
@@ -94,7 +95,8 @@ def measure(spec: dict) -> dict:
     n_trained_tensors = sum(p.numel() for p in t_params)
 
     def loss_fn():
-        return tune_mod._loss(lm, codes, attrs, autocast)
+        with autocast():
+            return host.loss(codes, prompts)
 
     from ppt_fast.rowgrad import RowGrads
 
@@ -131,7 +133,7 @@ def measure(spec: dict) -> dict:
         impl = "ppt_fast.optim.SparseAdamW(gather_in_backward=True), as ppt_fast.tune runs it"
         if row_grads:
             rg = tune_mod._row_grads(
-                lm, [(n, [tune_mod._pivot_rows(pivots.indices_of(n), p)], opt.row_sink(p))
+                host, [(n, [tune_mod._pivot_rows(pivots.indices_of(n), p)], opt.row_sink(p))
                      for n, p in zip(names, t_params) if pivots.indices_of(n).numel()],
             ).install()  # fmt: skip
             impl += " with row-scoped gradients (ppt_fast.rowgrad)"
@@ -164,7 +166,7 @@ def measure(spec: dict) -> dict:
         acc.__enter__()  # hooks on; left on until the process ends
         impl = "ppt_fast.SensitivityAccumulator (sensitivity_accumulate in post-accumulate-grad hooks, grads freed)"
         if row_grads:
-            rg = tune_mod._row_grads(lm, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries]).install()
+            rg = tune_mod._row_grads(host, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries]).install()
             impl += " with row-scoped gradients (ppt_fast.rowgrad)"
 
         def step():
@@ -173,7 +175,7 @@ def measure(spec: dict) -> dict:
             with rg.backward():
                 loss.backward()
 
-    routing = tune_mod._checkpoint_routing(lm, rg)  # checkpointing's recomputation sees the row-scoped linears
+    routing = patches.checkpoint_routing(lm, rg)  # checkpointing's recomputation sees the row-scoped linears
     routing.__enter__()
     gc.collect()
     base = provenance.memory_mark(device)

@@ -23,16 +23,17 @@ _LAZY = {
     "Scope": "ppt_fast.scope",
     "Concept": "ppt_fast.concept",
     "ConceptDelta": "ppt_fast.concept",
-    "tune": "ppt_fast.musicgen",
-    "generate": "ppt_fast.musicgen",
-    "load_model": "ppt_fast.musicgen",
+    "tune": "ppt_fast.tuning",
+    "TuneConfig": "ppt_fast.tuning",
+    "generate": "ppt_fast.generation",
+    "load_model": "ppt_fast.models",
     "write_wav": "ppt_fast.audio",
     "fit_peak": "ppt_fast.audio",
     # The error classes to catch (every one a ValueError; UnwritablePathError an OSError too).
     "ConceptError": "ppt_fast.concept",
     "AudioError": "ppt_fast.audio",
-    "TuneError": "ppt_fast.musicgen.tune",
-    "GenerateError": "ppt_fast.musicgen.generate",
+    "TuneError": "ppt_fast.tuning",
+    "GenerateError": "ppt_fast.generation",
     "UnwritablePathError": "ppt_fast._io",
 }
 

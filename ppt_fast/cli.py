@@ -234,7 +234,7 @@ def _add_pretrain(sub) -> None:
 def _cmd_pretrain(args) -> int:
     from dataclasses import replace
 
-    from .musicgen import pretrain as pt
+    from .tiny import pretrain as pt
 
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
@@ -247,6 +247,15 @@ def _cmd_pretrain(args) -> int:
         check_output(args.plot, "--plot")
     if args.workdir:
         check_output(args.workdir, "--workdir", folder=True)
+    if not args.quiet:  # the pipeline's phase lines ("[pretrain] corpus: ...") go to stdout
+        log = logging.getLogger(pt.__name__)
+        if not any(getattr(h, "_ppt_fast_stdout", False) for h in log.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler._ppt_fast_stdout = True
+            log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     prov = pt.pretrain(cfg, out=out, workdir=args.workdir, fresh=args.fresh, verbose=not args.quiet)
     t = prov["timings"]
     if args.plot:
@@ -296,7 +305,7 @@ def _add_debug_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from .musicgen.tune import tune
+    from .tuning import tune
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
@@ -362,8 +371,8 @@ _GENERATE_FLAGS = ("duration", "seed", "cfg_coef", "top_k", "top_p", "temperatur
 
 def _cmd_generate(args) -> int:
     from .audio import write_wav
-    from .musicgen.generate import GenerateError, check_generate_args, generate
-    from .musicgen.models import load_model
+    from .generation import GenerateError, check_generate_args, generate
+    from .models import load_model
 
     settings = dict(duration=args.duration, seed=args.seed, cfg_coef=args.cfg_coef, top_k=args.top_k,
                     top_p=args.top_p, temperature=args.temperature, scale=args.scale,
@@ -416,9 +425,9 @@ _DEMO_FILES = ("reference.wav", "loss.png", "concept.ppt", "with_concept.wav", "
 
 def _cmd_demo(args) -> int:
     from .audio import synth_reference, write_wav
-    from .musicgen.generate import generate
-    from .musicgen.models import load_model
-    from .musicgen.tune import _capture, tune_model
+    from .generation import generate
+    from .models import load_model
+    from .tuning import _capture, tune_model
 
     t0 = time.perf_counter()
     out = args.out
@@ -429,7 +438,7 @@ def _cmd_demo(args) -> int:
     sr = 16000
     ref_path = os.path.join(out, "reference.wav")
     try:  # a violin: an instrument the default model never heard (held out of its pretraining corpus)
-        from .musicgen.pretrain import clip_seed, render_clip
+        from .tiny.pretrain import clip_seed, render_clip
 
         clip = render_clip("violin", clip_seed("violin", args.seed, 400_000), 30.0, sr)
         write_wav(ref_path, clip.view(1, -1), sr)

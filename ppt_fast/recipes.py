@@ -3,7 +3,7 @@ evaluation read (instead of testing a bare string in several places).
 
 A recipe names a `Scope` preset (`ppt_fast.scope`: where pivots may be, and which rows are trained in full) or
 none, whether every weight is trained densely, and whether any weight is trained at all; every recipe trains the
-identifier tokens.
+identifier tokens. `MODEL_DEFAULTS` holds the numbers `tune()` takes per kind of model when an argument is left out.
 """
 
 from __future__ import annotations
@@ -48,4 +48,26 @@ def get(name: str) -> Recipe:
     return recipe
 
 
-__all__ = ["DEFAULT", "RECIPES", "Recipe", "get"]
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What `tune()` uses for an argument left at None, per kind of model (`ppt_fast.models.model_kind`)."""
+
+    steps: int
+    ratio: float  # pivots as a fraction of the entries in scope
+    lr: float  # pivots (and dense tensors)
+    token_lr: float  # identifier tokens
+    batch_size: int
+    segment_seconds: float
+    prior: float = 0.0  # prior preservation off unless asked (docs/tuning.md: it keeps "<v1>" clips near the base)
+
+
+#: Per kind of model: "trained" (the default `tiny`, and models `ppt-fast pretrain` makes), "tiny-random" (the
+#: random-init test model) and "other" (real MusicGens: the paper's scale). How each number was chosen: docs/tuning.md.
+MODEL_DEFAULTS: dict[str, ModelDefaults] = {
+    "trained": ModelDefaults(steps=150, ratio=0.001, lr=1e-4, token_lr=5e-3, batch_size=4, segment_seconds=2.0),
+    "tiny-random": ModelDefaults(steps=150, ratio=0.01, lr=3e-3, token_lr=2e-2, batch_size=4, segment_seconds=2.0),
+    "other": ModelDefaults(steps=500, ratio=0.01, lr=1e-4, token_lr=5e-3, batch_size=4, segment_seconds=10.0),
+}
+
+
+__all__ = ["DEFAULT", "MODEL_DEFAULTS", "RECIPES", "ModelDefaults", "Recipe", "get"]

@@ -37,6 +37,9 @@ class SensitivityAccumulator:
         freeze_others: turn ``requires_grad`` off on parameters outside the scope while accumulating (so backward
             skips their weight gradients) and on on in-scope ones; restored by `remove()`. Give
             ``freeze_others=False`` when other parameters must keep their gradients (e.g. trained at the same time).
+        hooks: score in backward (the default). False: install nothing and change no ``requires_grad``; the caller
+            scores the gradients where it sees them with `accumulate_grads()` (e.g. an optimizer's `step()`, after
+            clipping), and the gradients stay in ``p.grad``.
 
     Score buffers: ``scores[name]`` is shaped like the in-scope row slice of the parameter (``[rows, *shape[1:]]``).
     Use as a context manager, or call `remove()` when done.
@@ -50,6 +53,7 @@ class SensitivityAccumulator:
         score_dtype: torch.dtype = torch.float32,
         *,
         freeze_others: bool = True,
+        hooks: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
@@ -71,7 +75,7 @@ class SensitivityAccumulator:
         self._calls = [0] * len(self.entries)
         self._saved_requires_grad: list[tuple[torch.Tensor, bool]] = []
         in_scope = {id(e.param) for e in self.entries}
-        for _, p in named:
+        for _, p in named if hooks else ():
             if id(p) in in_scope:
                 if not p.requires_grad:
                     self._saved_requires_grad.append((p, False))
@@ -79,7 +83,11 @@ class SensitivityAccumulator:
             elif freeze_others and p.requires_grad:
                 self._saved_requires_grad.append((p, True))
                 p.requires_grad_(False)
-        self._handles = [e.param.register_post_accumulate_grad_hook(self._hook(i)) for i, e in enumerate(self.entries)]
+        self._handles = (
+            [e.param.register_post_accumulate_grad_hook(self._hook(i)) for i, e in enumerate(self.entries)]
+            if hooks
+            else []
+        )
         self._removed = False
         logger.debug("SensitivityAccumulator: %d tensors, %d entries in scope", len(self.entries), self.numel)
 
@@ -121,6 +129,24 @@ class SensitivityAccumulator:
 
         return sink
 
+    @torch.no_grad()
+    def accumulate_grads(self) -> int:
+        """Score the gradients the in-scope tensors hold now (``p.grad``, left in place; tensors without one are
+        skipped), in one launch; returns how many tensors were scored. For callers that see the gradients somewhere
+        else than in backward (``hooks=False``)."""
+        scores, grads, params = [], [], []
+        for i, e in enumerate(self.entries):
+            g = e.param.grad
+            if g is None:
+                continue
+            scores.append(self.scores[e.name])
+            grads.append(e.view(g))
+            params.append(e.view(e.param.detach()))
+            self._calls[i] += 1
+        if scores:
+            sensitivity_accumulate(scores, grads, params=params if self.mode == "taylor" else None, mode=self.mode)
+        return len(scores)
+
     # ---- facts ---------------------------------------------------------------------------------------------------
     @property
     def steps(self) -> int:
@@ -149,6 +175,27 @@ class SensitivityAccumulator:
         if dist.is_available() and dist.is_initialized():
             for s in self.scores.values():
                 dist.all_reduce(s, group=group)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The scores (references; ``torch.save`` it) and the backward passes each tensor has seen."""
+        return {"mode": self.mode, "names": self.names, "scores": dict(self.scores), "calls": list(self._calls)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume an accumulation from `state_dict()`; it must come from the same scope over the same tensors."""
+        if state.get("mode") != self.mode or list(state.get("names", ())) != self.names:
+            raise ValueError(
+                "SensitivityAccumulator.load_state_dict: the state belongs to another accumulator (mode "
+                f"{state.get('mode')!r}, {len(state.get('names', ()))} tensors; here {self.mode!r}, "
+                f"{len(self.names)}); resume with the same model, scope and mode"
+            )
+        for name, score in self.scores.items():
+            saved = state["scores"][name]
+            if tuple(saved.shape) != tuple(score.shape):
+                raise ValueError(f"SensitivityAccumulator.load_state_dict: scores of {name!r} have shape "
+                                 f"{tuple(saved.shape)}, expected {tuple(score.shape)}")  # fmt: skip
+            score.copy_(saved)
+        self._calls = [int(c) for c in state["calls"]]
 
     # ---- selection -----------------------------------------------------------------------------------------------
     def pivots(self, ratio: float | None = None, count: int | None = None, per_tensor: bool = False) -> PivotSet:

@@ -10,8 +10,8 @@ pytest.importorskip("audiocraft")
 from omegaconf import OmegaConf  # noqa: E402
 from tolerances import ADAMW_FP32  # noqa: E402
 
-from ppt_fast.musicgen import solver  # noqa: E402
-from ppt_fast.musicgen.models import load_model  # noqa: E402
+from ppt_fast.hosts.audiocraft import patches, solver  # noqa: E402
+from ppt_fast.models import load_model  # noqa: E402
 
 SENS = 2
 
@@ -30,9 +30,9 @@ def _cfg(name="ppt_sparse_adamw"):
 
 @pytest.fixture
 def patched():
-    solver.apply_ppt_to_audiocraft()
+    patches.apply_ppt_to_audiocraft()
     yield
-    solver.revert_ppt_to_audiocraft()
+    patches.revert_ppt_to_audiocraft()
 
 
 def _batch(lm, seed):
@@ -63,17 +63,17 @@ def _run_step(lm, opt, seed, max_norm=1.0):
 def test_apply_revert_and_default_passthrough(patched):
     from audiocraft.solvers import builders
 
-    assert solver.is_applied()
+    assert patches.is_applied()
     lm = load_model("tiny-random").lm
     adamw = builders.get_optimizer(builders.get_optim_parameter_groups(lm), _cfg("adamw"))
     assert type(adamw) is torch.optim.AdamW
-    solver.revert_ppt_to_audiocraft()
+    patches.revert_ppt_to_audiocraft()
     assert builders.get_optimizer.__module__ == "audiocraft.solvers.builders"
     with pytest.raises(ValueError, match="Unsupported Optimizer"):
         builders.get_optimizer(builders.get_optim_parameter_groups(lm), _cfg())
-    solver.apply_ppt_to_audiocraft()
-    solver.apply_ppt_to_audiocraft()  # idempotent
-    solver.revert_ppt_to_audiocraft()
+    patches.apply_ppt_to_audiocraft()
+    patches.apply_ppt_to_audiocraft()  # idempotent
+    patches.revert_ppt_to_audiocraft()
     assert builders.get_optimizer.__module__ == "audiocraft.solvers.builders"
 
 
@@ -145,7 +145,9 @@ def test_state_dict_checkpoint_resumes_bitwise(patched):
     lm_b = copy.deepcopy(lm_a)
     opt_b = builders.get_optimizer(builders.get_optim_parameter_groups(lm_b), _cfg())
     opt_b.load_state_dict(ckpt)
-    assert all(st["exp_avg"].dtype == torch.float32 for st in opt_b.state.values() if "exp_avg" in st)
+    sparse_state = opt_b.sparse.state_dict()["state"]
+    assert all(st["exp_avg"].dtype == torch.float32 for st in sparse_state.values())
+    assert all(st["indices"].dtype == torch.int32 for st in sparse_state.values())
     for s in range(SENS + 2, SENS + 5):
         _run_step(lm_a, opt_a, seed=s)
         _run_step(lm_b, opt_b, seed=s)

@@ -29,7 +29,7 @@ def test_error_classes_are_exported_lazily_without_audiocraft():
     neither audiocraft nor the heavier modules before they are asked for."""
     code = (
         "import sys, ppt_fast\n"
-        "assert 'ppt_fast.concept' not in sys.modules and 'ppt_fast.musicgen' not in sys.modules\n"
+        "assert 'ppt_fast.concept' not in sys.modules and 'ppt_fast.tuning' not in sys.modules\n"
         "names = ['ConceptError', 'AudioError', 'TuneError', 'GenerateError', 'UnwritablePathError']\n"
         "assert set(names) <= set(ppt_fast.__all__) and set(names) <= set(dir(ppt_fast))\n"
         "classes = [getattr(ppt_fast, n) for n in names]\n"
@@ -39,8 +39,8 @@ def test_error_classes_are_exported_lazily_without_audiocraft():
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("['ppt_fast.concept', 'ppt_fast.audio', 'ppt_fast.musicgen.tune', "
-                                  "'ppt_fast.musicgen.generate', 'ppt_fast._io'] False")  # fmt: skip
+    assert out.stdout.strip() == ("['ppt_fast.concept', 'ppt_fast.audio', 'ppt_fast.tuning', "
+                                  "'ppt_fast.generation', 'ppt_fast._io'] False")  # fmt: skip
     from ppt_fast import ConceptError
     from ppt_fast.concept import ConceptError as Defined
 
@@ -118,7 +118,7 @@ def test_generate_scales_loud_audio_instead_of_clipping(tmp_path, capsys, monkey
 
     import soundfile as sf
 
-    gen_mod = importlib.import_module("ppt_fast.musicgen.generate")  # the module (the package exports a function)
+    gen_mod = importlib.import_module("ppt_fast.generation")  # the module (the package exports a function)
 
     t = torch.linspace(0, 1, 3200)
     loud = (3.9 * torch.sin(2 * torch.pi * 440 * t)).view(1, 1, -1)
@@ -142,7 +142,7 @@ def test_generate_refuses_bad_numbers_with_a_message(tmp_path, capsys, flags, wo
 
 
 def test_generate_cli_resamples_silent_clips_by_default(tmp_path, monkeypatch):
-    gen_mod = importlib.import_module("ppt_fast.musicgen.generate")
+    gen_mod = importlib.import_module("ppt_fast.generation")
     seen = {}
     monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: seen.update(k) or torch.zeros(1, 1, 3200))
     assert main(["generate", "x", "--model", "tiny-random", "--out", str(tmp_path / "x.wav"), "--duration", "0.2"]) == 0

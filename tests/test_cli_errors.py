@@ -44,11 +44,11 @@ def _library_errors():
     from ppt_fast._io import CorruptFileError
     from ppt_fast.audio import AudioError
     from ppt_fast.concept import ConceptError, ConceptFileError, FingerprintMismatch
-    from ppt_fast.musicgen.pretrain import PretrainError
-    from ppt_fast.musicgen.tune import TuneError
     from ppt_fast.ops.select_pivots import NaNScoresError
     from ppt_fast.pivots import PivotError
     from ppt_fast.scope import ScopeError
+    from ppt_fast.tiny.pretrain import PretrainError
+    from ppt_fast.tuning import TuneError
 
     return [ConceptError, ConceptFileError, FingerprintMismatch, AudioError, TuneError, PivotError, ScopeError,
             CorruptFileError, PretrainError, NaNScoresError, CLI.UsageError]  # fmt: skip
@@ -88,7 +88,7 @@ def test_every_library_error_is_one_line_exit_2(monkeypatch, capsys, name, make)
 
 
 def test_value_error_of_our_own_checks_is_exit_2_others_are_bugs(monkeypatch, capsys):
-    gen = importlib.import_module("ppt_fast.musicgen.generate")
+    gen = importlib.import_module("ppt_fast.generation")
     monkeypatch.setattr(CLI, "_cmd_generate", lambda args: gen.generate([], model="tiny-random"))  # our check
     assert main(["generate", "x", "--out", "o.wav"]) == 2
     assert "prompts" in _one_line_error(capsys.readouterr().err)
@@ -105,8 +105,8 @@ def test_value_error_of_our_own_checks_is_exit_2_others_are_bugs(monkeypatch, ca
 def gen_stub(monkeypatch):
     """generate() and load_model() replaced (no audiocraft): records generate's keyword arguments."""
     seen = {}
-    gen = importlib.import_module("ppt_fast.musicgen.generate")
-    models = importlib.import_module("ppt_fast.musicgen.models")
+    gen = importlib.import_module("ppt_fast.generation")
+    models = importlib.import_module("ppt_fast.models")
     monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.update(k) or 0.1 * torch.randn(1, 1, 1600))
     monkeypatch.setattr(models, "load_model", lambda *a, **k: types.SimpleNamespace(sample_rate=16000))
     return seen
@@ -177,7 +177,7 @@ def test_unwritable_out(tmp_path, capsys, gen_stub, monkeypatch):
         assert "--out" in _one_line_error(capsys.readouterr().err) and not gen_stub
     ref = tmp_path / "ref.wav"
     write_wav(ref, synth_reference(1.0, 16000), 16000)
-    tune = importlib.import_module("ppt_fast.musicgen.tune")
+    tune = importlib.import_module("ppt_fast.tuning")
     monkeypatch.setattr(tune, "tune", lambda *a, **k: pytest.fail("tune ran despite an unwritable --out"))
     for out in (blocker / "c.ppt", tmp_path):
         assert main(["tune", str(ref), "--out", str(out), "--quiet"]) == 2
@@ -199,10 +199,10 @@ def _never(what):
 def no_work(monkeypatch):
     """Every model loader and long job of the commands replaced by a test failure: a check must refuse first."""
     for module, names in (
-        ("ppt_fast.musicgen.models", ("load_model",)),
-        ("ppt_fast.musicgen.generate", ("generate",)),
-        ("ppt_fast.musicgen.tune", ("tune", "tune_model")),
-        ("ppt_fast.musicgen.pretrain", ("pretrain", "render_clip")),
+        ("ppt_fast.models", ("load_model", "load_host")),
+        ("ppt_fast.generation", ("generate",)),
+        ("ppt_fast.tuning", ("tune", "tune_model")),
+        ("ppt_fast.tiny.pretrain", ("pretrain", "render_clip")),
         ("ppt_fast.eval.dataset", ("build",)),
         ("ppt_fast.eval.protocol", ("evaluate_concept_file", "run_protocol")),
         ("ppt_fast.eval.metrics", ("retrieval",)),
@@ -341,7 +341,7 @@ def test_concept_write_failure_in_tune_is_one_line(tmp_path, capsys, monkeypatch
 
     ref = tmp_path / "ref.wav"
     write_wav(ref, synth_reference(1.0, 16000), 16000)
-    tune = importlib.import_module("ppt_fast.musicgen.tune")
+    tune = importlib.import_module("ppt_fast.tuning")
 
     def failing(*a, out, **k):
         raise ConceptError(f"cannot write the concept file {str(out)!r}: [Errno 28] No space left on device; choose "

@@ -539,7 +539,7 @@ def test_crafted_file_with_valid_checksum_but_bad_indices(tmp_path):
 
 
 def test_capture_from_tune_result_like_object():
-    """`Concept.capture(result, identifier)`: the path ppt_fast.musicgen's tune() takes."""
+    """`Concept.capture(result, identifier)`: the path ppt_fast.tune() takes."""
 
     class MG:
         def __init__(self, lm):

@@ -153,13 +153,13 @@ def test_protocol_base_model_generates_and_scores(manifest, tmp_path):
 
 
 def _has_tune_stack() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("audiocraft", "ppt_fast.concept", "ppt_fast.musicgen"))
+    return all(importlib.util.find_spec(m) is not None for m in ("audiocraft", "ppt_fast.concept", "ppt_fast.tuning"))
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 @needs_musicnn
-@pytest.mark.skipif(not _has_tune_stack(), reason="needs audiocraft and ppt_fast.concept / ppt_fast.musicgen")
+@pytest.mark.skipif(not _has_tune_stack(), reason="needs audiocraft and ppt_fast.concept / ppt_fast.tuning")
 def test_protocol_end_to_end_tiny(manifest, tmp_path):
     s = Settings(
         model="tiny-random", steps=2, duration=3.2, clips_per_prompt=2, prompts=("a piece of music, {}",), top_k=32
@@ -179,7 +179,7 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
 def test_caveats_follow_what_the_model_is_not_its_name(tmp_path):
     """A weights file from `ppt-fast pretrain` passed by path is the trained default kind of model, as `tiny` is."""
     from ppt_fast.eval.protocol import _caveats, _kind_keys
-    from ppt_fast.musicgen.pretrain import ASSET
+    from ppt_fast.tiny.pretrain import ASSET
 
     copy = tmp_path / "retrained.pt"
     copy.write_bytes(open(ASSET, "rb").read())
@@ -269,7 +269,7 @@ def test_default_model_eval_json_is_strict(tmp_path, monkeypatch):
     """`python -m ppt_fast.eval.default_model`: a figure that comes out NaN is written as null."""
     import types
 
-    import ppt_fast.musicgen.models as models
+    import ppt_fast.hosts.audiocraft.build as models
     from ppt_fast.eval import default_model as DM
 
     monkeypatch.setattr(ppt_fast, "load_model", lambda *a, **k: types.SimpleNamespace(sample_rate=16000))
@@ -288,7 +288,7 @@ def test_default_model_eval_json_is_strict(tmp_path, monkeypatch):
 def test_default_model_eval_refuses_an_unwritable_out_before_the_model(tmp_path, monkeypatch, capsys):
     """`python -m ppt_fast.eval.default_model --out X`: X a folder, a FIFO or under a file exits 2 (argparse's usage
     error naming --out) before audiocraft or the model is loaded; the FIFO is left alone."""
-    import ppt_fast.musicgen.models as models
+    import ppt_fast.hosts.audiocraft.build as models
     from ppt_fast.eval import default_model as DM
 
     def never(*a, **k):

@@ -104,15 +104,15 @@ def test_recipes_and_joint_tune(tmp_path):
 def test_solver_seam_parameters():
     from omegaconf import OmegaConf
 
-    from ppt_fast.musicgen import solver
-    from ppt_fast.musicgen.models import load_model
+    from ppt_fast.hosts.audiocraft import patches
+    from ppt_fast.models import load_model
 
     cfg = OmegaConf.create({
         "optimizer": "ppt_sparse_adamw", "lr": 1e-3, "max_norm": 1.0,
         "adam": {"betas": [0.9, 0.95], "weight_decay": 0.1, "eps": 1e-8},
         "ppt": {"ratio": 0.05, "sensitivity_steps": 2},
     })  # fmt: skip
-    solver.apply_ppt_to_audiocraft()
+    patches.apply_ppt_to_audiocraft()
     try:
         from audiocraft.modules.conditioners import ConditioningAttributes
         from audiocraft.solvers import builders
@@ -134,12 +134,10 @@ def test_solver_seam_parameters():
             torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
             opt.step()
             opt.zero_grad()
-        state = opt.state_dict()
     finally:
-        solver.revert_ppt_to_audiocraft()
+        patches.revert_ppt_to_audiocraft()
     params = [p for _, p in sorted(lm.named_parameters())]
     _check("solver", {
         "parameters": _tensor_sha(params),
         "pivots": _tensor_sha(opt.pivots().values()),
-        "state_keys": hashlib.sha256(repr(sorted(state["state"])).encode()).hexdigest(),
     })  # fmt: skip

@@ -3,8 +3,9 @@ import torch
 
 pytest.importorskip("audiocraft")
 
-from ppt_fast.musicgen import identifiers as ids  # noqa: E402
-from ppt_fast.musicgen.models import load_model  # noqa: E402
+from ppt_fast import identifiers as ids  # noqa: E402
+from ppt_fast.hosts.audiocraft.patches import install_identifiers, uninstall_identifiers  # noqa: E402
+from ppt_fast.models import load_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,10 @@ def test_install_is_idempotent_and_revertible():
     m = load_model("tiny-random")
     lm = m.lm
     cls = type(lm.condition_provider)
-    assert ids.install(lm) is ids.get_bank(lm)
+    assert install_identifiers(lm) is ids.get_bank(lm)
     assert ids.BANK_ATTR not in dict(lm.named_modules())
     assert all(not n.startswith(ids.BANK_ATTR) for n in lm.state_dict())
-    ids.uninstall(lm)
+    uninstall_identifiers(lm)
     assert type(lm.condition_provider) is not cls and not hasattr(lm, ids.BANK_ATTR)
     with pytest.raises(RuntimeError, match="no identifier bank"):
         ids.get_bank(lm)

@@ -7,8 +7,8 @@ pytest.importorskip("audiocraft")
 
 from tolerances import LOSS_FP32  # noqa: E402
 
-from ppt_fast.musicgen.loss import pattern_cross_entropy  # noqa: E402
-from ppt_fast.musicgen.models import _lm  # noqa: E402
+from ppt_fast.hosts.audiocraft.build import _lm  # noqa: E402
+from ppt_fast.hosts.audiocraft.loss import pattern_cross_entropy  # noqa: E402
 
 
 def _solver_loss(lm, codes, tokenized):

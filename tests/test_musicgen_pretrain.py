@@ -11,8 +11,8 @@ import torch
 
 pytest.importorskip("audiocraft")
 
-from ppt_fast.musicgen import pretrain as P  # noqa: E402
-from ppt_fast.musicgen.melcodec import (  # noqa: E402
+from ppt_fast.tiny import pretrain as P  # noqa: E402
+from ppt_fast.tiny.melcodec import (  # noqa: E402
     MelCodecConfig,
     MelRVQCodec,
     beam_encode,

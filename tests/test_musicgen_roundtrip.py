@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("audiocraft")
 
+from ppt_fast import generate, load_model, tune  # noqa: E402
 from ppt_fast.audio import synth_reference, write_wav  # noqa: E402
 from ppt_fast.concept import Concept  # noqa: E402
-from ppt_fast.musicgen import generate, load_model, tune  # noqa: E402
 
-T = importlib.import_module("ppt_fast.musicgen.tune")
+T = importlib.import_module("ppt_fast.tuning")
 FAST = dict(model="tiny-random", steps=5, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
 
 
@@ -129,7 +129,7 @@ def test_generate_names_clips_that_came_out_silent(monkeypatch, caplog):
     base = load_model("tiny-random")
     loud = torch.sin(torch.linspace(0, 200, 8000)).view(1, 1, -1)
     monkeypatch.setattr(base, "generate", lambda prompts, progress=False: torch.cat([loud, 1e-6 * loud, loud]))
-    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
         audio = generate(["a", "b", "c"], model=base, duration=0.5)
     assert audio.shape == (3, 1, 8000)
     silent = [r.getMessage() for r in caplog.records if "came out silent" in r.getMessage()]
@@ -146,7 +146,7 @@ def test_generate_resamples_silent_clips_with_the_next_seeds(monkeypatch, caplog
         return torch.cat([(1e-6 if (p == "b" and len(calls) == 1) else 1.0) * loud for p in prompts])
 
     monkeypatch.setattr(base, "generate", fake)
-    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
         audio = generate(["a", "b", "c"], model=base, duration=0.5, seed=7, resample_silent=2)
     assert calls == [(["a", "b", "c"], 7), (["b"], 8)]  # only the silent prompt, with the next seed
     assert torch.equal(audio, torch.cat([loud, loud, loud])) and not caplog.records
@@ -154,7 +154,7 @@ def test_generate_resamples_silent_clips_with_the_next_seeds(monkeypatch, caplog
     # a clip that stays silent: every re-sample is tried, then the warning says so
     calls.clear()
     monkeypatch.setattr(base, "generate", lambda prompts, progress=False: calls.append(prompts) or 1e-6 * loud)
-    with caplog.at_level("WARNING", logger="ppt_fast.musicgen.generate"):
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
         generate(["b"], model=base, duration=0.5, seed=7, resample_silent=2)
     assert len(calls) == 3
     assert any("still silent after 2 re-sample(s)" in r.getMessage() for r in caplog.records)

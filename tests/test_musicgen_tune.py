@@ -8,9 +8,9 @@ import torch
 pytest.importorskip("audiocraft")
 
 from ppt_fast.audio import AudioError, synth_reference, write_wav  # noqa: E402
-from ppt_fast.musicgen.models import load_model  # noqa: E402
+from ppt_fast.models import load_host, load_model  # noqa: E402
 
-T = importlib.import_module("ppt_fast.musicgen.tune")
+T = importlib.import_module("ppt_fast.tuning")
 
 FAST = dict(model="tiny-random", steps=6, sensitivity_batches=2, batch_size=2, segment_seconds=1.0, verbose=False)
 
@@ -42,7 +42,7 @@ def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
     )
     lm = r.model.lm
     # Loss on the reference (all segments, the training prompt) goes down against the base model + initial tokens.
-    from ppt_fast.musicgen import data
+    from ppt_fast.hosts.audiocraft import data
 
     enc = data.encode_reference(r.model, ref_wav, segment_seconds=1.0, codec_fingerprint="x", use_cache=False)
     after = _eval_loss(r.model, enc.codes, "a piece of music, <v1>")
@@ -117,7 +117,7 @@ def test_presets_train_what_they_say(ref_wav, preset):
     else:
         assert len(changed) > 0.8 * len([k for k, v in base.items() if v.is_floating_point()])
     assert not torch.equal(
-        r.tokens["<v1>"], T._init_tokens(load_model("tiny-random").lm, "music", 3, torch.Generator().manual_seed(0))
+        r.tokens["<v1>"], T._init_tokens(load_host("tiny-random"), "music", 3, torch.Generator().manual_seed(0))
     )
 
 
@@ -185,7 +185,7 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
 
 
 def test_reference_cache(ref_wav, tmp_path):
-    from ppt_fast.musicgen import data
+    from ppt_fast.hosts.audiocraft import data
 
     mg = load_model("tiny-random")
     a = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")
@@ -210,9 +210,9 @@ def test_prior_preservation(ref_wav, monkeypatch):
     pools = []
     real = T._prior_pool
 
-    def spy(mg, prompts, clips, seconds, seed, dev):
-        assert not T.ident_mod.get_bank(mg.lm).identifiers()  # sampled from the base model, before the tokens
-        codes, texts = real(mg, prompts, clips, seconds, seed, dev)
+    def spy(host, prompts, clips, seconds, seed):
+        assert not host.identifier_bank().identifiers()  # sampled from the base model, before the tokens
+        codes, texts = real(host, prompts, clips, seconds, seed)
         pools.append((list(prompts), clips, seconds, codes, texts))
         return codes, texts
 
@@ -252,25 +252,30 @@ def test_a_trained_default_gets_its_defaults_however_it_is_passed(tmp_path):
     """A model made by `ppt-fast pretrain` gets the trained default's settings whether it is named ("tiny"), a weights
     file loaded by path, or a MusicGen object loaded from either; before, only the name did, and a candidate's
     weights file was tuned with real MusicGen's (1 % of the pivots, 500 steps of 10-s segments)."""
-    from ppt_fast.musicgen.pretrain import ASSET
+    from ppt_fast.tiny.pretrain import ASSET
 
-    args = (None, None, None, None, None, None)
-    want = T._resolve_defaults("tiny", *args)
+    def numbers(model, **given):
+        c = T.TuneConfig(model=model, **given).resolved()
+        return c.steps, c.lr, c.token_lr, c.batch_size, c.segment_seconds, c.prior
+
+    want = numbers("tiny")
     assert want[:5] == (150, 1e-4, 5e-3, 4, 2.0)
     copy = tmp_path / "retrained.pt"
     copy.write_bytes(open(ASSET, "rb").read())
     for model in (ASSET, str(copy), load_model("tiny"), load_model(str(copy))):
         assert T.model_kind(model) == "trained"
-        assert T.default_ratio(model) == 0.001
-        assert T._resolve_defaults(model, *args) == want
+        assert T.default_ratio(model) == 0.001 and T.TuneConfig(model=model).resolved().ratio == 0.001
+        assert numbers(model) == want
     for model in ("tiny-random", load_model("tiny-random")):
         assert T.model_kind(model) == "tiny-random" and T.default_ratio(model) == 0.01
-        assert T._resolve_defaults(model, *args)[:5] == (150, 3e-3, 2e-2, 4, 2.0)
+        assert numbers(model)[:5] == (150, 3e-3, 2e-2, 4, 2.0)
     for model in ("facebook/musicgen-small", "musicgen-small-shapes", str(tmp_path / "missing.pt")):
         assert T.model_kind(model) == "other" and T.default_ratio(model) == 0.01
-        assert T._resolve_defaults(model, *args)[:5] == (500, 1e-4, 5e-3, 4, 10.0)
+        assert numbers(model)[:5] == (500, 1e-4, 5e-3, 4, 10.0)
     # what the caller passes wins over every default
-    assert T._resolve_defaults(str(copy), 7, 1e-3, 1e-2, 2, 1.0, 0.5) == (7, 1e-3, 1e-2, 2, 1.0, 0.5)
+    given = dict(steps=7, lr=1e-3, token_lr=1e-2, batch_size=2, segment_seconds=1.0, prior=0.5)
+    assert numbers(str(copy), **given) == (7, 1e-3, 1e-2, 2, 1.0, 0.5)
+    assert T.TuneConfig(model="tiny", count=5).resolved().ratio is None  # count wins over the default ratio
 
 
 def test_random_twin_moves_the_same_values_to_random_in_scope_entries(ref_wav):

@@ -611,7 +611,7 @@ def test_state_bytes_on_musicgen_small_shapes_at_1_percent():
     one real (meta) step over the same tensors. fp32: 12 B/pivot vs 8 B/param -> 66.7x; bf16 parameters: 16 B/pivot
     (fp32 m, v, master + index) vs torch AdamW's bf16 m, v (4 B/param) -> 25x."""
     pytest.importorskip("audiocraft")
-    from ppt_fast.musicgen.models import SHAPES, _lm
+    from ppt_fast.hosts.audiocraft.build import SHAPES, _lm
 
     with torch.device("meta"):
         lm = _lm(**SHAPES["musicgen-small-shapes"], n_q=4, card=2048, lut_bins=1024, lut_dim=768, musicgen=True)

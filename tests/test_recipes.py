@@ -8,9 +8,12 @@ from ppt_fast.scope import Scope
 
 
 def test_table_is_what_tune_and_the_cli_offer():
-    from ppt_fast.musicgen.tune import PRESETS
+    import inspect
 
-    assert PRESETS == tuple(recipes.RECIPES) == ("ppt", "dreamstyler", "full", "tokens")
+    from ppt_fast.tuning import TuneConfig, tune
+
+    assert tuple(recipes.RECIPES) == ("ppt", "dreamstyler", "full", "tokens")
+    assert TuneConfig().preset == inspect.signature(tune).parameters["preset"].default == recipes.DEFAULT
     assert recipes.DEFAULT in recipes.RECIPES
     args = build_parser().parse_args(["tune", "ref.wav", "--out", "c.ppt"])
     assert args.preset == recipes.DEFAULT

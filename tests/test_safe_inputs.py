@@ -1,6 +1,6 @@
 """Bad input is refused at its boundary, before any long work, with a message naming the problem and the fix: reference
-audio (ppt_fast/audio.py, musicgen/data.py), identifiers, templates and out= (musicgen/identifiers.py, tune.py), and
-generation arguments (musicgen/generate.py). Each class is checked with fresh random inputs."""
+audio (ppt_fast/audio.py, hosts/audiocraft/data.py), identifiers, templates and out= (identifiers.py, tuning.py), and
+generation arguments (generation.py). Each class is checked with fresh random inputs."""
 
 import importlib
 import logging
@@ -20,11 +20,11 @@ from ppt_fast.audio import AudioError, synth_reference, write_wav
 
 pytest.importorskip("audiocraft")
 
-from ppt_fast.musicgen import data  # noqa: E402
-from ppt_fast.musicgen import identifiers as ids  # noqa: E402
+from ppt_fast import identifiers as ids  # noqa: E402
+from ppt_fast.hosts.audiocraft import data  # noqa: E402
 
-T = importlib.import_module("ppt_fast.musicgen.tune")
-G = importlib.import_module("ppt_fast.musicgen.generate")
+T = importlib.import_module("ppt_fast.tuning")
+G = importlib.import_module("ppt_fast.generation")
 
 FAST = dict(model="tiny-random", steps=2, sensitivity_batches=1, batch_size=2, segment_seconds=1.0, verbose=False)
 
@@ -41,8 +41,8 @@ def no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded / trained before the bad input was refused")
 
-    monkeypatch.setattr(T, "load_model", boom)
-    monkeypatch.setattr(G, "load_model", boom)
+    monkeypatch.setattr(T, "load_host", boom)
+    monkeypatch.setattr(G, "load_host", boom)
     return boom
 
 
@@ -78,13 +78,13 @@ def test_reference_above_full_scale_is_scaled_down_with_a_warning(caplog):
     clip = _music(1.5)
     peak = random.uniform(1.5, 6.0)
     loud = clip / clip.abs().max() * peak
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.musicgen.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
         audio, _, _ = data.load_reference((loud, 16000), 16000, 1)
     assert f"peaks at {peak:.2f}, above full scale" in caplog.text
     # Same rate and channels: no resampling, one gain, waveform kept.
     torch.testing.assert_close(audio, loud / peak, rtol=1e-6, atol=1e-7)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.musicgen.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
         data.load_reference((clip, 16000), 16000, 1)
     assert "full scale" not in caplog.text
 
@@ -214,7 +214,7 @@ def test_awkward_rate_pairs_resample_by_fft(monkeypatch):
 
 
 def test_cached_codes_that_do_not_fit_the_codec_are_re_encoded(tmp_path, caplog):
-    from ppt_fast.musicgen.models import load_model
+    from ppt_fast.models import load_model
 
     mg = load_model("tiny-random")
     ref = tmp_path / "ref.wav"
@@ -228,7 +228,7 @@ def test_cached_codes_that_do_not_fit_the_codec_are_re_encoded(tmp_path, caplog)
                      (first.codes.int(), "not int64"), ({"codes": first.codes}, "not int64")):  # fmt: skip
         torch.save(bad, first.cache_path)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="ppt_fast.musicgen.data"):
+        with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
             again = data.encode_reference(mg, str(ref), segment_seconds=1.0, codec_fingerprint="fp")
         assert why in caplog.text and "re-encoding" in caplog.text
         assert torch.equal(again.codes, first.codes)
@@ -236,12 +236,12 @@ def test_cached_codes_that_do_not_fit_the_codec_are_re_encoded(tmp_path, caplog)
 
 
 def test_an_unwritable_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch, caplog):
-    from ppt_fast.musicgen.models import load_model
+    from ppt_fast.models import load_model
 
     blocker = tmp_path / "file"
     blocker.write_bytes(b"x")
     monkeypatch.setenv("PPT_FAST_CACHE", str(blocker / "cache"))
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.musicgen.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
         enc = data.encode_reference(load_model("tiny-random"), (_music(2.0), 16000), segment_seconds=1.0,
                                     codec_fingerprint="fp")  # fmt: skip
     assert enc.codes.shape[0] == 3 and "cannot write the codes cache" in caplog.text
@@ -360,7 +360,7 @@ def test_bad_generation_arguments_are_refused_before_the_model_loads(no_work, kw
 
 
 def test_generation_bounds_that_need_the_model(monkeypatch):
-    from ppt_fast.musicgen.models import load_model
+    from ppt_fast.models import load_model
 
     mg = load_model("tiny-random")
     monkeypatch.setattr(G, "_sample", lambda *a, **k: pytest.fail("sampled past a refused bound"))
@@ -375,7 +375,7 @@ def test_generation_bounds_that_need_the_model(monkeypatch):
 
 def test_valid_edge_settings_generate():
     """temperature 0 (greedy), nucleus sampling, top_k 0, cfg 0: accepted and sampled."""
-    from ppt_fast.musicgen.models import load_model
+    from ppt_fast.models import load_model
 
     mg = load_model("tiny-random")
     a = G.generate(["a piece of music"], model=mg, duration=0.1, seed=1, temperature=0, top_p=0.9, top_k=0)

@@ -194,3 +194,60 @@ def test_cuda_matches_cpu(mode):
     for n in ROWS:
         torch.testing.assert_close(accs[1].scores[n].cpu(), accs[0].scores[n], **tol(torch.float32))
     assert accs[1].pivots(count=20).to("cpu").equal(accs[0].pivots(count=20))
+
+
+@pytest.mark.parametrize("mode", ["grad_sq", "taylor"])
+def test_without_hooks_scores_the_gradients_held_now(mode):
+    """hooks=False: nothing is installed, requires_grad is untouched, `accumulate_grads()` scores `p.grad` where the
+    caller has it (here: after scaling, as a solver's clipping would) and leaves it in place."""
+    torch.manual_seed(3)
+    model = Net()
+    model.head.weight.requires_grad_(False)
+    acc = SensitivityAccumulator(model, SCOPE, mode=mode, hooks=False)
+    assert not model.head.weight.requires_grad and model.ff.bias.requires_grad
+    want = {n: torch.zeros(r[1] - r[0], *p.shape[1:], dtype=torch.float64) for n, p in model.named_parameters()
+            for m, r in ROWS.items() if m == n}  # fmt: skip
+    for _ in range(3):
+        x, y = torch.randn(5, 6), torch.randn(5, 2)
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        params = dict(model.named_parameters())
+        for n in ROWS:
+            params[n].grad.mul_(0.5)  # what the caller did to the gradient before scoring it
+        held = {n: params[n].grad.clone() for n in ROWS}
+        assert acc.accumulate_grads() == len(ROWS)
+        for n, (lo, hi) in ROWS.items():
+            assert torch.equal(params[n].grad, held[n])  # left in place
+            g, p = held[n].double()[lo:hi], params[n].detach().double()[lo:hi]
+            want[n] += f(mode, g, p)
+    assert acc.steps == 3
+    for n in ROWS:
+        torch.testing.assert_close(acc.scores[n].double(), want[n], **tol(torch.float32))
+    model.head.bias.grad = None
+    assert acc.accumulate_grads() == len(ROWS) - 1  # a tensor without a gradient is skipped
+
+
+def test_state_dict_resumes_an_accumulation():
+    torch.manual_seed(4)
+    model = Net()
+    batches = [(torch.randn(5, 6), torch.randn(5, 2)) for _ in range(4)]
+
+    def run(acc, part):
+        for x, y in part:
+            torch.nn.functional.mse_loss(model(x), y).backward()
+
+    with SensitivityAccumulator(model, SCOPE) as whole:
+        run(whole, batches)
+    with SensitivityAccumulator(model, SCOPE) as first:
+        run(first, batches[:2])
+        saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in first.state_dict().items()}
+        saved["scores"] = {n: s.clone() for n, s in saved["scores"].items()}
+    with SensitivityAccumulator(model, SCOPE) as second:
+        second.load_state_dict(saved)
+        run(second, batches[2:])
+        assert second.steps == whole.steps == 4
+        for n in ROWS:
+            torch.testing.assert_close(second.scores[n], whole.scores[n], rtol=1e-6, atol=0)
+        assert torch.equal(second.pivots(count=7).indices, whole.pivots(count=7).indices)
+    with SensitivityAccumulator(model, SCOPE, mode="grad_abs") as other, pytest.raises(ValueError, match="another"):
+        other.load_state_dict(saved)

@@ -15,7 +15,7 @@ experiments/default_model/history.md).
 from ppt_fast import load_model
 from ppt_fast.eval import features
 from ppt_fast.eval.default_model import gallery, text_control
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 model = load_model("tiny")
 emb = features.get_embedder("musicnn")

@@ -37,7 +37,7 @@ import torch
 from ppt_fast import load_model
 from ppt_fast.eval import features
 from ppt_fast.eval.default_model import gallery, text_control
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 BASE = 0.7
 SETTINGS = {

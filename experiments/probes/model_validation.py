@@ -73,7 +73,7 @@ import time
 from ppt_fast import load_model
 from ppt_fast.eval import features
 from ppt_fast.eval.default_model import codec_roundtrip, gallery, text_control
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 
 def main(paths):

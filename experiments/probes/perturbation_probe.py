@@ -14,7 +14,7 @@ from ppt_fast import _env, load_model, tune
 from ppt_fast.eval import features
 from ppt_fast.eval.dataset import build
 from ppt_fast.eval.default_model import gallery, held_in_set, random_twin, teacher_forced_loss, text_control
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 SEEDS = (0, 2)
 train = list(P.TRAIN_CONCEPTS)

@@ -32,8 +32,8 @@ from ppt_fast.eval import features
 from ppt_fast.eval.dataset import build
 from ppt_fast.eval.default_model import gallery, held_in_set, teacher_forced_loss, text_control
 from ppt_fast.eval.metrics import audio_alignment
-from ppt_fast.musicgen import data
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.hosts.audiocraft import data
+from ppt_fast.tiny import pretrain as P
 
 VARIANTS = [
     ("violin", "tokens", dict(preset="tokens")),

@@ -12,7 +12,7 @@ Output (2026-11-29, tiny-v4): top-k 64 / 0.7: 0.578 (diversity 0.349); top-k 8 /
 from ppt_fast import load_model
 from ppt_fast.eval import features
 from ppt_fast.eval.default_model import gallery, sampling_sweep
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 model = load_model("tiny")
 emb = features.get_embedder("musicnn")

@@ -18,7 +18,7 @@ from ppt_fast.eval import features
 from ppt_fast.eval.dataset import build
 from ppt_fast.eval.default_model import gallery, text_control
 from ppt_fast.eval.metrics import audio_alignment
-from ppt_fast.musicgen import pretrain as P
+from ppt_fast.tiny import pretrain as P
 
 root = os.path.join(_env.cache_dir(), "eval-default-dataset-marimba")  # as make eval-default builds the violin's
 build(root, concepts=["marimba"], seconds=120.0, heldout=0, sample_rate=32000)  # deterministic, a few seconds

@@ -41,7 +41,7 @@ Modules, each importing only those above it in this list:
 
 from __future__ import annotations
 
-# `name as name`: re-exported besides `__all__` (ppt_fast.musicgen, ppt_fast.eval and the tests import them).
+# `name as name`: re-exported besides `__all__` (the hosts, the tune loop, ppt_fast.eval and the tests import them).
 from .compose import compose
 from .concept import Concept, ConceptDelta, load_concepts, save_concepts
 from .errors import ConceptError, ConceptFileError, ConceptVersionError, FingerprintMismatch

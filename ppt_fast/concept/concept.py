@@ -225,7 +225,7 @@ class Concept:
 
         Args:
             model: the tuned LM (nn.Module) or an object with `.lm`. Also accepted: a `TuneResult` of
-                `ppt_fast.musicgen.tune_model` with `pivots` = the identifier to capture.
+                `ppt_fast.tuning.tune_model` with `pivots` = the identifier to capture.
             pivots: the entries tuned sparsely (whole-parameter flat int32 indices, names = LM parameter names).
             identifiers, tokens: the concept's identifiers and `[n_tokens, dim]` embeddings.
             dense: `name -> row slice | (lo, hi) | None` (None: the whole tensor) trained densely.
@@ -300,7 +300,7 @@ class Concept:
 
     @classmethod
     def _capture_result(cls, result: Any, identifier: Any, *, storage_dtype: torch.dtype) -> Concept:
-        """From a `ppt_fast.musicgen.tune.TuneResult`: one concept for `identifier`."""
+        """From a `ppt_fast.tuning.TuneResult`: one concept for `identifier`."""
         idents = list(result.identifiers)
         if identifier is None and len(idents) == 1:
             identifier = idents[0]

@@ -5,7 +5,7 @@
 - `snapshot_base(model, pivots, dense)`: that fingerprint plus copies of the values a run will change
   (`BaseSnapshot`), taken before training so the tuned model can be registered and later restored bitwise.
 - `state_digest(module)`: one sha256 over a whole module's state_dict (names, dtypes, shapes, bytes), the identity
-  of a base model or codec (`ppt_fast.musicgen` keys caches and records runs by it).
+  of a base model or codec (the hosts key caches and records runs by it).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ state_dict): the base values of every entry an applied concept overwrote, and th
 scales. Every touched entry is recomputed from its base value and all applied concepts in canonical order (sorted
 identifiers), so the result does not depend on the order concepts were applied or removed in, and removing the last
 one gives back the base bitwise. The identifiers' token embeddings go into the LM's identifier bank, the object at
-`lm._ppt_fast_identifier_bank` (`BANK_ATTR`, installed by `ppt_fast.musicgen.identifiers`).
+`lm._ppt_fast_identifier_bank` (`BANK_ATTR`, installed by `ppt_fast.identifiers`).
 
 `_apply_concepts` is the one path by which concepts are applied (`Concept.apply` and `compose` check their
 arguments, then call it); it runs every check before anything changes. This module uses concepts only through

@@ -62,7 +62,7 @@ def _embed(audio: torch.Tensor, sample_rate: int, emb) -> torch.Tensor:
 def gallery(names: Sequence[str], sample_rate: int, emb, seconds: float = 12.0, seed: int = 0) -> torch.Tensor:
     """`[K, D]`: per instrument the normalised mean embedding of three new compositions, one per register (an octave
     down, as written, an octave up), since corpus and test clips shift registers too."""
-    from ..musicgen.pretrain import clip_seed, render_clip
+    from ..tiny.pretrain import clip_seed, render_clip
 
     rows = []
     for n in names:
@@ -80,7 +80,7 @@ def _top1(embs: torch.Tensor, table: torch.Tensor, truth: Sequence[int]) -> tupl
 
 def codec_roundtrip(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, seconds: float = 8.0,
                     seed: int = 0) -> dict[str, Any]:  # fmt: skip
-    from ..musicgen.pretrain import clip_seed, render_clip
+    from ..tiny.pretrain import clip_seed, render_clip
 
     sr = model.sample_rate
     orig, coded, truth = [], [], []
@@ -104,7 +104,7 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
                  seed: int = 0, concepts: Sequence[Any] = (), top_k: int | None = None,
                  temperature: float | None = None, cfg_coef: float | None = None) -> dict[str, Any]:  # fmt: skip
     from .. import generate
-    from ..musicgen.pretrain import INSTRUMENT_WORDS
+    from ..tiny.pretrain import INSTRUMENT_WORDS
     from .metrics import diversity
 
     embs, truth, divs = [], [], []
@@ -139,7 +139,7 @@ def long_clips(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: 
     `max_duration` (its training segment; audiocraft's extension) and in one pass (positions past the training
     segment): how far the model drifts from the prompt over time, and what the windowing buys."""
     from .. import generate
-    from ..musicgen.pretrain import INSTRUMENT_WORDS
+    from ..tiny.pretrain import INSTRUMENT_WORDS
 
     out: dict[str, Any] = {"seconds": seconds, "window": window, "seed": seed, "max_duration": model.max_duration}
     own = model.max_duration
@@ -174,7 +174,7 @@ def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, gri
 def held_in_set(model, names: Sequence[str], *, clips: int = 2, seconds: float = 4.0, seed: int = 0):
     """Codes of new compositions of `names` (seeds no corpus clip uses), their instrument words, and a wrong word for
     each (the instrument 5 places on): what the held-in loss and the prompt information are measured on."""
-    from ..musicgen import pretrain as P
+    from ..tiny import pretrain as P
 
     audio, right, wrong = [], [], []
     for k, n in enumerate(names):
@@ -189,17 +189,14 @@ def held_in_set(model, names: Sequence[str], *, clips: int = 2, seconds: float =
 
 def teacher_forced_loss(model, codes: torch.Tensor, prompts: Sequence[str], batch: int = 8) -> float:
     """MusicGen's training loss (nats per code) of `codes` under `prompts`, no sampling: mean over the clips."""
-    import contextlib
+    from ..models import load_host
 
-    from audiocraft.modules.conditioners import ConditioningAttributes
-
-    from ..musicgen.tune import _loss
-
+    host = load_host(model)
     total = 0.0
     with torch.no_grad():
         for i in range(0, codes.shape[0], batch):
-            attrs = [ConditioningAttributes(text={"description": p}) for p in prompts[i : i + batch]]
-            total += float(_loss(model.lm, codes[i : i + batch], attrs, contextlib.nullcontext)) * len(attrs)
+            chunk = list(prompts[i : i + batch])
+            total += float(host.loss(codes[i : i + batch], chunk)) * len(chunk)
     return total / codes.shape[0]
 
 
@@ -243,7 +240,7 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
     the caller has measured it already (the headline figure); the base row takes it instead of generating again."""
     from .. import generate, load_model, tune
     from ..audio import read_audio
-    from ..musicgen import data
+    from ..hosts.audiocraft import data
     from .metrics import audio_alignment
 
     rows = []
@@ -312,7 +309,7 @@ def _trained_entries(concept) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from .. import load_model
-    from ..musicgen import pretrain as P
+    from ..tiny import pretrain as P
     from .dataset import build
     from .protocol import write_json
 
@@ -348,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_writable(args.out)
     except UnwritablePathError as e:
         ap.error(f"--out: {e}")
-    from ..musicgen.models import require_audiocraft
+    from ..hosts.audiocraft.build import require_audiocraft
 
     require_audiocraft()  # importing audiocraft (~10 s) is not loading the model
     t_load = time.perf_counter()

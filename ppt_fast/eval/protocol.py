@@ -323,8 +323,8 @@ def _fmt(v: Any) -> str:
 
 
 def _kind_keys(model: Any) -> dict[str, Any]:
-    """The report's `model_kind` (`musicgen.models.model_kind`) and `tiny_model` (any tiny kind) keys."""
-    from ..musicgen.models import model_kind
+    """The report's `model_kind` (`ppt_fast.models.model_kind`) and `tiny_model` (any tiny kind) keys."""
+    from ..models import model_kind
 
     kind = model_kind(model)
     return {"tiny_model": kind != "other", "model_kind": kind}
@@ -437,7 +437,7 @@ def evaluate_concept_file(
     ``settings.allow_unverified``) before anything is generated.
     """
     from ppt_fast.concept import _check_verified
-    from ppt_fast.musicgen.generate import _as_concepts
+    from ppt_fast.generation import _as_concepts
 
     s = settings or Settings()
     check_outputs(out_dir)

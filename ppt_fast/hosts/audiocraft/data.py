@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import _env
-from .._io import atomic_write
-from ..audio import SILENCE_RMS, AudioError, check_sample_rate, fit_peak, read_audio, to_float, to_model_format
-from .models import module_device
+from ... import _env
+from ..._io import atomic_write
+from ...audio import SILENCE_RMS, AudioError, check_sample_rate, fit_peak, read_audio, to_float, to_model_format
+from .build import module_device
 
 logger = logging.getLogger(__name__)
 

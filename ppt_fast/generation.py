@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from ..audio import SILENCE_RMS
-from .models import load_model
+from .audio import SILENCE_RMS
+from .hosts.base import Host
+from .models import load_host
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def check_generate_args(
             f"temperature={temperature!r} must be 0 (greedy decoding) or a finite number >= {MIN_TEMPERATURE:g} "
             "(1: the model's distribution; None: the model's own)"
         )
-    from ..concept import MAX_SCALE
+    from .concept import MAX_SCALE
 
     if not _real(scale) or abs(scale) > MAX_SCALE:
         raise GenerateError(
@@ -127,13 +128,13 @@ def _available_memory() -> int | None:
         return None
 
 
-def _check_model_bounds(mg, n_clips: int, duration: float) -> None:
+def _check_model_bounds(host: Host, n_clips: int, duration: float) -> None:
     """GenerateError when `duration` is shorter than one of the model's frames or the clips would not fit in memory
     (float32 audio, counted twice: the decoder's output and the CPU copy returned)."""
-    frame_rate = float(getattr(mg, "frame_rate", 0) or 0)
+    frame_rate = host.frame_rate
     if frame_rate and duration * frame_rate < 1:
         raise GenerateError(f"duration={duration!r} s is shorter than one frame of this model (1/{frame_rate:g} s)")
-    need = 2 * 4 * n_clips * int(mg.audio_channels) * int(mg.sample_rate) * duration
+    need = 2 * 4 * n_clips * host.channels * host.sample_rate * duration
     have = _available_memory()
     if have is not None and need > have:
         raise GenerateError(
@@ -152,24 +153,10 @@ def _as_concepts(concepts: Any) -> list[Any]:
         if hasattr(c, "apply"):
             out.append(c)
         else:
-            from ..concept import Concept
+            from .concept import Concept
 
             out.append(Concept.load(c))
     return out
-
-
-def set_sampling(mg, duration: float, *, cfg_coef: float | None = None, top_k: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None) -> None:  # fmt: skip
-    """Set MusicGen's generation parameters; None takes the model's own recommended setting (see `generate`)."""
-    own = getattr(mg, "_ppt_fast_sampling", {})  # a model's recommended settings (the trained default sets them)
-    top_k = int(top_k if top_k is not None else own.get("top_k", 250))
-    cfg_coef = float(cfg_coef if cfg_coef is not None else own.get("cfg_coef", 3.0))
-    temperature = float(temperature if temperature is not None else own.get("temp", 1.0))
-    top_p = float(top_p if top_p is not None else own.get("top_p", 0.0))
-    mg.set_generation_params(
-        duration=float(duration), top_k=min(top_k, mg.lm.card), cfg_coef=cfg_coef, temperature=temperature,
-        top_p=top_p, extend_stride=min(18.0, mg.max_duration / 2),
-    )  # fmt: skip
 
 
 def generate(
@@ -218,47 +205,45 @@ def generate(
     )  # fmt: skip
     cs = _as_concepts(concepts)  # files read and checked before the model loads
     if not allow_unverified:
-        from ..concept import _check_verified
+        from .concept import _check_verified
 
         for c in cs:
             if hasattr(c, "unverified_names"):
                 _check_verified(c)
-    mg = load_model(model, device=device)
-    _check_model_bounds(mg, len(prompts), float(duration))
-    set_sampling(mg, duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature, top_p=top_p)
+    host = load_host(model, device=device)
+    _check_model_bounds(host, len(prompts), float(duration))
+    host.set_sampling(duration, cfg_coef=cfg_coef, top_k=top_k, temperature=temperature, top_p=top_p)
     applied = []
     try:
         for c in cs:
-            c.apply(mg, scale=scale, allow_unverified=allow_unverified)
+            c.apply(host.model, scale=scale, allow_unverified=allow_unverified)
             applied.append(c)
-        bank = getattr(mg.lm, "_ppt_fast_identifier_bank", None)
-        known = bank.identifiers() if bank is not None else []
+        known = host.identifier_bank().identifiers()
         for p in prompts:
             for word in p.replace(",", " ").split():
                 if word.startswith("<") and word.endswith(">") and word not in known:
                     logger.warning("prompt %r names %s but no applied concept defines it", p, word)
-        audio = _sample(mg, prompts, seed, progress)
+        audio = _sample(host, prompts, seed, progress)
         for attempt in range(1, resample_silent + 1):
             silent = _silent(audio)
             if not silent:
                 break
             logger.info("re-sampling %d silent clip(s) (attempt %d of %d)", len(silent), attempt, resample_silent)
-            again = _sample(mg, [prompts[i] for i in silent], None if seed is None else seed + attempt, progress)
+            again = _sample(host, [prompts[i] for i in silent], None if seed is None else seed + attempt, progress)
             audio[silent] = again
     finally:
         for c in reversed(applied):
-            c.remove(mg)
+            c.remove(host.model)
     _warn_silent(audio, prompts, resample_silent)
     return audio
 
 
-def _sample(mg, prompts: list[str], seed: int | None, progress: bool) -> torch.Tensor:
+def _sample(host: Host, prompts: list[str], seed: int | None, progress: bool) -> torch.Tensor:
     if seed is not None:
         torch.manual_seed(seed)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed)
-    with torch.no_grad():
-        return mg.generate(prompts, progress=progress).float().cpu()
+    return host.generate(prompts, progress=progress)
 
 
 def _rms(audio: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Names `load_model` understands:
   cross-attention conditioning on a LUT text conditioner with a word-hash tokenizer; EncodecModel with a small
   SEANet + RVQ), deterministic from `seed`, no downloads, no spaCy model. 16 kHz mono, 50 Hz frames, 4 codebooks of
   64 entries, LM dim 64, 2 layers, 4 heads.
-- `"tiny"`: the embedded default, trained here (`ppt-fast pretrain`, see `ppt_fast.musicgen.pretrain`): a mel-RVQ codec
+- `"tiny"`: the embedded default, trained here (`ppt-fast pretrain`, see `ppt_fast.tiny.pretrain`): a mel-RVQ codec
   (16 kHz, 50 Hz frames, 8 x 1024 codes) and an 8.6 M-parameter LMModel (dim 256, 4 layers) trained on 16 rendered
   instruments; weights in `ppt_fast/assets/tiny-v8.pt` (+ `.json` provenance).
 - a `.pt` weights file written by `ppt-fast pretrain --out FILE`.
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from . import identifiers
+from .patches import install_identifiers
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def build_tiny(seed: int = 0, device: str | torch.device = "cpu"):
         lm = _lm(64, 4, 2, n_q=4, card=64, lut_bins=512, lut_dim=64, musicgen=False)
     model = MusicGen("tiny-random", compression.to(device), lm.to(device).eval(), max_duration=30.0)
     model.set_generation_params(duration=2.0, top_k=32)
-    identifiers.install(model.lm)
+    install_identifiers(model.lm)
     return model
 
 
@@ -206,7 +206,7 @@ def build_shapes(name: str, seed: int = 0, device: str | torch.device = "cpu", w
         compression = _compression(32000, [8, 5, 4, 4], dimension=128, n_filters=64, n_q=4, bins=2048)
         lm = _lm(**SHAPES[name], n_q=4, card=2048, lut_bins=1024, lut_dim=768, musicgen=True)
     model = MusicGen(name, compression.to(device), lm.to(device).eval(), max_duration=30.0)
-    identifiers.install(model.lm)
+    install_identifiers(model.lm)
     return model
 
 
@@ -247,62 +247,8 @@ def _load_checkpoint(name: str, device: str | torch.device):
             "checkpoint directory. ppt_fast ships no MusicGen weights; model='tiny' needs none."
         )
     model = MusicGen.get_pretrained(name, device=str(device))
-    identifiers.install(model.lm)
+    install_identifiers(model.lm)
     return model
-
-
-def _is_weights_file(model: str) -> bool:
-    """A `.pt` file from `ppt-fast pretrain` (what `load_model` loads with `pretrain.load_trained`)."""
-    return model.endswith(".pt") and os.path.isfile(model)
-
-
-def model_kind(model: Any) -> str:
-    """What kind of model `model` (a `load_model` argument or a MusicGen) is, for the settings that depend on it
-    (`tune()`'s defaults, the evaluation's caveats): "trained" for a model made by `ppt-fast pretrain` (the name
-    `tiny`, a weights file it wrote, or a MusicGen loaded from either), "tiny-random" for the random-init unit-test
-    model, and "other" (real MusicGens and their shapes). Decided by what the model is, not what it is called: a
-    weights file loaded by path, or the `tiny` object passed in, is "trained" too."""
-    if isinstance(model, str):
-        if model == "tiny" or _is_weights_file(model):
-            return "trained"
-        return "tiny-random" if model == "tiny-random" else "other"
-    if getattr(model, "_ppt_fast_trained_default", False):  # set by pretrain.build_musicgen
-        return "trained"
-    return "tiny-random" if getattr(model, "name", None) == "tiny-random" else "other"
-
-
-def load_model(model: Any = "tiny", *, device: str | torch.device | None = None, seed: int = 0):
-    """Return an audiocraft `MusicGen` with an identifier bank attached.
-
-    Args:
-        model: a built-in name (`"tiny"`, `"tiny-random"`, `"musicgen-{small,medium,large}-shapes"`), a `.pt` file
-            from `ppt-fast pretrain`, a local audiocraft checkpoint directory, a hub id found in the local HF cache,
-            or a `MusicGen` object.
-        device: where to put it (default: CUDA when available, else CPU).
-        seed: seed of the random-init builders.
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not isinstance(model, str):
-        if hasattr(model, "lm") and hasattr(model, "compression_model"):
-            identifiers.install(model.lm)
-            return model
-        raise TypeError(f"model must be a name, a path or an audiocraft MusicGen object, got {type(model).__name__}")
-    if model == "tiny":
-        from .pretrain import ASSET, PretrainConfig, load_trained
-
-        return load_trained(ASSET, expected=PretrainConfig(), device=device, name="tiny")
-    if model == "tiny-random":
-        m = build_tiny(seed=seed, device=device)
-        m.name = model
-        return m
-    if _is_weights_file(model):
-        from .pretrain import load_trained
-
-        return load_trained(model, device=device, name=os.path.basename(model))
-    if model in SHAPES:
-        return build_shapes(model, seed=seed, device=device)
-    return _load_checkpoint(model, device)
 
 
 def module_device(module: torch.nn.Module) -> torch.device:

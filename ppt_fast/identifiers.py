@@ -1,29 +1,20 @@
-"""Identifier tokens (`<v1>`, `<v2>`, ...): learnable embeddings appended to the text condition.
+"""Identifier tokens (`<v1>`, `<v2>`, ...): the rules for identifiers in prompts, and the bank of their embeddings.
 
-Mechanism (conditioner-agnostic; works for T5 and for the LUT conditioner of small models):
+Host-agnostic: a host (`ppt_fast.hosts`) installs an `IdentifierBank` on its text conditioning, so that before the
+text encoder reads a prompt every registered identifier is cut out of the text (`IdentifierBank.split`), and after it
+ran each identifier's embeddings (`[n_tokens, output_dim]`, in the encoder's OUTPUT space) are appended to that
+sample's condition tensor with mask ones (`IdentifierBank.append`).
 
-1. Before the text conditioner tokenizes a prompt, every registered identifier is cut out of the text
-   ("a piece of music, <v1>" -> "a piece of music"), and the identifiers found are remembered per sample, in
-   the order they appear. An identifier is matched as a whole token (`token_pattern`): never inside a longer word
-   ("v1" is not cut out of "v10" or "nav1"), while punctuation around it delimits it ("<v1>," and "(<v1>)" match).
-2. After the conditioner ran (T5 -> `output_proj`, or LUT -> `output_proj`), each identifier's embeddings
-   (`[n_tokens, output_dim]`, i.e. already in the conditioner's OUTPUT space) are appended to that sample's
-   condition tensor, and its mask gets ones there.
+An identifier is matched as a whole token (`token_pattern`): never inside a longer word ("v1" is not cut out of "v10"
+or "nav1"), while punctuation around it delimits it ("<v1>," and "(<v1>)" match).
 
 Why appending equals placing the tokens at the identifier's position: MusicGen feeds the text condition to the
-transformer only through cross-attention (`ConditionFuser` op `cross`), and cross-attention adds no positional
-encoding to its source (`ConditionFuser(cross_attention_pos_emb=False)`, the MusicGen default; the keys/values are
-`in_proj` of the condition with no rotary or sinusoidal term), so attention over the source is
-permutation-invariant. When `cross_attention_pos_emb=True` the order would matter; we then still append (documented
-limitation) and log a warning once.
+decoder only through cross-attention, which adds no positional encoding to its source, so attention over the source
+is permutation-invariant. Padding: samples of a batch with fewer identifier tokens get zero vectors with mask 0,
+which is how MusicGen pads text conditions.
 
-Padding: samples of a batch with fewer identifier tokens get zero vectors with mask 0, which is exactly how
-audiocraft pads text conditions (`LUTConditioner`/`T5Conditioner` multiply by the mask; cross-attention attends to
-all source positions regardless of the mask).
-
-The bank is attached to the LM as `lm._ppt_fast_identifier_bank` (the attribute `ppt_fast.concept.Concept.apply`
-looks for). The hook is installed by swapping the condition provider's class for a subclass (revertible with
-`uninstall`), so `LMModel.forward`, `LMModel.generate` and audiocraft's `MusicGenSolver` all go through it.
+The bank lives on the LM as the plain attribute `BANK_ATTR` (`lm._ppt_fast_identifier_bank`, what
+`ppt_fast.concept.Concept.apply` looks for), so its tensors stay out of the LM's `state_dict()` and parameters.
 """
 
 from __future__ import annotations
@@ -35,11 +26,10 @@ from collections.abc import Iterable
 
 import torch
 
-from ..concept.registry import BANK_ATTR
+from .concept.registry import BANK_ATTR
 
 logger = logging.getLogger(__name__)
 
-_KEY = "__ppt_fast_identifiers__"
 _IDENT_RE = re.compile(r"^\S+$")
 
 
@@ -175,89 +165,8 @@ def find_collisions(identifier: str, texts: Iterable[str]) -> list[tuple[str, st
     return out
 
 
-def _provider_class(base: type) -> type:
-    """A subclass of the provider's class whose tokenize/forward route identifiers through the bank."""
-    cache = _provider_class.__dict__.setdefault("_cache", {})
-    if base in cache:
-        return cache[base]
-
-    def tokenize(self, inputs):  # noqa: ANN001 - audiocraft's signature
-        bank: IdentifierBank | None = getattr(self, BANK_ATTR, None)
-        if bank is None or not bank.identifiers():
-            return base.tokenize(self, inputs)
-        per_sample: list[list[str]] = []
-        stripped = []
-        for attr in inputs:
-            text = attr.text.get(bank.attribute)
-            clean, idents = bank.split(text)
-            per_sample.append(idents)
-            if idents:
-                # Copy: never mutate the caller's ConditioningAttributes.
-                attr = type(attr)(text=dict(attr.text), wav=dict(attr.wav), joint_embed=dict(attr.joint_embed))
-                attr.text[bank.attribute] = clean
-            stripped.append(attr)
-        out = base.tokenize(self, stripped)
-        out[_KEY] = per_sample
-        return out
-
-    def forward(self, tokenized):  # noqa: ANN001
-        per_sample = tokenized.get(_KEY) if isinstance(tokenized, dict) else None
-        if per_sample is not None:
-            tokenized = {k: v for k, v in tokenized.items() if k != _KEY}
-        out = base.forward(self, tokenized)
-        bank: IdentifierBank | None = getattr(self, BANK_ATTR, None)
-        if per_sample is not None and bank is not None and bank.attribute in out:
-            cond, mask = out[bank.attribute]
-            out[bank.attribute] = bank.append(cond, mask, per_sample)
-        return out
-
-    cls = type(f"PptFast{base.__name__}", (base,), {"tokenize": tokenize, "forward": forward, "_ppt_fast_base": base})
-    cache[base] = cls
-    return cls
-
-
-def install(lm: torch.nn.Module, dim: int | None = None, attribute: str = "description") -> IdentifierBank:
-    """Attach an IdentifierBank to an audiocraft LMModel (idempotent); returns the bank."""
-    bank = getattr(lm, BANK_ATTR, None)
-    if bank is not None:
-        return bank
-    provider = lm.condition_provider
-    if attribute not in provider.conditioners:
-        raise ValueError(
-            f"the LM has no text conditioner named {attribute!r} (it has {list(provider.conditioners)}); "
-            "identifier tokens need a text condition"
-        )
-    if dim is None:
-        dim = provider.conditioners[attribute].output_dim
-    fuser = getattr(lm, "fuser", None)
-    if fuser is not None and getattr(fuser, "cross_attention_pos_emb", False):
-        logger.warning(
-            "this LM adds positional embeddings to the cross-attention source: identifier tokens are appended after "
-            "the text, not placed at the identifier's position"
-        )
-    bank = IdentifierBank(dim, attribute)
-    # Plain attribute (not a submodule): the bank's tensors stay out of lm.state_dict()/parameters(), so the base
-    # model's fingerprint and audiocraft's optimizer groups are unchanged.
-    object.__setattr__(lm, BANK_ATTR, bank)
-    object.__setattr__(provider, BANK_ATTR, bank)
-    if not hasattr(type(provider), "_ppt_fast_base"):
-        provider.__class__ = _provider_class(type(provider))
-    return bank
-
-
-def uninstall(lm: torch.nn.Module) -> None:
-    """Remove the bank and restore the provider's original class."""
-    provider = lm.condition_provider
-    base = getattr(type(provider), "_ppt_fast_base", None)
-    if base is not None:
-        provider.__class__ = base
-    for obj in (lm, provider):
-        if BANK_ATTR in obj.__dict__:
-            object.__delattr__(obj, BANK_ATTR)
-
-
 def get_bank(lm: torch.nn.Module) -> IdentifierBank:
     bank = getattr(lm, BANK_ATTR, None)
     if bank is None:
-        raise RuntimeError("this LM has no identifier bank; load it with ppt_fast.load_model() or call install(lm)")
+        raise RuntimeError("this LM has no identifier bank; load it with ppt_fast.load_model()")
     return bank

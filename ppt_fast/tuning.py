@@ -1,0 +1,822 @@
+"""`tune()`: teach a MusicGen a concept from reference audio with Pivotal Parameters Tuning.
+
+Phases (DESIGN §2, §6):
+1. Sensitivity: S batches of (reference codes, training prompt naming the identifier) in `eval()` mode; backward;
+   only the in-scope rows of the attention projections' weight gradients are computed (`ppt_fast.rowgrad`,
+   `row_grads`: on by default for models whose projections hold >= 8 M entries) and scored in backward; any other
+   in-scope tensor is scored by a post-accumulate-grad hook that frees its gradient at once (no full gradient set
+   ever lives).
+2. Selection: a global top-k over all scores (`select_pivots`, ratio or count of the entries in scope); indices
+   are mapped to flat indices of the whole parameter.
+3. Training: the pivots (+ whatever the recipe trains densely, + the identifier tokens) with a sparse AdamW step
+   (state only for pivots; gradients gathered at the pivots inside backward, from row-scoped blocks or from hooks
+   that free each whole gradient), `MusicGenSolver`'s cross-entropy (computed in the pattern's layout by
+   `loss.pattern_cross_entropy`: equal to the solver's own path, without its copies of the logits), gradient-norm
+   clipping (`max_norm`)
+   applied per kind of trained tensor: the LM pivots (norm over the pivot gradients only,
+   `SparseAdamW.clip_grad_norm_`), dense LM tensors, and the identifier tokens (their gradients live on another
+   scale); fp32 on CPU and bf16 autocast on GPU (fp32 where bf16 is unsupported). With prior preservation
+   (`prior` > 0) each step adds a second batch: clips the base model sampled, before training, for the prompts
+   without the identifier, weighted by `prior` (a second backward into the same gathered gradients).
+
+Recipes (`preset=`):
+- `ppt` (default): pivots chosen globally over self-attention V rows and cross-attention K/V rows; tokens.
+- `dreamstyler`: sparse self-attention V; cross-attention K/V rows trained in full; tokens.
+- `full`: every LM parameter trained densely (torch AdamW); tokens. The overfitting baseline.
+- `tokens`: identifier embeddings only (textual inversion).
+
+Several concepts: `tune({"<v1>": a, "<v2>": b})` runs one sensitivity pass and one pivot set per concept, trains
+on the union of the pivot sets with batches that name single identifiers (target: that concept's segments) and
+combinations (target: the mix of one segment of each named concept, encoded once), and returns one Concept each.
+Note: entries in several concepts' pivot sets were trained jointly; each concept stores the jointly tuned value.
+
+Defaults, per kind of model, when an argument is left at None: `ppt_fast.recipes.MODEL_DEFAULTS`. No prior
+preservation unless asked (`prior`). Weight decay 0 (decay would pull pivots to zero, not back to the base value).
+
+The loop is host-agnostic: everything model-library-specific (loading, encoding the reference, the loss, sampling,
+the identifier bank, the attention layout, checkpointing) goes through `ppt_fast.hosts.base.Host`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import numbers
+import os
+import string
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from . import identifiers as ident_mod
+from . import recipes
+from .concept import Concept, snapshot_base
+from .hosts.base import Host
+from .models import load_host, model_kind
+from .pivots import PivotSet
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("a piece of music, {}",)
+COMBO_TEMPLATES = ("a piece of music, {}",)
+
+
+class TuneError(ValueError):
+    """Bad input to tune(), raised before any training; the message names the argument and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: batches of (codes, prompts)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Pool:
+    identifiers: list[str]  # identifiers named by the prompt
+    codes: torch.Tensor  # [N, K, F]
+
+
+def _has_slot(template: str) -> bool:
+    """Whether `template` holds the `{}` the identifiers go into (`_check_templates` allows at most one)."""
+    return any(field == "" for _, field, _, _ in string.Formatter().parse(template))
+
+
+def _prompts(templates: Sequence[str], idents: Sequence[str]) -> list[str]:
+    joined = ", ".join(idents)
+    return [t.format(joined) if _has_slot(t) else f"{t.format()}, {joined}" for t in templates]
+
+
+def _check_templates(templates: Sequence[str]) -> None:
+    """TuneError unless every template is a non-empty string with at most one `{}` and no other field: the
+    identifiers go into the `{}` (or after a comma when there is none); `{{` and `}}` write literal braces."""
+    for t in templates:
+        if not isinstance(t, str) or not t.strip():
+            raise TuneError(f"template {t!r} is not a non-empty string; e.g. 'a piece of music, {{}}'")
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
+        except ValueError as e:
+            raise TuneError(f"template {t!r}: {e}; write '{{{{' and '}}}}' for literal braces") from None
+        other = [f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") for f, spec, conv in fields
+                 if f != "" or spec or conv]  # fmt: skip
+        if other:
+            raise TuneError(
+                f"template {t!r} has a field {{{other[0]}}}: templates take one '{{}}' where the identifier goes "
+                "and no other field; write '{{' and '}}' for literal braces"
+            )
+        if len(fields) > 1:
+            raise TuneError(f"template {t!r} has {len(fields)} '{{}}': give one, where the identifier goes")
+
+
+def _make_batch(pool: _Pool, templates: Sequence[str], batch_size: int, g: torch.Generator):
+    n = pool.codes.shape[0]
+    pick = torch.randint(0, n, (batch_size,), generator=g)
+    codes = pool.codes[pick]
+    texts = _prompts(templates, pool.identifiers)
+    tsel = torch.randint(0, len(texts), (batch_size,), generator=g).tolist()
+    return codes, [texts[i] for i in tsel]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TuneResult:
+    """What a tune run produced: the tuned model (in place), the pivots, tokens, and the loss history."""
+
+    model: Any
+    identifiers: list[str]
+    pivots: dict[str, PivotSet]  # per identifier (empty PivotSet for preset 'tokens')
+    trained: PivotSet  # union of all pivots and dense rows (as pivots): every LM entry that was trained
+    dense_rows: dict[str, tuple[int, int]]  # name -> rows trained in full (dreamstyler / full)
+    tokens: dict[str, torch.Tensor]  # identifier -> [n_tokens, dim] fp32
+    losses: list[float]
+    sensitivity_seconds: float
+    train_seconds: float
+    base_fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    base_snapshot: Any = None  # ppt_fast.concept.BaseSnapshot of the trained entries, taken before training
+    prior_losses: list[float] = field(default_factory=list)  # prior-preservation loss per step (prior > 0)
+
+
+def _merge(sets: Sequence[PivotSet]) -> PivotSet:
+    """Union of PivotSets over the same layout."""
+    out = sets[0]
+    for other in sets[1:]:
+        out = out | other
+    return out
+
+
+def _init_tokens(host: Host, text: str, n_tokens: int, g: torch.Generator) -> torch.Tensor:
+    """Initial identifier embeddings: the text conditioner's output for `text`, averaged, plus small noise."""
+    mean = host.text_embedding(text)  # [1, D]
+    scale = float(mean.float().std()) or 1.0
+    noise = torch.randn(n_tokens, mean.shape[-1], generator=g) * 0.1 * scale
+    return (mean.float().cpu() + noise).contiguous()
+
+
+def default_ratio(model: Any) -> float:
+    """tune()'s pivot ratio when none is given, for `model` (a `load_model` argument or a loaded model):
+    `recipes.MODEL_DEFAULTS[model_kind(model)].ratio` (0.001 on the trained default, 0.01 elsewhere)."""
+    return recipes.MODEL_DEFAULTS[model_kind(model)].ratio
+
+
+def class_prompts(templates: Sequence[str]) -> list[str]:
+    """The prompts of `templates` with the identifier left out ("a piece of music, {}" -> "a piece of music"), tidied
+    as the identifier bank tidies a prompt it cuts identifiers from (`identifiers.clean_prompt`): the text the
+    conditioner reads of the training prompt, which the prior-preservation batches are generated from and trained on
+    by default (DreamBooth's "class prompt")."""
+    out: list[str] = []
+    for t in templates:
+        p = ident_mod.clean_prompt(t.format(" ") if _has_slot(t) else t.format())
+        if p and p not in out:
+            out.append(p)
+    return out
+
+
+def _check_prior(prior: float, prompts, clips: int, templates: Sequence[str], idents: Sequence[str]) -> list[str]:
+    if not (isinstance(prior, (int, float)) and math.isfinite(prior) and prior >= 0):
+        raise TuneError(f"prior={prior!r} must be a finite weight >= 0 (0 turns prior preservation off; 1 is usual)")
+    if not prior:
+        return []
+    if clips < 1:
+        raise TuneError(f"prior_clips={clips} must be >= 1 when prior > 0 (16 is usual)")
+    prompts = list(prompts) if prompts is not None else class_prompts(templates)
+    if not prompts:
+        raise TuneError(
+            "prior > 0 but no prior prompt: the templates are only the identifier; give prior_prompts=, e.g. "
+            "['a piece of music']"
+        )
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise TuneError(f"prior_prompts: {p!r} is not a non-empty string")
+        named = [i for i in idents if ident_mod.mentions(i, p)]  # the bank cuts an identifier as a whole token
+        if named:
+            raise TuneError(
+                f"prior prompt {p!r} names the identifier {named[0]!r}: prior prompts are what the model must keep "
+                "doing without the concept; leave the identifier out"
+                + ("" if _bracketed(named[0]) else f" (or pick an identifier that is no word, e.g. '<{named[0]}>')")
+            )
+        for ident in idents:
+            clash = ident_mod.find_collisions(ident, [p])
+            if clash:
+                raise TuneError(
+                    f"identifier {ident!r}: {clash[0][1]!r} is an ordinary word of the prior prompt {p!r}; pick an "
+                    "identifier that is no word of the prompts, e.g. '<v1>' when no prompt says 'v1'"
+                )
+    return prompts
+
+
+def _prior_pool(host: Host, prompts: Sequence[str], clips: int, seconds: float, seed: int) -> tuple[torch.Tensor, list]:
+    """`clips` token sequences of `seconds` that the base model samples for `prompts` (its own sampling settings),
+    before any training: the prior-preservation targets. The global RNG is left as it was."""
+    dev = host.device
+    texts = [prompts[i % len(prompts)] for i in range(clips)]
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed + 7919)
+        if dev.type == "cuda":
+            torch.cuda.manual_seed_all(seed + 7919)
+        codes = host.sample_codes(texts, seconds)
+    return codes, texts
+
+
+def _prior_batch(codes: torch.Tensor, texts: Sequence[str], batch_size: int, g: torch.Generator):
+    pick = torch.randint(0, codes.shape[0], (batch_size,), generator=g).tolist()
+    return codes[pick], [texts[i] for i in pick]
+
+
+def _bracketed(ident: str) -> bool:
+    return ident.strip("<>[]{}*") != ident
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_settings(**settings: Any) -> None:
+    """TuneError for a setting of the wrong kind (after the defaults are resolved): counts are ints, rates finite and
+    > 0, the rest finite and >= 0."""
+    ints = {"steps": 0, "batch_size": 1, "sensitivity_batches": 0, "prior_clips": 0, "n_tokens": 1}
+    for name, low in ints.items():
+        v = settings[name]
+        if not _is_int(v) or v < low:
+            raise TuneError(f"{name}={v!r} must be a whole number >= {low}")
+    if not _is_int(settings["seed"]) or not 0 <= settings["seed"] < 2**63:
+        raise TuneError(f"seed={settings['seed']!r} must be a whole number in [0, 2**63)")
+    for name in ("lr", "token_lr", "segment_seconds"):
+        v = settings[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v > 0):
+            raise TuneError(f"{name}={v!r} must be a finite number > 0")
+    for name in ("max_norm", "weight_decay"):
+        v = settings[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0):
+            raise TuneError(f"{name}={v!r} must be a finite number >= 0 (0 turns it off)")
+    if not isinstance(settings["init_text"], str) or not settings["init_text"].strip():
+        raise TuneError(f"init_text={settings['init_text']!r} must be a non-empty string (e.g. 'music')")
+    from .ops.sensitivity_accumulate import MODES
+
+    if settings["criterion"] not in MODES:
+        raise TuneError(f"criterion={settings['criterion']!r} is not one of {', '.join(MODES)}")
+
+
+def _check_inputs(
+    refs: Mapping[str, Any], templates: Sequence[str], preset: str, ratio, count, n_tokens
+) -> recipes.Recipe:
+    """TuneError for a bad recipe, pivot amount, identifier or template; the recipe named by `preset` otherwise."""
+    try:
+        recipe = recipes.get(preset)
+    except ValueError as e:
+        raise TuneError(str(e)) from None
+    if ratio is not None and count is not None:
+        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
+    if count is None and (not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0 < ratio <= 1):
+        raise TuneError(f"ratio={ratio!r} must lie in (0, 1] (a fraction of the entries in scope, e.g. 0.01)")
+    if count is not None and (not _is_int(count) or count < 1):
+        raise TuneError(f"count={count!r} must be a whole number >= 1")
+    if not _is_int(n_tokens) or n_tokens < 1:
+        raise TuneError(f"n_tokens={n_tokens} must be >= 1 (3 separates concepts best)")
+    if not refs:
+        raise TuneError("no reference given")
+    if not templates:
+        raise TuneError("templates= is empty; give at least one, e.g. 'a piece of music, {}'")
+    _check_templates(templates)
+    for ident in refs:
+        try:
+            ident_mod.check_identifier(ident)
+        except ValueError as e:
+            raise TuneError(str(e)) from None
+        clash = ident_mod.find_collisions(ident, templates)
+        if clash:
+            template, word = clash[0]
+            where = "names the identifier outside its '{}'" if word == ident else f"uses {word!r} as an ordinary word"
+            raise TuneError(
+                f"identifier {ident!r} collides with the template {template!r}, which {where}: the identifier would "
+                "be cut out of (or compete with) that word in every prompt; pick an identifier that is no word of "
+                "the templates, e.g. '<v1>'"
+            )
+    idents = list(refs)
+    for a in idents:
+        for b in idents:
+            if a != b and a in b:
+                raise TuneError(f"identifier {a!r} is part of {b!r}; make them distinct (e.g. '<v1>', '<v2>')")
+    return recipe
+
+
+@dataclass
+class TuneConfig:
+    """Every setting of a tune run (`tune()` takes each as a keyword argument). None: the per-model default
+    (`recipes.MODEL_DEFAULTS`, by `model_kind`)."""
+
+    model: Any = "tiny"  # a `load_model` name / path / id, or a model object (tuned in place)
+    identifier: str = "<v1>"  # the word that names the concept (for one reference)
+    preset: str = recipes.DEFAULT  # the recipe (`recipes.RECIPES`)
+    ratio: float | None = None  # pivots as a fraction of the entries in scope
+    count: int | None = None  # or a fixed number of pivots (not both)
+    steps: int | None = None
+    lr: float | None = None
+    token_lr: float | None = None
+    batch_size: int | None = None
+    sensitivity_batches: int = 8
+    criterion: str = "grad_sq"
+    n_tokens: int = 3
+    init_text: str = "music"
+    templates: Sequence[str] | None = None
+    segment_seconds: float | None = None
+    max_norm: float = 1.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str | torch.device | None = None
+    use_cache: bool = True
+    verbose: bool = True
+    callback: Callable[[int, float], None] | None = None
+    activation_checkpointing: bool = False
+    row_grads: bool | None = None
+    prior: float | None = None
+    prior_prompts: Sequence[str] | None = None
+    prior_clips: int = 16
+
+    def resolved(self) -> TuneConfig:
+        """A copy with every None default filled in for the model and the settings checked (TuneError)."""
+        d = recipes.MODEL_DEFAULTS[model_kind(self.model)]
+        if isinstance(self.templates, str):
+            raise TuneError(f"templates={self.templates!r} must be a list of strings, e.g. [{self.templates!r}]")
+        c = replace(
+            self,
+            ratio=(self.ratio if self.ratio is not None else d.ratio) if self.count is None else None,
+            steps=self.steps if self.steps is not None else d.steps,
+            lr=self.lr if self.lr is not None else d.lr,
+            token_lr=self.token_lr if self.token_lr is not None else d.token_lr,
+            batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
+            segment_seconds=self.segment_seconds if self.segment_seconds is not None else d.segment_seconds,
+            prior=self.prior if self.prior is not None else d.prior,
+            templates=tuple(self.templates) if self.templates is not None else DEFAULT_TEMPLATES,
+        )
+        return c
+
+
+def tune_model(reference: Any, config: TuneConfig | None = None, **settings: Any) -> TuneResult:
+    """tune() returning the tuned model and the run's details; `settings` override fields of `config` (TuneConfig)."""
+    unknown = sorted(set(settings) - {f.name for f in fields(TuneConfig)})
+    if unknown:
+        raise TuneError(f"unknown tune setting(s) {', '.join(unknown)}; the settings are TuneConfig's fields")
+    given = replace(config or TuneConfig(), **settings)
+    refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {given.identifier: reference}
+    if given.ratio is not None and given.count is not None:
+        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
+    cfg = given.resolved()
+    recipe = _check_inputs(refs, cfg.templates, cfg.preset, cfg.ratio, cfg.count, cfg.n_tokens)
+    _check_settings(steps=cfg.steps, batch_size=cfg.batch_size, sensitivity_batches=cfg.sensitivity_batches,
+                    prior_clips=cfg.prior_clips, n_tokens=cfg.n_tokens, seed=cfg.seed, lr=cfg.lr,
+                    token_lr=cfg.token_lr, segment_seconds=cfg.segment_seconds, max_norm=cfg.max_norm,
+                    weight_decay=cfg.weight_decay, init_text=cfg.init_text, criterion=cfg.criterion)  # fmt: skip
+    prior_prompts = _check_prior(cfg.prior, cfg.prior_prompts, cfg.prior_clips, cfg.templates, list(refs))
+    if not recipe.trains_weights:  # nothing the prompts without the identifier read is trained: nothing to preserve
+        cfg = replace(cfg, prior=0.0)
+        prior_prompts = []
+    cfg = replace(cfg, prior_prompts=prior_prompts)
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    host = load_host(cfg.model, device=cfg.device, seed=cfg.seed)
+    bank = host.identifier_bank()
+    for ident in refs:
+        if bank.has(ident):
+            raise TuneError(
+                f"identifier {ident!r} is already registered on this model (a concept applied?); remove it first"
+            )
+    run = _Run(host, cfg, recipe, refs, g)
+    run.prepare()
+    run.select()
+    return run.train()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: data, then phase 1 + 2 (select), then phase 3 (train)
+# ---------------------------------------------------------------------------------------------------------------------
+def _autocast(dev: torch.device):
+    """bf16 autocast on a GPU that supports it; fp32 elsewhere."""
+    amp = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+    def ctx():
+        if amp is None:
+            return torch.autocast(device_type=dev.type, enabled=False)
+        return torch.autocast(device_type=dev.type, dtype=amp)
+
+    return ctx
+
+
+class _Run:
+    """One tune run's state, phase by phase (`prepare`, `select`, `train`); every check happened before."""
+
+    def __init__(self, host: Host, cfg: TuneConfig, recipe: recipes.Recipe, refs: dict[str, Any], g) -> None:
+        self.host, self.cfg, self.recipe, self.refs, self.g = host, cfg, recipe, refs, g
+        self.lm = host.lm
+        self.dev = host.device
+        self.autocast = _autocast(self.dev)
+        self.names = [n for n, _ in self.lm.named_parameters()]
+        self.params = dict(self.lm.named_parameters())
+        self.scope = host.scope(recipe.scope) if recipe.selects_pivots else None
+
+    def loss(self, codes: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        with self.autocast():
+            return self.host.loss(codes, prompts)
+
+    # ---- data (all checks before any training) ---------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg, host = self.cfg, self.host
+        self.pools = {
+            ident: _Pool([ident], host.encode_reference(ref, cfg.segment_seconds, cfg.use_cache))
+            for ident, ref in self.refs.items()
+        }
+        self.base_fp = host.fingerprint()
+        self.combos: list[_Pool] = []
+        if len(self.refs) > 1:
+            self.combos.append(_Pool(list(self.refs), host.encode_mix(list(self.refs.values()), cfg.segment_seconds,
+                                                                       self.g)))  # fmt: skip
+        # Prior preservation: what the base model does for the prompts without the identifier.
+        self.prior_codes, self.prior_texts = None, []
+        if cfg.prior:
+            t_prior = time.perf_counter()
+            seg_frames = next(iter(self.pools.values())).codes.shape[-1]
+            codes, self.prior_texts = _prior_pool(host, cfg.prior_prompts, cfg.prior_clips, cfg.segment_seconds,
+                                                  cfg.seed)  # fmt: skip
+            self.prior_codes = codes[..., :seg_frames]
+            logger.info("prior preservation: %d base-model clips for %s in %.1f s", cfg.prior_clips,
+                        cfg.prior_prompts, time.perf_counter() - t_prior)  # fmt: skip
+        # Identifier tokens.
+        bank = host.identifier_bank()
+        self.tokens: dict[str, torch.nn.Parameter] = {}
+        for ident in self.refs:
+            t = torch.nn.Parameter(_init_tokens(host, cfg.init_text, cfg.n_tokens, self.g).to(self.dev))
+            self.tokens[ident] = t
+            bank.add(ident, t)
+        self.lm.eval()  # deterministic: no CFG / attribute dropout (they only act when conditions are passed raw)
+        for p in self.lm.parameters():
+            p.requires_grad_(False)
+
+    # ---- phase 1: sensitivity (eval mode, one pass per concept); phase 2: selection (global top-k) --------------
+    def select(self) -> None:
+        from tqdm.auto import tqdm
+
+        from .sensitivity import SensitivityAccumulator
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.pivots: dict[str, PivotSet] = {}
+        for ident in self.refs:
+            if self.scope is None:
+                self.pivots[ident] = _on_layout(self.names, self.params, {}, self.dev)
+                continue
+            with SensitivityAccumulator(self.lm, self.scope, mode=cfg.criterion) as acc:
+                rg = _row_grads(self.host, [(e.name, [e.rows], acc.row_sink(e.name)) for e in acc.entries],
+                                cfg.row_grads)  # fmt: skip
+                bar = tqdm(range(cfg.sensitivity_batches), desc=f"sensitivity {ident}", disable=not cfg.verbose,
+                           leave=False)  # fmt: skip
+                with rg, _training(self.host, rg):
+                    for _ in bar:
+                        codes, prompts = _make_batch(self.pools[ident], cfg.templates, cfg.batch_size, self.g)
+                        with rg.forward():
+                            loss = self.loss(codes, prompts)
+                        with rg.backward():
+                            loss.backward()
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                if acc.steps == 0:
+                    raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
+                sel = acc.pivots(ratio=None if cfg.count is not None else cfg.ratio, count=cfg.count)
+            for t in self.tokens.values():
+                t.grad = None
+            self.pivots[ident] = _on_layout(self.names, self.params, dict(iter(sel)), self.dev)
+            logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, acc.numel)
+        self.sens_seconds = time.perf_counter() - t0
+
+    # ---- phase 3: training -------------------------------------------------------------------------------------
+    def train(self) -> TuneResult:
+        from tqdm.auto import tqdm
+
+        from .optim import SparseAdamW, freeze_unpivoted
+        from .rowgrad import RowGrads
+
+        cfg, recipe, lm, scope, names, params, dev = (self.cfg, self.recipe, self.lm, self.scope, self.names,
+                                                      self.params, self.dev)  # fmt: skip
+        dense_entries = scope.resolve_dense(lm) if scope is not None else []
+        dense_rows = {e.name: e.rows for e in dense_entries}
+        trained = _merge(list(self.pivots.values()))
+        if dense_entries:
+            trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
+        dense_params = list(lm.parameters()) if recipe.dense_all else []
+        if recipe.dense_all:
+            dense_rows = {n: (0, p.shape[0] if p.dim() else 1) for n, p in lm.named_parameters()}
+            trained = _on_layout(names, params, {n: torch.arange(p.numel(), device=dev) for n, p in params.items()},
+                                 dev)  # fmt: skip
+        base_snapshot = _snapshot(lm, trained, dense_rows, recipe.dense_all)
+        freeze = freeze_unpivoted(lm, trained) if not dense_params else None
+        for p in dense_params:
+            p.requires_grad_(True)
+        sparse_opt = (
+            SparseAdamW(lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True,
+                        nonfinite="raise")  # fmt: skip
+            if trained.count and not dense_params
+            else None
+        )
+        dense_opt = (
+            torch.optim.AdamW(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+            if dense_params
+            else None
+        )
+        rg = RowGrads()
+        if sparse_opt is not None:
+            rg = _row_grads(
+                self.host,
+                [(n, [_pivot_rows(idx, params[n])], sparse_opt.row_sink(params[n])) for n, idx in trained
+                 if idx.numel()],
+                cfg.row_grads,
+            )  # fmt: skip
+        rg.install()
+        token_list = list(self.tokens.values())
+        token_opt = torch.optim.AdamW(token_list, lr=cfg.token_lr, weight_decay=0.0, foreach=False)
+
+        pools, combos = self.pools, self.combos
+        all_pools = list(pools.values()) + combos
+        losses: list[float] = []
+        prior_losses: list[float] = []
+        t1 = time.perf_counter()
+        bar = tqdm(range(cfg.steps), desc="tune", disable=not cfg.verbose, dynamic_ncols=True)
+        routing = contextlib.ExitStack()
+        try:
+            routing.enter_context(_training(self.host, rg, activation_checkpointing=cfg.activation_checkpointing))
+            for step in bar:
+                # Single-concept batches in turn, and a combination batch every 4th step when several train together.
+                if combos and step % 4 == 3:
+                    pool = combos[(step // 4) % len(combos)]
+                else:
+                    pool = all_pools[step % len(pools)]
+                codes, prompts = _make_batch(pool, COMBO_TEMPLATES if pool in combos else cfg.templates,
+                                             cfg.batch_size, self.g)  # fmt: skip
+                with rg.forward():
+                    loss = self.loss(codes, prompts)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {cfg.lr}) or token_lr")
+                with rg.backward():
+                    loss.backward()
+                if self.prior_codes is not None:
+                    # Prior preservation (DreamBooth's): the same step also fits the base model's own samples for
+                    # the prompts without the identifier, so what those prompts produce stays put. A second backward
+                    # into the same gradients (SparseAdamW's gathered buffers and the row sinks accumulate).
+                    pcodes, pprompts = _prior_batch(self.prior_codes, self.prior_texts, cfg.batch_size, self.g)
+                    with rg.forward():
+                        ploss = self.loss(pcodes, pprompts)
+                    if not torch.isfinite(ploss):
+                        raise RuntimeError(f"prior loss became {ploss.item()} at step {step}: lower lr (now {cfg.lr})")
+                    with rg.backward():
+                        (cfg.prior * ploss).backward()
+                    prior_losses.append(float(ploss.item()))
+                # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
+                # tensors, and the identifier tokens (whose gradients live on another scale).
+                if cfg.max_norm:
+                    if sparse_opt is not None:
+                        sparse_opt.clip_grad_norm_(cfg.max_norm)
+                    if dense_params:
+                        torch.nn.utils.clip_grad_norm_(dense_params, cfg.max_norm)
+                    torch.nn.utils.clip_grad_norm_(token_list, cfg.max_norm)
+                for opt in (sparse_opt, dense_opt, token_opt):
+                    if opt is not None:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.item()))
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if cfg.callback is not None:
+                    cfg.callback(step, losses[-1])
+        finally:
+            routing.close()
+            rg.remove()
+            if sparse_opt is not None:
+                sparse_opt.remove_hooks()
+            if freeze is not None:
+                freeze.restore()
+            for p in lm.parameters():
+                p.requires_grad_(False)
+                p.grad = None
+        train_seconds = time.perf_counter() - t1
+        bar.close()
+        bank = self.host.identifier_bank()
+        out_tokens = {ident: t.detach().float().cpu().clone() for ident, t in self.tokens.items()}
+        for ident, t in out_tokens.items():
+            bank.add(ident, t.to(dev))
+        if cfg.verbose and cfg.steps:
+            logger.info("tuned %d steps in %.1f s (%.2f steps/s), loss %.3f -> %.3f", cfg.steps, train_seconds,
+                        cfg.steps / max(train_seconds, 1e-9), losses[0], losses[-1])  # fmt: skip
+        selects = scope is not None  # ratio / count only where a preset selects pivots (tokens and full train none)
+        return TuneResult(
+            model=self.host.model, identifiers=list(self.refs), pivots=self.pivots, trained=trained,
+            dense_rows=dense_rows, tokens=out_tokens, losses=losses, sensitivity_seconds=self.sens_seconds,
+            train_seconds=train_seconds, base_fingerprint=self.base_fp,
+            settings=dict(
+                preset=cfg.preset, ratio=cfg.ratio if selects else None, count=cfg.count if selects else None,
+                steps=cfg.steps, lr=cfg.lr, token_lr=cfg.token_lr, batch_size=cfg.batch_size,
+                sensitivity_batches=cfg.sensitivity_batches, criterion=cfg.criterion, n_tokens=cfg.n_tokens,
+                templates=list(cfg.templates), segment_seconds=cfg.segment_seconds, max_norm=cfg.max_norm,
+                weight_decay=cfg.weight_decay, seed=cfg.seed, prior=cfg.prior, prior_prompts=list(cfg.prior_prompts),
+                prior_clips=cfg.prior_clips if cfg.prior else 0,
+                model=cfg.model if isinstance(cfg.model, str) else getattr(cfg.model, "name", "object"),
+            ),
+            base_snapshot=base_snapshot, prior_losses=prior_losses,
+        )  # fmt: skip
+
+
+# row_grads=None (auto) turns row-scoped gradients on when the weights they serve hold at least this many entries.
+# Below it the Python dispatch of the torch-function mode (a microsecond or two per op) costs more than the matmul
+# work saved: tiny (1.6 M entries) +14 % per step with it, musicgen-small (151 M) -15 % (benchmarks/tune_probe.py).
+ROW_GRADS_AUTO_MIN = 8_000_000
+
+
+def _row_grads(host: Host, targets, enable: bool | None = True):
+    """A RowGrads over the eligible ones of ``targets`` [(name, rows, sink)]; the others keep whole gradients.
+    ``enable=False``: an empty RowGrads; ``None``: only when the eligible weights hold >= ROW_GRADS_AUTO_MIN
+    entries (else an empty RowGrads)."""
+    from .rowgrad import RowGrads
+
+    rg = RowGrads()
+    if enable is False:
+        return rg
+    eligible = host.row_grad_weights()
+    chosen = [(name, rows, sink) for name, rows, sink in targets if name in eligible]
+    if enable is None and sum(eligible[n].numel() for n, _, _ in chosen) < ROW_GRADS_AUTO_MIN:
+        return rg
+    for name, rows, sink in chosen:
+        rg.add(name, eligible[name], rows, sink)
+    return rg
+
+
+@contextlib.contextmanager
+def _training(host: Host, rg, activation_checkpointing: bool = False):
+    """The host's training context; a checkpointing method row-scoped gradients cannot run with is a TuneError."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(host.training(rg, activation_checkpointing=activation_checkpointing))
+        except ValueError as e:
+            raise TuneError(str(e)) from None
+        yield
+
+
+def _pivot_rows(idx: torch.Tensor, param: torch.Tensor) -> tuple[int, int]:
+    """The rows ``[first, last + 1)`` holding a tensor's (sorted, non-empty) pivots."""
+    cols = param[0].numel()
+    return int(idx[0]) // cols, int(idx[-1]) // cols + 1
+
+
+def _snapshot(lm, trained: PivotSet, dense_rows: dict, dense_all: bool):
+    """Base values + fingerprint of every entry the run will change (Concept.capture registers the concept as
+    applied on the tuned model with them, so `concept.remove(model)` restores the base bitwise)."""
+    if dense_all:
+        return snapshot_base(lm, None, {n: None for n in dense_rows})
+    return snapshot_base(lm, trained, dense_rows)
+
+
+def _on_layout(names: list[str], params: dict, idx: dict[str, torch.Tensor], dev) -> PivotSet:
+    parts, offsets = [], [0]
+    for n in names:
+        i = idx.get(n)
+        i = torch.empty(0, dtype=torch.int32, device=dev) if i is None else i.to(torch.int32)
+        parts.append(i)
+        offsets.append(offsets[-1] + i.numel())
+    return PivotSet(names, [params[n].shape for n in names], offsets, torch.cat(parts))
+
+
+def _capture(result: TuneResult) -> list[Any]:
+    """One Concept per identifier from a finished run."""
+    return [Concept.capture(result, ident) for ident in result.identifiers]
+
+
+def tune(
+    reference: Any,
+    *,
+    model: Any = "tiny",
+    identifier: str = "<v1>",
+    preset: str = recipes.DEFAULT,
+    ratio: float | None = None,
+    count: int | None = None,
+    steps: int | None = None,
+    lr: float | None = None,
+    token_lr: float | None = None,
+    batch_size: int | None = None,
+    sensitivity_batches: int = 8,
+    criterion: str = "grad_sq",
+    n_tokens: int = 3,
+    init_text: str = "music",
+    templates: Sequence[str] | None = None,
+    segment_seconds: float | None = None,
+    max_norm: float = 1.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    use_cache: bool = True,
+    verbose: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+    activation_checkpointing: bool = False,
+    row_grads: bool | None = None,
+    prior: float | None = None,
+    prior_prompts: Sequence[str] | None = None,
+    prior_clips: int = 16,
+    out: str | os.PathLike | None = None,
+):
+    """Teach `model` the concept in `reference` under `identifier`; return a Concept (or a list for several).
+
+    Args:
+        reference: an audio file (anything soundfile reads; any rate/channels), a `(tensor [C, T], sample_rate)`
+            pair, or `{identifier: reference, ...}` for several concepts trained together (returns a list).
+        model: `"tiny"` (default, built in code), a `load_model` name/path/id, or an audiocraft MusicGen object
+            (tuned in place: its weights carry the concept afterwards; `concept.remove(model)` restores them).
+        identifier: the word that names the concept in prompts, e.g. `"<v1>"`.
+        preset: the recipe: `ppt` | `dreamstyler` | `full` | `tokens` (`ppt_fast.recipes`).
+        ratio / count: pivots as a fraction of the entries in scope, or a fixed number (count wins over ratio);
+            ratio None: the model's default (`recipes.MODEL_DEFAULTS`: 0.001 on the trained default `tiny`, 0.01
+            elsewhere).
+        steps, lr (pivots), token_lr (identifier tokens), batch_size, segment_seconds: None takes the model's
+            default (`recipes.MODEL_DEFAULTS`; e.g. 150 steps on the tiny model, 500 otherwise).
+        sensitivity_batches: batches of the sensitivity pass; criterion: its score (`grad_sq` | `grad_abs` |
+            `taylor` | `sgd_delta`); n_tokens: embeddings per identifier; init_text: what they start from;
+            templates: training prompts, each with one `{}` where the identifier goes.
+        max_norm: gradient-norm clipping per kind of trained tensor (0: off); weight_decay: on the pivots.
+        seed: everything random (token init, batches) derives from it; on CPU a fixed seed gives the same file.
+        device: where to tune (default: CUDA when available); use_cache: cache the reference's codes.
+        verbose: a tqdm bar per phase (phase, step, loss, steps/s); callback(step, loss) after every step.
+        activation_checkpointing: recompute activations in backward (lower peak memory, slower steps; the same
+            result).
+        row_grads: compute only the scored / trained rows of the attention projections' weight gradients
+            (`ppt_fast.rowgrad`): True, False = whole gradients, None = on when those weights hold >= 8 M entries
+            (every real MusicGen; off for the tiny model, where it costs more than it saves).
+        prior, prior_prompts, prior_clips: prior preservation (DreamBooth's): before training the base model samples
+            `prior_clips` clips of one segment for `prior_prompts` (default: the templates without the identifier,
+            e.g. "a piece of music"), and every step also fits them at weight `prior`, so prompts without the
+            identifier stay closer to the base model; None / 0 = off; ignored by preset "tokens".
+        out: write the concept file here (for several concepts: a directory; one `concept_file_name(identifier)`,
+            e.g. `v1.ppt`, each). Checked before any work (`ppt_fast._io.check_writable`): a path that cannot be
+            written (a directory or device as the file, a path under a regular file, a folder where no file can be
+            created) or two identifiers that would share a file name raise TuneError before tuning starts.
+
+    Every argument except `reference` and `out` is a field of `TuneConfig` (`tune_model(reference, config)` takes
+    one and returns the run's details).
+    """
+    given = locals()
+    settings = {f.name: given[f.name] for f in fields(TuneConfig)}
+    if count is not None:
+        settings["ratio"] = None  # count wins
+    files = _check_out(out, reference, identifier)
+    result = tune_model(reference, TuneConfig(**settings))
+    concepts = _capture(result)
+    if out is not None:
+        if not isinstance(reference, Mapping):
+            concepts[0].save(files[identifier])
+        else:
+            os.makedirs(out, exist_ok=True)
+            for ident, c in zip(result.identifiers, concepts):
+                c.save(files[ident])
+    return concepts if isinstance(reference, Mapping) else concepts[0]
+
+
+def concept_file_name(identifier: str) -> str:
+    """The file `tune(..., out=folder)` writes `identifier`'s concept to: its letters, digits, `-` and `_` (others
+    become `_`, leading / trailing `_` dropped; `concept` when none is left) + `.ppt`: `<v1>` -> `v1.ppt`. The name
+    never holds a separator or a dot before `.ppt`, so it stays inside the folder."""
+    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in identifier).strip("_")
+    return (s or "concept") + ".ppt"
+
+
+def _check_out(out, reference, identifier: str) -> dict[str, str]:
+    """Before any work: the file each identifier's concept will be written to, checked writable (`check_writable`);
+    TuneError when `out` cannot be written or two identifiers would share a file (names compared case-insensitively:
+    some file systems do). `{}` when `out` is None."""
+    from ._io import UnwritablePathError, check_writable
+
+    if out is None:
+        return {}
+    if not isinstance(out, (str, os.PathLike)):
+        raise TuneError(f"out={out!r} must be a path (a file for one concept, a folder for several)")
+    out = os.fspath(out)
+    try:
+        if not isinstance(reference, Mapping):
+            check_writable(out)
+            return {identifier: out}
+        check_writable(out, folder=True)
+        files: dict[str, str] = {}
+        by_name: dict[str, Any] = {}
+        for ident in reference:
+            name = concept_file_name(ident) if isinstance(ident, str) else None
+            if name is None:
+                continue  # _check_inputs refuses it, naming it
+            if name.casefold() in by_name:
+                raise TuneError(
+                    f"identifiers {by_name[name.casefold()]!r} and {ident!r} would both be written to "
+                    f"{os.path.join(out, name)!r} (a file name keeps letters, digits, '-' and '_'); rename one, e.g. "
+                    "'<v1>' and '<v2>'"
+                )
+            by_name[name.casefold()] = ident
+            files[ident] = os.path.join(out, name)
+            check_writable(files[ident])
+        return files
+    except UnwritablePathError as e:
+        raise TuneError(f"out: {e}") from None
+
+
+__all__ = ["TuneConfig", "TuneError", "TuneResult", "concept_file_name", "default_ratio", "tune", "tune_model"]
