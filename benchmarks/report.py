@@ -265,36 +265,50 @@ def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    plotted = False
+    # One line per series (provider, model, layers, dtype, device), from the newest run that measured it: older runs
+    # of the same series would only draw over it (and fill the legend twice).
+    series: dict[tuple, tuple[str, dict, dict]] = {}
+    memory: dict[tuple, tuple[str, dict, dict]] = {}  # the same, from the newest run that measured memory
     for _fname, data in results:
+        dev, date = data["provenance"]["device"], data["provenance"]["date_utc"]
         b = [x["extra_info"] for x in data["benchmarks"] if x["extra_info"].get("op") == "sparse_adamw_step"]
         groups = defaultdict(dict)
         for e in b:
             groups[(e["model"], e["layers"], e["dtype"], e["provider"])][e["density"]] = e
         dense = {(m, la, dt): v for (m, la, dt, p), v in groups.items() if p == "dense_masked"}
-        # Colour = provider, line style = model: matplotlib's 10-colour cycle would repeat over ~12 series.
-        providers = sorted({p for (_, _, _, p) in groups})
-        models = sorted({(m, la) for (m, la, _, _) in groups})
         for (m, la, dt, p), by_d in groups.items():
             base = dense.get((m, la, dt))
+            key = (p, m, la, dt, dev)
             if p == "dense_masked" or not base:
                 continue
-            ds = sorted(d for d in by_d if d in base)
-            sp = [base[d]["median_seconds"] / by_d[d]["median_seconds"] for d in ds]
-            label = f"{p}, {m} {la}L {dt} [{data['provenance']['device']}]"
-            style = {
-                "color": plt.get_cmap("tab10")(providers.index(p) % 10),
-                "linestyle": ("-", "--", ":", "-.")[models.index((m, la)) % 4],
-                "marker": "o",
-                "label": label,
-            }
-            ax1.plot([100 * d for d in ds], sp, **style)
-            mem = [(d, by_d[d].get("mem_peak_extra_bytes"), base[d].get("mem_peak_extra_bytes")) for d in ds]
+            if key not in series or date > series[key][0]:
+                series[key] = (date, by_d, base)
+            has_mem = any(by_d[d].get("mem_peak_extra_bytes") is not None for d in by_d if d in base)
+            if has_mem and (key not in memory or date > memory[key][0]):
+                memory[key] = (date, by_d, base)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5 + 0.16 * -(-len(series) // 3)))
+    # Colour = provider, line style = model: matplotlib's 10-colour cycle would repeat over ~12 series.
+    providers = sorted({k[0] for k in series})
+    models = sorted({(k[1], k[2]) for k in series})
+    plotted = False
+    for (p, m, la, dt, dev), (_, by_d, base) in sorted(series.items()):
+        ds = sorted(d for d in by_d if d in base)
+        sp = [base[d]["median_seconds"] / by_d[d]["median_seconds"] for d in ds]
+        style = {
+            "color": plt.get_cmap("tab10")(providers.index(p) % 10),
+            "linestyle": ("-", "--", ":", "-.")[models.index((m, la)) % 4],
+            "marker": "o",
+            "label": f"{p}, {m} {la}L {dt} [{dev}]",
+        }
+        ax1.plot([100 * d for d in ds], sp, **style)
+        plotted = True
+        if (p, m, la, dt, dev) in memory:
+            _, by_d, base = memory[(p, m, la, dt, dev)]
+            mem = [(d, by_d[d].get("mem_peak_extra_bytes"), base[d].get("mem_peak_extra_bytes")) for d in sorted(by_d)
+                   if d in base]  # fmt: skip
             mem = [(d, a / c) for d, a, c in mem if a is not None and c]
             if mem:
-                ax2.plot([100 * d for d, _ in mem], [r for _, r in mem], **style)
-            plotted = True
+                ax2.plot([100 * d for d, _ in mem], [r for _, r in mem], **{**style, "label": None})
     if not plotted:
         plt.close(fig)
         return []
@@ -306,8 +320,10 @@ def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
     ax2.axhline(1.0, color="grey", lw=0.8)
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = ax1.get_legend_handles_labels()
+    rows = -(-len(labels) // 3)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * rows + 0.02, 1, 1))  # the shared legend sits under both plots
     path = out_dir / "speedup_memory_vs_density.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)

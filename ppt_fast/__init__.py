@@ -8,10 +8,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .ops import select_pivots, sensitivity_accumulate, sparse_adamw_step
 from .pivots import PivotError, PivotSet
-
-__version__ = "0.1.0"
 
 # Public names that live in modules with heavier imports, resolved on first access (PEP 562).
 _LAZY = {

@@ -268,8 +268,6 @@ def _check_inputs(
         recipe = recipes.get(preset)
     except ValueError as e:
         raise TuneError(str(e)) from None
-    if ratio is not None and count is not None:
-        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
     if count is None and (not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0 < ratio <= 1):
         raise TuneError(f"ratio={ratio!r} must lie in (0, 1] (a fraction of the entries in scope, e.g. 0.01)")
     if count is not None and (not _is_int(count) or count < 1):

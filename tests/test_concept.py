@@ -760,3 +760,22 @@ def test_nonfinite_meta_is_stored_as_text_and_header_is_strict_json(tmp_path):
     json.loads(meta["header"], parse_constant=lambda name: pytest.fail(f"header holds {name}"))
     r = Concept.load(tmp_path / "m.ppt")
     assert r.meta["max_norm"] == "inf" and r.meta["nested"] == ["nan"] and r.meta["lr"] == 1e-3
+
+
+def test_state_digest_covers_every_state_item_including_0_dim_buffers():
+    """The one whole-module digest (base models and codecs): names, dtypes, shapes and bytes of every state item,
+    0-dim buffers too; any change of one moves it, a copy does not."""
+    from ppt_fast.concept.fingerprint import state_digest
+
+    m = torch.nn.Linear(3, 2)
+    m.register_buffer("count", torch.tensor(7, dtype=torch.int64))
+    m.register_buffer("scale", torch.tensor(0.5, dtype=torch.bfloat16))
+    d = state_digest(m)
+    assert d == state_digest(copy.deepcopy(m)) and len(d) == 64
+    for change in (lambda x: x.count.add_(1), lambda x: x.scale.mul_(2), lambda x: x.weight.data[1, 2].add_(1e-3)):
+        other = copy.deepcopy(m)
+        change(other)
+        assert state_digest(other) != d
+    other = copy.deepcopy(m)
+    other.count = other.count.to(torch.int32)  # same value, other dtype
+    assert state_digest(other) != d

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ppt_fast import synth
 from ppt_fast.eval import dataset
 
 pytest.importorskip("tinysoundfont")
@@ -40,7 +41,7 @@ def test_build_is_deterministic_and_manifest_complete(tmp_path):
         assert len(set(seeds)) == 3  # different compositions
         for pa, pb in zip(paths, [mb.reference_path(name), *mb.heldout_paths(name)]):
             assert _sha(pa) == _sha(pb)  # bit-reproducible
-        audio, sr = dataset.read_wav(paths[0])
+        audio, sr = synth.read_wav(paths[0])
         assert sr == 16000 and audio.shape == (1, 3 * 16000)
         rms = float(np.sqrt(np.mean(audio**2)))
         assert 0.03 < rms < 0.2  # normalised to -20 dBFS (peaks capped)
@@ -50,10 +51,10 @@ def test_build_is_deterministic_and_manifest_complete(tmp_path):
 
 
 def test_compositions_differ_between_seeds_and_styles():
-    waltz = dataset.compose(dataset.CONCEPTS["piano_waltz"], 1, 10.0)
-    arps = dataset.compose(dataset.CONCEPTS["piano_arpeggios"], 1, 10.0)
-    assert waltz != dataset.compose(dataset.CONCEPTS["piano_waltz"], 2, 10.0)
-    assert waltz == dataset.compose(dataset.CONCEPTS["piano_waltz"], 1, 10.0)
+    waltz = synth.compose(synth.CONCEPTS["piano_waltz"], 1, 10.0)
+    arps = synth.compose(synth.CONCEPTS["piano_arpeggios"], 1, 10.0)
+    assert waltz != synth.compose(synth.CONCEPTS["piano_waltz"], 2, 10.0)
+    assert waltz == synth.compose(synth.CONCEPTS["piano_waltz"], 1, 10.0)
     # arpeggios: one short note at a time; the waltz: chords (several notes starting together), longer notes
     assert max(collections.Counter(n.start for n in arps).values()) == 1
     assert max(collections.Counter(n.start for n in waltz).values()) >= 3
@@ -63,12 +64,12 @@ def test_compositions_differ_between_seeds_and_styles():
 
 
 def test_all_concepts_listed():
-    assert len(dataset.CONCEPTS) >= 10
-    assert {"piano", "violin", "nylon_guitar", "trumpet", "flute", "organ", "marimba", "drums"} <= set(dataset.CONCEPTS)
-    assert set(dataset.EVAL_CONCEPTS) <= set(dataset.CONCEPTS) and len(dataset.EVAL_CONCEPTS) == 10
-    styles = [dataset.CONCEPTS[n] for n in dataset.EVAL_CONCEPTS if dataset.CONCEPTS[n].style in ("waltz", "arpeggios")]
+    assert len(synth.CONCEPTS) >= 10
+    assert {"piano", "violin", "nylon_guitar", "trumpet", "flute", "organ", "marimba", "drums"} <= set(synth.CONCEPTS)
+    assert set(dataset.EVAL_CONCEPTS) <= set(synth.CONCEPTS) and len(dataset.EVAL_CONCEPTS) == 10
+    styles = [synth.CONCEPTS[n] for n in dataset.EVAL_CONCEPTS if synth.CONCEPTS[n].style in ("waltz", "arpeggios")]
     assert len({c.program for c in styles}) == 1 and len(styles) == 2  # two styles on one instrument
-    assert len(dataset.CONCEPTS) >= 20  # + the pretraining corpus' timbres
+    assert len(synth.CONCEPTS) >= 20  # + the pretraining corpus' timbres
 
 
 def test_bad_arguments(tmp_path):
@@ -88,23 +89,23 @@ def test_bad_arguments(tmp_path):
 
 
 @pytest.mark.skipif(
-    shutil.which("fluidsynth") is None or not os.path.exists(dataset.FLUID_R3),
+    shutil.which("fluidsynth") is None or not os.path.exists(synth.FLUID_R3),
     reason="needs apt packages fluidsynth + fluid-soundfont-gm",
 )
 def test_fluidsynth_renderer(tmp_path):
     m = dataset.load_manifest(
         dataset.build(str(tmp_path), concepts=["flute"], seconds=2.0, heldout=0, renderer="fluidsynth")
     )
-    audio, sr = dataset.read_wav(m.reference_path("flute"))
+    audio, sr = synth.read_wav(m.reference_path("flute"))
     assert sr == 32000 and audio.shape == (1, 64000) and np.abs(audio).max() > 0.05
     assert m.data["soundfont"]["name"] == "FluidR3_GM.sf2" and "MIT" in m.data["soundfont"]["licence"]
 
 
 def test_midi_writer_roundtrip(tmp_path):
     mido = pytest.importorskip("mido")
-    notes = dataset.compose(dataset.CONCEPTS["marimba"], 3, 4.0)
+    notes = synth.compose(synth.CONCEPTS["marimba"], 3, 4.0)
     path = str(tmp_path / "x.mid")
-    dataset.write_midi(notes, {0: (12, False)}, path)
+    synth.write_midi(notes, {0: (12, False)}, path)
     mid = mido.MidiFile(path)
     ons = [m for m in mid.tracks[0] if m.type == "note_on" and m.velocity > 0]
     assert len(ons) == len(notes)

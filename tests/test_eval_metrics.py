@@ -10,6 +10,7 @@ import torch
 
 from ppt_fast.eval import audio_alignment, copying, dataset, diversity, features, musicnn, retrieval, text_alignment
 from ppt_fast.eval.metrics import prompt_tags
+from ppt_fast.synth import read_wav
 
 pytest.importorskip("tinysoundfont")
 needs_musicnn = pytest.mark.skipif(not musicnn.is_available(), reason="pip install --no-deps musicnn==0.1.0")
@@ -28,7 +29,7 @@ def ds(tmp_path_factory):
 
 def _clip(ds, name, which=0):
     path = ds.reference_path(name) if which < 0 else ds.heldout_paths(name)[which]
-    return torch.from_numpy(dataset.read_wav(path)[0])
+    return torch.from_numpy(read_wav(path)[0])
 
 
 @needs_musicnn

@@ -15,6 +15,7 @@ import ppt_fast
 from ppt_fast.eval import cli as eval_cli
 from ppt_fast.eval import dataset, musicnn
 from ppt_fast.eval.protocol import METHODS, Settings, run_protocol, text_part
+from ppt_fast.synth import read_wav
 
 pytest.importorskip("tinysoundfont")
 needs_musicnn = pytest.mark.skipif(not musicnn.is_available(), reason="pip install --no-deps musicnn==0.1.0")
@@ -52,7 +53,7 @@ def _install_fakes(monkeypatch, calls):
         for i, p in enumerate(prompts):
             named = [c for c in concepts if c.identifier in p]
             if named:
-                ref = torch.from_numpy(dataset.read_wav(named[0].reference)[0])
+                ref = torch.from_numpy(read_wav(named[0].reference)[0])
                 start = 1000 + 7919 * i
                 out.append(ref[:, start : start + n])
             else:

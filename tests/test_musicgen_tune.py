@@ -314,3 +314,18 @@ def test_random_twin_moves_the_same_values_to_random_in_scope_entries(ref_wav):
     assert any(not torch.equal(a, b) for a, b in zip(other.lm.parameters(), model.lm.parameters()))
     with pytest.raises(ValueError, match="sparse concept"):
         random_twin(load_model("tiny-random"), tune(ref_wav, preset="full", **dict(FAST, steps=1)))
+
+
+def test_tune_signature_is_tune_config():
+    """tune() lists every setting (no **kwargs), each with TuneConfig's default; tune_model refuses unknown ones."""
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(T.tune).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    fields = {f.name: f.default for f in dataclasses.fields(T.TuneConfig)}
+    assert set(params) - {"reference", "out"} == set(fields)
+    for name, default in fields.items():
+        assert params[name].default == default, name
+    with pytest.raises(T.TuneError, match="unknown tune setting"):
+        T.tune_model("x.wav", stepz=3)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..pivots import PivotError, PivotSet
 from .errors import ConceptError, ConceptFileError, FingerprintMismatch
 from .fingerprint import BaseSnapshot, _fingerprint_entry, _norm_dense, _resolve_lm

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import __version__
 from .._io import atomic_write_bytes
+from .._version import __version__
 from ..pivots import PivotSet
 from .errors import ConceptError, ConceptFileError, ConceptVersionError
 

@@ -53,7 +53,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``dataset`` and ``eval`` commands to the ``ppt-fast`` argparse subparsers."""
-    from .dataset import CONCEPTS, RENDERERS
+    from ..synth import CONCEPTS, RENDERERS
 
     d = subparsers.add_parser(
         "dataset",
@@ -141,7 +141,7 @@ def _cmd_dataset_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_dataset_list(args: argparse.Namespace) -> int:
-    from .dataset import CONCEPTS
+    from ..synth import CONCEPTS
 
     for c in CONCEPTS.values():
         print(f"{c.name:16s} {c.description}")
@@ -211,7 +211,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             reference = _read_audio(args.reference)
             name = os.path.splitext(os.path.basename(args.reference))[0]
         elif args.dataset and args.name:
-            from .dataset import load_manifest, read_wav
+            from ..synth import read_wav
+            from .dataset import load_manifest
 
             audio, sr = read_wav(load_manifest(args.dataset).reference_path(args.name))
             reference, name = (torch.from_numpy(audio), sr), args.name
@@ -234,7 +235,7 @@ def _read_audio(path: str):
     except ImportError:
         import torch
 
-        from .dataset import read_wav
+        from ..synth import read_wav
 
         audio, sr = read_wav(path)
         return torch.from_numpy(audio), sr

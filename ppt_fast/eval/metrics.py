@@ -320,7 +320,8 @@ def retrieval(manifest_path: str, *, embedder: str = "musicnn", concepts: Sequen
     concept's reference scores highest. Returns ``{'top1': float, 'n': int, 'same_mean': float,
     'different_mean': float, 'confusions': [(clip, true, predicted)], 'similarity': {concept: {concept: mean}}}``.
     """
-    from .dataset import load_manifest, read_wav
+    from ..synth import read_wav
+    from .dataset import load_manifest
 
     m = load_manifest(manifest_path)
     names = list(concepts) if concepts is not None else m.concepts

@@ -195,7 +195,7 @@ def _write_report(out_dir: str, report: Mapping[str, Any]) -> None:
 
 
 def _load_refs(manifest, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, int]]:
-    from .dataset import read_wav
+    from ..synth import read_wav
 
     refs = {}
     for n in names:

@@ -99,24 +99,19 @@ class PretrainConfig:
     train_concepts: tuple[str, ...] = TRAIN_CONCEPTS
     heldout_concepts: tuple[str, ...] = HELDOUT_CONCEPTS
     clips: int = 96  # compositions per training instrument
-    # Compositions per instrument where they differ from `clips` (a rebalanced corpus). Empty for the shipped model:
-    # the tiny-v5 candidate gave the six instruments tiny-v4 renders worst from their names 128-160 and lost on the
-    # validation text control (0.490 vs 0.578; experiments/default_model), so it was not shipped.
+    # Compositions per instrument where they differ from `clips` (a rebalanced corpus; empty for the shipped model).
     clip_counts: dict[str, int] = field(default_factory=dict)
     clip_seconds: float = 8.0
     # which word lists the descriptions come from (`descriptions_digest()`); pretraining refuses a config whose
     # digest is not the code's, since it could not reproduce that corpus
     descriptions: str = field(default_factory=descriptions_digest)
-    # 8 residual levels: musicnn retrieval of re-synthesised new compositions of the trained instruments 81 % vs
-    # 67 % with 4 (73 % with 6; 8 x 512 entries 77 %), codecs fitted on the 48-clip corpus -- experiments/default_model.
-    # tiny-v3: beam-4 encoding and 2 passes of joint codebook refinement: coding error of held-out corpus frames
-    # 2.80 % -> 2.45 % of their variance (greedy, unrefined -> refined + beam 4; experiments/default_model).
+    # 8 residual levels, beam-4 encoding, 2 passes of joint codebook refinement (why: docs/default_model.md).
     codec: MelCodecConfig = field(default_factory=lambda: MelCodecConfig(n_q=8, encode_beam=4))
     kmeans_iters: int = 12
     kmeans_sample: int = 120_000
     codec_refine_passes: int = 2
     lm: LMConfig = field(default_factory=LMConfig)
-    steps: int = 2600  # tiny-v4: the pattern-layout loss (hosts/audiocraft/loss.py) made a step 1.6x cheaper
+    steps: int = 2600
     batch_size: int = 16
     segment_seconds: float = 4.0
     lr: float = 1.5e-3
@@ -124,11 +119,8 @@ class PretrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     cfg_dropout: float = 0.15
-    # Weight of each codebook in the LM's training loss (the weighted mean of the per-codebook cross-entropies);
-    # empty: all equal, as audiocraft's solver and tiny-v4. The coarsest level carries most of what a prompt says
-    # about the clip (experiments/probes/discrimination_probe.py on tiny-v4: own-prompt gain 0.73 nats at level 0,
-    # 0.16 at 7), so tiny-v8 weights it 3x: validation text control 57.8 % -> 58.3 %, figure seed 50.5 % -> 56.8 %,
-    # piano / harpsichord / harp sampled as themselves 2 / 5 / 8 of 12 (tiny-v4 0 / 1 / 1) -- experiments/default_model.
+    # Weight of each codebook in the LM's training loss (the weighted mean of the per-codebook cross-entropies;
+    # empty: all equal, as audiocraft's solver). The coarsest level weighs 3x (why: docs/default_model.md).
     codebook_weights: tuple[float, ...] = (3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     checkpoint_every: int = 50
 

@@ -1,7 +1,7 @@
 """Pretraining the embedded default model (`model="tiny"`): corpus -> codec -> LM, resumable, on a 2-core CPU.
 
 No pretrained MusicGen / EnCodec / T5 weights can be had offline, so the default model is trained here from data the
-project renders itself (`ppt_fast.eval.dataset`: seeded MIDI compositions through a General MIDI soundfont):
+project renders itself (`ppt_fast.synth`: seeded MIDI compositions through a General MIDI soundfont):
 
 1. Corpus: `clips` compositions of `clip_seconds` for each of the 16 training instruments (registers shifted an
    octave down or up at random), each with a varied text description (instrument words, tempo word, register,
@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 def clip_seed(name: str, base_seed: int, index: int) -> int:
     """Seeds of pretraining compositions, disjoint from the concept dataset's (which use indices < 1000)."""
-    from ..eval.dataset import concept_seed
+    from ..synth import concept_seed
 
     return concept_seed(name, base_seed, 100_000 + index)
 
@@ -75,7 +75,7 @@ def _clip_spec(name: str, seed: int, shift: int | None = None):
     and its register word."""
     import numpy as np
 
-    from ..eval.dataset import CONCEPTS
+    from ..synth import CONCEPTS
 
     spec = CONCEPTS[name]
     if spec.is_drum:
@@ -94,7 +94,7 @@ def tempo_word(bpm: float) -> str:
 
 def describe(name: str, seed: int, g: torch.Generator) -> str:
     """A random text description of corpus clip (name, seed): instrument words, tempo, register, style."""
-    from ..eval.dataset import CONCEPTS, composition_tempo
+    from ..synth import CONCEPTS, composition_tempo
 
     spec, register = _clip_spec(name, seed)
 
@@ -115,7 +115,7 @@ def describe(name: str, seed: int, g: torch.Generator) -> str:
 
 def render_clip(name: str, seed: int, seconds: float, sample_rate: int, shift: int | None = None) -> torch.Tensor:
     """Mono float32 `[T]` of one composition of `name` (register as in the corpus, or `shift` octaves)."""
-    from ..eval.dataset import compose, render
+    from ..synth import compose, render
 
     spec, _ = _clip_spec(name, seed, shift)
     return torch.from_numpy(render(compose(spec, seed, seconds), spec, seconds, sample_rate=sample_rate))
