@@ -110,7 +110,8 @@ def _add_tune(sub) -> None:
     p.add_argument("reference", metavar="REF", help="reference audio (any format soundfile reads; ~2 min is best)")
     p.add_argument("--identifier", default="<v1>", help="the word that names the concept in prompts (default <v1>)")
     p.add_argument("--out", required=True, help="concept file to write, e.g. concept.ppt")
-    p.add_argument("--model", default="tiny", help="tiny (default), a checkpoint dir or e.g. facebook/musicgen-small")
+    p.add_argument("--model", default="tiny", help="tiny (default), an audiocraft or transformers checkpoint dir, a "
+                   "cached hub id (e.g. facebook/musicgen-small; hf:ID forces transformers) or hf-tiny-random")
     p.add_argument("--preset", default=DEFAULT, choices=tuple(RECIPES),
                    help="what is trained (default %(default)s): "
                    + "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values()))  # fmt: skip
@@ -372,7 +373,7 @@ _GENERATE_FLAGS = ("duration", "seed", "cfg_coef", "top_k", "top_p", "temperatur
 def _cmd_generate(args) -> int:
     from .audio import write_wav
     from .generation import GenerateError, check_generate_args, generate
-    from .models import load_model
+    from .models import load_host
 
     settings = dict(duration=args.duration, seed=args.seed, cfg_coef=args.cfg_coef, top_k=args.top_k,
                     top_p=args.top_p, temperature=args.temperature, scale=args.scale,
@@ -384,12 +385,13 @@ def _cmd_generate(args) -> int:
         raise UsageError(f"--{name.replace('_', '-')} {rest}" if eq and name in _GENERATE_FLAGS else str(e)) from None
     check_output(args.out)
     concepts = _load_concept_files(args.concept, args.allow_unverified)
-    model = load_model(args.model)
-    audio = generate([args.prompt], model=model, concepts=concepts, allow_unverified=args.allow_unverified,
+    host = load_host(args.model)
+    audio = generate([args.prompt], model=host.model, concepts=concepts, allow_unverified=args.allow_unverified,
                      **settings)  # fmt: skip
     (clip,), _ = _fit_peak_noted(audio[0])
-    write_wav(args.out, clip, model.sample_rate)
-    print(f"wrote {args.out} ({audio.shape[-1] / model.sample_rate:.1f} s at {model.sample_rate} Hz)")
+    rate = host.sample_rate
+    write_wav(args.out, clip, rate)
+    print(f"wrote {args.out} ({audio.shape[-1] / rate:.1f} s at {rate} Hz)")
     return 0
 
 

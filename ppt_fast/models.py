@@ -11,6 +11,10 @@
   `facebook/musicgen-small` found in the local Hugging Face cache (`HF_HUB_OFFLINE=1` makes sure nothing is
   fetched); T5 (`t5-base`) must be cached too.
 - an audiocraft `MusicGen` object, used as it is.
+- transformers (the `transformers` host): a `MusicgenForConditionalGeneration` object; a directory written by its
+  `save_pretrained` (with the tokenizer / processor files); `"hf:<hub id or directory>"`, or a bare hub id when
+  audiocraft is not installed, from the local Hugging Face cache (nothing is fetched); `"hf-tiny-random"` and
+  `"hf-musicgen-{small,medium,large}-shapes"` (random-init, built in code, for tests and benchmarks).
 
 Every loaded model has an identifier bank attached (`model.lm._ppt_fast_identifier_bank`).
 """
@@ -30,6 +34,10 @@ def _is_weights_file(model: str) -> bool:
     return model.endswith(".pt") and os.path.isfile(model)
 
 
+RANDOM_TINY = ("tiny-random", "hf-tiny-random")  # the random-init test models of each host
+HF_PREFIX = "hf:"
+
+
 def model_kind(model: Any) -> str:
     """What kind of model `model` (a `load_model` argument or a MusicGen) is, for the settings that depend on it
     (`tune()`'s defaults, the evaluation's caveats): "trained" for a model made by `ppt-fast pretrain` (the name
@@ -39,10 +47,10 @@ def model_kind(model: Any) -> str:
     if isinstance(model, str):
         if model == "tiny" or _is_weights_file(model):
             return "trained"
-        return "tiny-random" if model == "tiny-random" else "other"
+        return "tiny-random" if model in RANDOM_TINY else "other"
     if getattr(model, "_ppt_fast_trained_default", False):  # set by tiny.model.build_musicgen
         return "trained"
-    return "tiny-random" if getattr(model, "name", None) == "tiny-random" else "other"
+    return "tiny-random" if getattr(model, "name", None) in RANDOM_TINY else "other"
 
 
 def load_model(model: Any = "tiny", *, device: str | torch.device | None = None, seed: int = 0):
@@ -61,14 +69,57 @@ def load_model(model: Any = "tiny", *, device: str | torch.device | None = None,
 def load_host(model: Any = "tiny", *, device: str | torch.device | None = None, seed: int = 0) -> Host:
     """The Host (`ppt_fast.hosts.base`) for `model` (what `load_model` takes): a MusicGen object passed in is
     wrapped as it is (tuned in place); a name or path is loaded first."""
-    from .hosts.audiocraft import AudiocraftHost
-
     kind = model_kind(model)
     if not isinstance(model, str):
         if hasattr(model, "lm") and hasattr(model, "compression_model"):
+            from .hosts.audiocraft import AudiocraftHost
+
             return AudiocraftHost(model, kind)
-        raise TypeError(f"model must be a name, a path or an audiocraft MusicGen object, got {type(model).__name__}")
+        from .hosts.transformers.build import is_musicgen
+
+        if is_musicgen(model):
+            from .hosts.transformers import TransformersHost
+            from .hosts.transformers.build import tokenizer_for
+
+            return TransformersHost(model, tokenizer_for(model), kind)
+        raise TypeError(
+            "model must be a name, a path, an audiocraft MusicGen or a transformers MusicgenForConditionalGeneration, "
+            f"got {type(model).__name__}"
+        )
+    if _is_transformers_name(model):
+        return _load_transformers(model, device, seed, kind)
+    from .hosts.audiocraft import AudiocraftHost
+
     return AudiocraftHost(_load_named(model, device, seed), kind)
+
+
+def _is_transformers_name(model: str) -> bool:
+    from .hosts.transformers.build import SHAPES, is_pretrained_dir
+
+    if model.startswith(HF_PREFIX) or model == "hf-tiny-random" or model in SHAPES:
+        return True
+    if os.path.isdir(model):
+        return is_pretrained_dir(model)
+    if "/" in model and not os.path.exists(model):  # a hub id: audiocraft's when it is installed
+        import importlib.util
+
+        return importlib.util.find_spec("audiocraft") is None
+    return False
+
+
+def _load_transformers(model: str, device, seed: int, kind: str) -> Host:
+    from .hosts.transformers import TransformersHost
+    from .hosts.transformers.build import SHAPES, build_shapes, build_tiny_random, load_pretrained
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model == "hf-tiny-random":
+        mg, tok = build_tiny_random(seed=seed, device=device)
+    elif model in SHAPES:
+        mg, tok = build_shapes(model, seed=seed, device=device)
+    else:
+        mg, tok = load_pretrained(model.removeprefix(HF_PREFIX), device=device)
+    return TransformersHost(mg, tok, kind)
 
 
 def _load_named(model: str, device: str | torch.device | None, seed: int) -> Any:

@@ -502,10 +502,11 @@ class _Run:
         trained = _merge(list(self.pivots.values()))
         if dense_entries:
             trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
-        dense_params = list(lm.parameters()) if recipe.dense_all else []
+        dense_names = self.host.trainable_names() if recipe.dense_all else []
+        dense_params = [params[n] for n in dense_names]
         if recipe.dense_all:
-            dense_rows = {n: (0, p.shape[0] if p.dim() else 1) for n, p in lm.named_parameters()}
-            trained = _on_layout(names, params, {n: torch.arange(p.numel(), device=dev) for n, p in params.items()},
+            dense_rows = {n: (0, params[n].shape[0] if params[n].dim() else 1) for n in dense_names}
+            trained = _on_layout(names, params, {n: torch.arange(params[n].numel(), device=dev) for n in dense_names},
                                  dev)  # fmt: skip
         base_snapshot = _snapshot(lm, trained, dense_rows, recipe.dense_all)
         freeze = freeze_unpivoted(lm, trained) if not dense_params else None

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("pivot sets", ("ppt_fast.pivots",)),
     ("kernels", ("ppt_fast.kernels",)),
     ("ops", ("ppt_fast.ops",)),
-    ("scopes, row gradients, audio", ("ppt_fast.scope", "ppt_fast.rowgrad", "ppt_fast.audio")),
+    ("scopes, row gradients, audio", ("ppt_fast.scope", "ppt_fast.rowgrad", "ppt_fast.audio", "ppt_fast.reference")),
     ("optimizer and sensitivity", ("ppt_fast.sensitivity", "ppt_fast.optim")),
     ("concepts", ("ppt_fast.recipes", "ppt_fast.concept", "ppt_fast.identifiers", "ppt_fast.synth")),
     ("hosts", ("ppt_fast.hosts",)),
@@ -34,7 +34,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ROOT_PACKAGE = "ppt_fast"
 PUBLIC_USERS_FROM = "evaluation"
 # Modules that may import the model library they host (nothing above them does).
-LIBRARY_IMPORTS = {"audiocraft": ("ppt_fast.hosts.audiocraft", "ppt_fast.tiny")}
+LIBRARY_IMPORTS = {
+    "audiocraft": ("ppt_fast.hosts.audiocraft", "ppt_fast.tiny"),
+    "transformers": ("ppt_fast.hosts.transformers",),
+}
 # Modules that are commands: they print what the user asked for.
 PRINTERS = ("ppt_fast.cli", "ppt_fast.eval.cli", "ppt_fast.eval.default_model")
 

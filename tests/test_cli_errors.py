@@ -108,7 +108,7 @@ def gen_stub(monkeypatch):
     gen = importlib.import_module("ppt_fast.generation")
     models = importlib.import_module("ppt_fast.models")
     monkeypatch.setattr(gen, "generate", lambda *a, **k: seen.update(k) or 0.1 * torch.randn(1, 1, 1600))
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: types.SimpleNamespace(sample_rate=16000))
+    monkeypatch.setattr(models, "load_host", lambda *a, **k: types.SimpleNamespace(model=None, sample_rate=16000))
     return seen
 
 

@@ -42,7 +42,7 @@ def test_ppt_loss_down_and_only_trained_entries_change(ref_wav):
     )
     lm = r.model.lm
     # Loss on the reference (all segments, the training prompt) goes down against the base model + initial tokens.
-    from ppt_fast.hosts.audiocraft import data
+    from ppt_fast import reference as data
 
     enc = data.encode_reference(r.model, ref_wav, segment_seconds=1.0, codec_fingerprint="x", use_cache=False)
     after = _eval_loss(r.model, enc.codes, "a piece of music, <v1>")
@@ -185,7 +185,7 @@ def test_bad_inputs_fail_before_training(tmp_path, monkeypatch):
 
 
 def test_reference_cache(ref_wav, tmp_path):
-    from ppt_fast.hosts.audiocraft import data
+    from ppt_fast import reference as data
 
     mg = load_model("tiny-random")
     a = data.encode_reference(mg, ref_wav, segment_seconds=1.0, codec_fingerprint="fp")

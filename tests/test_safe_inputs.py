@@ -1,5 +1,5 @@
 """Bad input is refused at its boundary, before any long work, with a message naming the problem and the fix: reference
-audio (ppt_fast/audio.py, hosts/audiocraft/data.py), identifiers, templates and out= (identifiers.py, tuning.py), and
+audio (ppt_fast/audio.py, reference.py), identifiers, templates and out= (identifiers.py, tuning.py), and
 generation arguments (generation.py). Each class is checked with fresh random inputs."""
 
 import importlib
@@ -21,7 +21,7 @@ from ppt_fast.audio import AudioError, synth_reference, write_wav
 pytest.importorskip("audiocraft")
 
 from ppt_fast import identifiers as ids  # noqa: E402
-from ppt_fast.hosts.audiocraft import data  # noqa: E402
+from ppt_fast import reference as data  # noqa: E402
 
 T = importlib.import_module("ppt_fast.tuning")
 G = importlib.import_module("ppt_fast.generation")
@@ -78,13 +78,13 @@ def test_reference_above_full_scale_is_scaled_down_with_a_warning(caplog):
     clip = _music(1.5)
     peak = random.uniform(1.5, 6.0)
     loud = clip / clip.abs().max() * peak
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.reference"):
         audio, _, _ = data.load_reference((loud, 16000), 16000, 1)
     assert f"peaks at {peak:.2f}, above full scale" in caplog.text
     # Same rate and channels: no resampling, one gain, waveform kept.
     torch.testing.assert_close(audio, loud / peak, rtol=1e-6, atol=1e-7)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.reference"):
         data.load_reference((clip, 16000), 16000, 1)
     assert "full scale" not in caplog.text
 
@@ -228,7 +228,7 @@ def test_cached_codes_that_do_not_fit_the_codec_are_re_encoded(tmp_path, caplog)
                      (first.codes.int(), "not int64"), ({"codes": first.codes}, "not int64")):  # fmt: skip
         torch.save(bad, first.cache_path)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
+        with caplog.at_level(logging.WARNING, logger="ppt_fast.reference"):
             again = data.encode_reference(mg, str(ref), segment_seconds=1.0, codec_fingerprint="fp")
         assert why in caplog.text and "re-encoding" in caplog.text
         assert torch.equal(again.codes, first.codes)
@@ -241,7 +241,7 @@ def test_an_unwritable_cache_costs_a_warning_not_the_run(tmp_path, monkeypatch, 
     blocker = tmp_path / "file"
     blocker.write_bytes(b"x")
     monkeypatch.setenv("PPT_FAST_CACHE", str(blocker / "cache"))
-    with caplog.at_level(logging.WARNING, logger="ppt_fast.hosts.audiocraft.data"):
+    with caplog.at_level(logging.WARNING, logger="ppt_fast.reference"):
         enc = data.encode_reference(load_model("tiny-random"), (_music(2.0), 16000), segment_seconds=1.0,
                                     codec_fingerprint="fp")  # fmt: skip
     assert enc.codes.shape[0] == 3 and "cannot write the codes cache" in caplog.text

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from audiocraft.modules.conditioners import ConditioningAttributes
 
 from ppt_fast import load_model
-from ppt_fast.tiny import pretrain as P
 from ppt_fast.hosts.audiocraft.loss import IGNORE, _target_layout
+from ppt_fast.tiny import pretrain as P
 
 PER_INSTRUMENT, FRAMES, SECONDS = 8, 200, 8.0
 

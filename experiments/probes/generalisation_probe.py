@@ -19,8 +19,8 @@ import torch
 from audiocraft.modules.conditioners import ConditioningAttributes
 
 from ppt_fast import load_model
-from ppt_fast.tiny import pretrain as P
 from ppt_fast.hosts.audiocraft.loss import pattern_cross_entropy
+from ppt_fast.tiny import pretrain as P
 
 PER_INSTRUMENT, FRAMES, SECONDS = 8, 200, 8.0
 

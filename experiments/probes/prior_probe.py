@@ -27,12 +27,12 @@ import os
 import time
 
 from ppt_fast import _env, generate, load_model, tune
+from ppt_fast import reference as data
 from ppt_fast.audio import read_audio
 from ppt_fast.eval import features
 from ppt_fast.eval.dataset import build
 from ppt_fast.eval.default_model import gallery, held_in_set, teacher_forced_loss, text_control
 from ppt_fast.eval.metrics import audio_alignment
-from ppt_fast.hosts.audiocraft import data
 from ppt_fast.tiny import pretrain as P
 
 VARIANTS = [

@@ -28,8 +28,8 @@ import torch
 from ppt_fast import load_model
 from ppt_fast.eval import features
 from ppt_fast.eval.default_model import _embed, gallery
-from ppt_fast.tiny import pretrain as P
 from ppt_fast.generation import set_sampling
+from ppt_fast.tiny import pretrain as P
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from discrimination_probe import per_clip_loss  # noqa: E402

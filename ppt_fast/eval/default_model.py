@@ -239,8 +239,8 @@ def preservation(model_name: str, reference: str, names, table, emb, *, methods:
     """`base_text_control`: the base model's `text_control` at the same names, table, clips, duration and seed, when
     the caller has measured it already (the headline figure); the base row takes it instead of generating again."""
     from .. import generate, load_model, tune
+    from .. import reference as data
     from ..audio import read_audio
-    from ..hosts.audiocraft import data
     from .metrics import audio_alignment
 
     rows = []

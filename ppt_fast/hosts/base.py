@@ -45,6 +45,10 @@ class Host(Protocol):
         K/V rows of this library's projection weights (names as in `lm.named_parameters()`); for `dreamstyler`,
         the same with the cross-attention rows dense."""
 
+    def trainable_names(self) -> list[str]:
+        """The names of the `lm` parameters a recipe may train (`full` trains them all): the language model, not a
+        frozen text encoder or codec that `lm` may also hold."""
+
     def fingerprint(self) -> str:
         """Digest of the LM's parameters and buffers (`ppt_fast.concept.state_digest`), recorded in a tune run."""
 

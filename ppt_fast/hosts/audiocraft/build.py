@@ -249,10 +249,3 @@ def _load_checkpoint(name: str, device: str | torch.device):
     model = MusicGen.get_pretrained(name, device=str(device))
     install_identifiers(model.lm)
     return model
-
-
-def module_device(module: torch.nn.Module) -> torch.device:
-    """Where a module lives (its first parameter or buffer; CPU for an empty one). Codecs may hold buffers only."""
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return torch.device("cpu")

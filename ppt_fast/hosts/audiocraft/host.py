@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from ... import reference
 from ...concept.fingerprint import state_digest
 from ...identifiers import IdentifierBank, get_bank
 from ...scope import Scope
-from . import data, patches
-from .build import module_device
+from . import patches
 from .loss import pattern_cross_entropy
 
 
@@ -52,6 +52,9 @@ class AudiocraftHost:
     def scope(self, preset: str) -> Scope:
         return Scope.preset(preset)
 
+    def trainable_names(self) -> list[str]:
+        return [n for n, _ in self.lm.named_parameters()]  # the LMModel (T5 stays outside its parameters)
+
     def fingerprint(self) -> str:
         return state_digest(self.lm)
 
@@ -66,28 +69,15 @@ class AudiocraftHost:
             return (emb * m).sum(1) / m.sum(1).clamp_min(1)
 
     # ---- data ----------------------------------------------------------------------------------------------------
-    def encode_reference(self, reference: Any, segment_seconds: float, use_cache: bool) -> torch.Tensor:
+    def encode_reference(self, ref: Any, segment_seconds: float, use_cache: bool) -> torch.Tensor:
         if self._codec_fingerprint is None:
             self._codec_fingerprint = state_digest(self.model.compression_model)
-        enc = data.encode_reference(self.model, reference, segment_seconds=segment_seconds,
+        enc = reference.encode_reference(self.model, ref, segment_seconds=segment_seconds,
                                     codec_fingerprint=self._codec_fingerprint, use_cache=use_cache)  # fmt: skip
         return enc.codes.to(self.device)
 
     def encode_mix(self, references: Sequence[Any], segment_seconds: float, g: torch.Generator) -> torch.Tensor:
-        auds = []
-        for ref in references:
-            audio, _, _ = data.load_reference(ref, self.sample_rate, self.channels)
-            auds.append(data.segments(audio, self.sample_rate, segment_seconds))
-        n = min(a.shape[0] for a in auds)
-        size = min(a.shape[-1] for a in auds)
-        mixes = []
-        for _ in range(max(n, 2)):
-            picks = [a[int(torch.randint(0, a.shape[0], (1,), generator=g))][..., :size] for a in auds]
-            mixes.append(sum(picks) / len(picks))
-        codec = self.model.compression_model
-        with torch.no_grad():
-            codes, _ = codec.encode(torch.stack(mixes).to(module_device(codec)))
-        return codes.long().to(self.device)
+        return reference.encode_mix(self.model, references, segment_seconds, g).to(self.device)
 
     # ---- training ------------------------------------------------------------------------------------------------
     def loss(self, codes: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:

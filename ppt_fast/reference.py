@@ -1,4 +1,9 @@
-"""Reference audio -> checked, resampled, segmented, encoded (once, cached) training codes.
+"""Reference audio -> checked, resampled, segmented, encoded (once, cached) training codes; host-agnostic.
+
+`encode_reference(model, ...)` and `encode_mix(model, ...)` take any object with `sample_rate`, `audio_channels` and a
+`compression_model` whose `encode(audio [B, C, T])` returns `(codes [B, K, F], scale)` and which states its
+`frame_rate`, `num_codebooks` and `cardinality` (an audiocraft MusicGen is one; the transformers host adapts its
+EnCodec to it).
 
 A reference may be a path (anything soundfile reads; any sample rate and channel count) or a `(tensor [C, T],
 sample_rate)` pair. It is resampled (julius) and mixed to the model's format, checked, cut into overlapping
@@ -26,10 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ... import _env
-from ..._io import atomic_write
-from ...audio import SILENCE_RMS, AudioError, check_sample_rate, fit_peak, read_audio, to_float, to_model_format
-from .build import module_device
+from . import _env
+from ._io import atomic_write
+from .audio import SILENCE_RMS, AudioError, check_sample_rate, fit_peak, read_audio, to_float, to_model_format
 
 logger = logging.getLogger(__name__)
 
@@ -202,3 +206,29 @@ def _check_codes(codes, codec, n_segments: int, segment_samples: int, sample_rat
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= int(codec.cardinality)):
         return f"codes in [{int(codes.min())}, {int(codes.max())}], outside the codebook's [0, {codec.cardinality})"
     return None
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module lives (its first parameter or buffer; CPU for an empty one). Codecs may hold buffers only."""
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def encode_mix(model, references, segment_seconds: float, g: torch.Generator) -> torch.Tensor:
+    """Codes `[N, K, F]` of mixes of one random segment of each reference (N = the fewest segments of any, at least
+    2): the targets for prompts that name several concepts."""
+    auds = []
+    for ref in references:
+        audio, _, _ = load_reference(ref, model.sample_rate, model.audio_channels)
+        auds.append(segments(audio, model.sample_rate, segment_seconds))
+    n = min(a.shape[0] for a in auds)
+    size = min(a.shape[-1] for a in auds)
+    mixes = []
+    for _ in range(max(n, 2)):
+        picks = [a[int(torch.randint(0, a.shape[0], (1,), generator=g))][..., :size] for a in auds]
+        mixes.append(sum(picks) / len(picks))
+    codec = model.compression_model
+    with torch.no_grad():
+        codes, _ = codec.encode(torch.stack(mixes).to(module_device(codec)))
+    return codes.long()
