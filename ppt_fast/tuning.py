@@ -618,6 +618,7 @@ class _Run:
                 weight_decay=cfg.weight_decay, seed=cfg.seed, prior=cfg.prior, prior_prompts=list(cfg.prior_prompts),
                 prior_clips=cfg.prior_clips if cfg.prior else 0,
                 model=cfg.model if isinstance(cfg.model, str) else getattr(cfg.model, "name", "object"),
+                host=self.host.library,  # the model library the concept was tuned through
             ),
             base_snapshot=base_snapshot, prior_losses=prior_losses,
         )  # fmt: skip

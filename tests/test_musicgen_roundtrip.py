@@ -5,6 +5,8 @@ import importlib
 import pytest
 import torch
 
+import ppt_fast  # noqa: E402
+
 pytest.importorskip("audiocraft")
 
 from ppt_fast import generate, load_model, tune  # noqa: E402
@@ -43,6 +45,7 @@ def test_fresh_base_plus_concept_file_reproduces_tuned_logits(refs, tmp_path):
     r = T.tune_model(refs[0], **FAST)
     path = tmp_path / "c.ppt"
     T._capture(r)[0].save(path)
+    assert ppt_fast.Concept.load(path).meta["host"] == "audiocraft"  # the file records the host
     base = load_model("tiny-random")
     before = _logits(base, "a piece of music")
     Concept.load(path).apply(base.lm)

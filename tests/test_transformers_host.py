@@ -135,6 +135,7 @@ def test_tune_changes_only_pivots_and_a_concept_file_reproduces_the_logits(ref_w
     assert changed > 0
     concept = Concept.capture(result, "<v1>")
     concept.save(tmp_path / "v1.ppt")
+    assert Concept.load(tmp_path / "v1.ppt").meta["host"] == "transformers"  # the file records the host
     fresh = _host()
     codes = torch.randint(0, 64, (2, 4, 10), generator=torch.Generator().manual_seed(5))
     prompts = ["<v1>, a piece of music", "a piece of music"]

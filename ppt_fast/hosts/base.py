@@ -1,9 +1,10 @@
 """The Host protocol: everything the tune loop and `generate()` need from a model library, and nothing more.
 
-A host wraps one loaded text-to-music model of one library (audiocraft today: `ppt_fast.hosts.audiocraft`). The tune
-loop (`ppt_fast.tuning`) is written against this protocol only: it picks batches, runs the sensitivity pass, selects
-pivots and trains them with `SparseAdamW`; the host turns references into codes, prompts into a loss, and knows where
-the attention projections' rows are (`scope`). Nothing above this layer imports the model library.
+A host wraps one loaded text-to-music model of one library (`ppt_fast.hosts.audiocraft`,
+`ppt_fast.hosts.transformers`). The tune loop (`ppt_fast.tuning`) is written against this protocol only: it picks
+batches, runs the sensitivity pass, selects pivots and trains them with `SparseAdamW`; the host turns references into
+codes, prompts into a loss, and knows where the attention projections' rows are (`scope`). Nothing above this layer
+imports the model library.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Host(Protocol):
     """One loaded model of one library, as the tune loop and `generate()` see it.
 
     Attributes:
+        library: the model library's name (`"audiocraft"`, `"transformers"`); concept files record it.
         model: the object the user holds (e.g. an audiocraft `MusicGen`): what concepts are applied to and what
             `tune()` tunes in place.
         lm: the `nn.Module` whose parameters are tuned; its `named_parameters()` names are the pivots' names.
@@ -32,6 +34,7 @@ class Host(Protocol):
         device: where `lm` lives.
     """
 
+    library: str
     model: Any
     lm: torch.nn.Module
     kind: str
