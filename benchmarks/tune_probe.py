@@ -2,7 +2,7 @@
 
     python benchmarks/tune_probe.py '{"model": "tiny"|"small", "method": "dense_masked"|"ppt_fast",
                                       "phase": "train"|"sensitivity", "density": 0.01, "device": "cpu",
-                                      "seconds": 5.0, "steps": 3}'
+                                      "seconds": 5.0, "steps": 3, "host": "audiocraft"|"transformers"}'
 
 Prints one JSON line. What runs (recipe `ppt`, DESIGN §6: pivots over self-attention V rows and cross-attention
 K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `in_proj_weight`s):
@@ -52,33 +52,45 @@ def _build(model: str, device: str):
     return models.build_shapes(MODELS[model], seed=0, device=device)
 
 
+def _host(spec: dict):
+    """The host the step runs on: audiocraft (default) or transformers (`"host": "transformers"`)."""
+    device = spec["device"]
+    if spec.get("host", "audiocraft") == "transformers":
+        from ppt_fast.hosts.transformers import TransformersHost
+        from ppt_fast.hosts.transformers import build as hf
+
+        mg, tok = (hf.build_tiny_random(seed=0, device=device) if spec["model"] == "tiny" else
+                   hf.build_shapes(f"hf-{MODELS[spec['model']]}", seed=0, device=device))  # fmt: skip
+        return TransformersHost(mg, tok, "other")
+    from ppt_fast.hosts.audiocraft import AudiocraftHost
+
+    return AudiocraftHost(_build(spec["model"], device), "other")
+
+
 def measure(spec: dict) -> dict:
     tune_mod = importlib.import_module("ppt_fast.tuning")  # the module (the package exports a function tune)
 
     device, method, phase = spec["device"], spec["method"], spec["phase"]
     density = float(spec.get("density", 0.01))
     cuda = device.startswith("cuda")
-    mg = _build(spec["model"], device)
-    from ppt_fast.hosts.audiocraft import AudiocraftHost, patches
-
-    host = AudiocraftHost(mg, "other")
-    lm = mg.lm.eval()
+    host = _host(spec)
+    lm = host.lm.eval()
     if spec.get("checkpointing", "none") != "none":  # audiocraft's per-layer activation checkpointing, both arms alike
         lm.transformer.checkpointing = spec["checkpointing"]
     for p in lm.parameters():
         p.requires_grad_(False)
-    frames = int(round(spec.get("seconds", 5.0) * mg.compression_model.frame_rate))
+    frames = int(round(spec.get("seconds", 5.0) * host.frame_rate))
     g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, lm.card, (1, lm.num_codebooks, frames), generator=g).to(device)
+    card, n_q = ((lm.card, lm.num_codebooks) if host.library == "audiocraft" else
+                 (lm.config.decoder.vocab_size, lm.decoder.num_codebooks))  # fmt: skip
+    codes = torch.randint(0, card, (1, n_q, frames), generator=g).to(device)
     prompts = ["a piece of music"]
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
         if cuda
         else (lambda: torch.autocast("cpu", enabled=False))
     )
-    from ppt_fast.scope import Scope
-
-    scope = Scope.preset("ppt")
+    scope = host.scope("ppt")
     sparse = scope.resolve(lm)  # entries: name, param, rows (the in-scope rows of dim 0)
     t_params = [e.param for e in sparse]
     # uniform random pivots inside each tensor's scope rows, as flat indices into the whole tensor
@@ -175,7 +187,7 @@ def measure(spec: dict) -> dict:
             with rg.backward():
                 loss.backward()
 
-    routing = patches.checkpoint_routing(lm, rg)  # checkpointing's recomputation sees the row-scoped linears
+    routing = host.training(rg)  # audiocraft: checkpointing's recomputation sees the row-scoped linears
     routing.__enter__()
     gc.collect()
     base = provenance.memory_mark(device)
@@ -202,6 +214,7 @@ def measure(spec: dict) -> dict:
         "impl": impl,
         "backends": {op: _backend.select(op, torch.device(device)) for op in cases.OPS},
         "lm_parameters": sum(p.numel() for p in lm.parameters()),
+        "host": host.library,
     }
 
 

@@ -153,9 +153,13 @@ def segments(audio: torch.Tensor, sample_rate: int, seconds: float, hop_ratio: f
 
 
 def encode_reference(
-    model, reference, *, segment_seconds: float, codec_fingerprint: str, use_cache: bool = True, batch: int = 8
+    model, reference, *, segment_seconds: float, codec_fingerprint: str, use_cache: bool = True, batch: int = 8,
+    progress: bool = False,
 ) -> EncodedReference:
-    """Load, check, segment and encode `reference` with `model.compression_model`; cache the codes."""
+    """Load, check, segment and encode `reference` with `model.compression_model`; cache the codes.
+
+    `progress`: a bar over the segments (count, rate, ETA); when the codes are cached its last line says so, since
+    the next run with the same reference, codec and segment length skips this step."""
     audio, key_bytes, name = load_reference(reference, model.sample_rate, model.audio_channels)
     h = hashlib.sha256()
     h.update(key_bytes)
@@ -176,19 +180,26 @@ def encode_reference(
                 logger.info("reference %s: codes from cache %s", name, cache_path)
                 return EncodedReference(codes, name, seconds, cache_path)
             logger.warning("ignoring cache file %s: %s; re-encoding", cache_path, problem)
+    from tqdm.auto import tqdm
+
     device = module_device(model.compression_model)
     parts = []
+    bar = tqdm(total=segs.shape[0], desc=f"encoding reference ({seconds:.0f} s)", unit="segment", leave=True,
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
     with torch.no_grad():
         for i in range(0, segs.shape[0], batch):
             codes, _scale = model.compression_model.encode(segs[i : i + batch].to(device))
             parts.append(codes.cpu().long())
+            bar.update(min(batch, segs.shape[0] - i))
     codes = torch.cat(parts)
     if cache_path:
         try:
             atomic_write(cache_path, lambda tmp: torch.save(codes, tmp))
+            bar.set_postfix_str("cached: the next run with this reference skips this step")
         except OSError as e:  # the codes are in hand: an unwritable cache costs the next run an encode, not this one
             logger.warning("cannot write the codes cache %s (%s); continuing without it (set PPT_FAST_CACHE to a "
                            "writable folder)", cache_path, e)  # fmt: skip
+    bar.close()
     logger.info("reference %s: %.1f s -> %d segments of codes %s", name, seconds, codes.shape[0], tuple(codes.shape))
     return EncodedReference(codes, name, seconds, cache_path)
 

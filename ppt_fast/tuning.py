@@ -424,7 +424,7 @@ class _Run:
     def prepare(self) -> None:
         cfg, host = self.cfg, self.host
         self.pools = {
-            ident: _Pool([ident], host.encode_reference(ref, cfg.segment_seconds, cfg.use_cache))
+            ident: _Pool([ident], host.encode_reference(ref, cfg.segment_seconds, cfg.use_cache, progress=cfg.verbose))
             for ident, ref in self.refs.items()
         }
         self.base_fp = host.fingerprint()

@@ -226,3 +226,18 @@ def test_trainer_example_in_the_docs_runs(tmp_path):
         assert torch.equal(p.detach().reshape(-1)[~mask], base[n].reshape(-1)[~mask]), n
         moved += int((p.detach().reshape(-1)[mask] != base[n].reshape(-1)[mask]).sum())
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_musicgen_small_shapes_tune_step(ref_wav):
+    """One tune step on a random transformers MusicGen with musicgen-small's decoder shapes (24 layers, dim 1024,
+    behind a t5-base-shaped encoder): only pivots move, the loss is finite."""
+    result = tune_model(ref_wav, model="hf-musicgen-small-shapes", steps=1, sensitivity_batches=1, batch_size=1,
+                        segment_seconds=1.0, verbose=False, use_cache=False, ratio=0.01)  # fmt: skip
+    assert len(result.losses) == 1 and math.isfinite(result.losses[0])
+    piv = result.pivots["<v1>"]
+    n_scope = sum(p.numel() for n, p in result.model.named_parameters()
+                  if n.endswith(("self_attn.v_proj.weight", "encoder_attn.k_proj.weight", "encoder_attn.v_proj.weight"))
+                  and n.startswith("decoder."))  # fmt: skip
+    assert piv.count == round(0.01 * n_scope)
+    assert sum(p.numel() for n, p in result.model.named_parameters() if n.startswith("decoder.")) > 400_000_000

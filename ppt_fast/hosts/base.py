@@ -61,9 +61,11 @@ class Host(Protocol):
     def text_embedding(self, text: str) -> torch.Tensor:
         """`[1, D]`: the text conditioner's output for `text`, averaged over its tokens (identifier token init)."""
 
-    def encode_reference(self, reference: Any, segment_seconds: float, use_cache: bool) -> torch.Tensor:
+    def encode_reference(self, reference: Any, segment_seconds: float, use_cache: bool,
+                         progress: bool = False) -> torch.Tensor:  # fmt: skip
         """Load, check, segment and encode one reference (a path or `(audio, sample_rate)`): codes `[N, K, F]` on
-        `device`. Bad audio raises `ppt_fast.audio.AudioError` before any work."""
+        `device` (`ppt_fast.reference`; `progress`: a bar with an ETA). Bad audio raises `ppt_fast.audio.AudioError`
+        before any work."""
 
     def encode_mix(self, references: Sequence[Any], segment_seconds: float, g: torch.Generator) -> torch.Tensor:
         """Codes of mixes of one random segment of each reference (targets for prompts naming several concepts)."""

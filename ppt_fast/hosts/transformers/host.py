@@ -146,11 +146,12 @@ class TransformersHost:
             return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
     # ---- data ----------------------------------------------------------------------------------------------------
-    def encode_reference(self, ref: Any, segment_seconds: float, use_cache: bool) -> torch.Tensor:
+    def encode_reference(self, ref: Any, segment_seconds: float, use_cache: bool, progress: bool = False):
         if self._codec_fingerprint is None:
             self._codec_fingerprint = state_digest(self.model.audio_encoder)
         enc = encode_reference(self._reference_model, ref, segment_seconds=segment_seconds,
-                               codec_fingerprint=self._codec_fingerprint, use_cache=use_cache)  # fmt: skip
+                               codec_fingerprint=self._codec_fingerprint, use_cache=use_cache,
+                               progress=progress)  # fmt: skip
         return enc.codes.to(self.device)
 
     def encode_mix(self, references: Sequence[Any], segment_seconds: float, g: torch.Generator) -> torch.Tensor:
