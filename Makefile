@@ -15,14 +15,19 @@ $(BIN)/python:
 	$(PIP) install -q --upgrade pip setuptools wheel
 
 # torch pinned to 2.13.0 so pip takes the local CPU wheel; triton 3.9.0 for the interpreter lane.
+# Order: everything installed with its dependencies first, the packages whose metadata pins what we never use (they
+# go in with --no-deps) last. pip checks the installed packages' requirements after every install that resolves
+# dependencies, and once audiocraft (pins torch==2.1.0) or musicnn (pins TensorFlow) is in, such an install prints
+# "ERROR: pip's dependency resolver does not currently take into account ... requires torch==2.1.0": expected, but
+# it reads as a failure. A --no-deps install runs no check, so none of those lines is printed.
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(PIP) install -q torch==2.13.0 triton==3.9.0 numpy
+	$(PIP) install -q pretty_midi==0.2.11.post0 mido==1.3.3
+	$(PIP) install -q --no-build-isolation -e '.[test]'
 	PIP="$(PIP)" bash scripts/install_audiocraft.sh
 	# Evaluation: GM soundfont renderer + musicnn's checkpoints (its metadata pins TensorFlow, which is never needed:
 	# the taggers run in PyTorch; tinysoundfont's pyaudio is only for live playback).
-	$(PIP) install -q pretty_midi==0.2.11.post0 mido==1.3.3
 	$(PIP) install -q --no-deps tinysoundfont==0.3.7 musicnn==0.1.0
-	$(PIP) install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

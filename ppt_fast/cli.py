@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from . import _env
 from ._io import UnwritablePathError, check_writable
-from .recipes import DEFAULT, RECIPES
+from .recipes import DEFAULT, MODEL_DEFAULTS, RECIPES
 
 EPILOG = """examples:
   ppt-fast demo --out out/demo
@@ -123,8 +123,12 @@ def _add_tune(sub) -> None:
     )
     p.add_argument("--count", type=int, default=None, help="a fixed number of pivots instead of --ratio")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: 150 tiny, 500 otherwise)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the pivots")
-    p.add_argument("--tokens", type=int, default=3, dest="n_tokens", help="identifier token embeddings (3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of the pivots (and of the weights a dense preset trains; default "
+                   f"{MODEL_DEFAULTS['trained'].lr:g}, {MODEL_DEFAULTS['tiny-random'].lr:g} on the random-init test "
+                   "models; the identifier tokens have their own)")  # fmt: skip
+    p.add_argument("--tokens", type=int, default=3, dest="n_tokens",
+                   help="identifier token embeddings (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--prompt",
         action="append",
@@ -146,7 +150,9 @@ def _add_tune(sub) -> None:
         metavar="PROMPT",
         help="prompt the prior clips are sampled for (repeatable; default: the templates without the identifier)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="everything random (identifier token init, training batches, prior clips) derives from it; "
+                   "on CPU the same seed gives the same concept file (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--activation-checkpointing",
         action="store_true",
@@ -174,7 +180,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, help="WAV file to write")
     p.add_argument("--model", default="tiny", help="the base model the concepts were tuned on (default tiny)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed: the same seed gives the same audio (default %(default)s)")  # fmt: skip
     p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (default: the model's; 3)")
     p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
@@ -208,7 +215,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
     p.add_argument("--duration", type=float, default=4.0, help="seconds of each generation (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="everything random (the reference clip, the tuning, the generations) derives from it "
+                   "(default %(default)s)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_demo)
 
@@ -225,7 +234,9 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--workdir", default=None, help="corpus cache + checkpoints (default: $PPT_FAST_CACHE/pretrain/...)")
     p.add_argument("--fresh", action="store_true", help="discard the workdir's corpus cache and checkpoint first")
     p.add_argument("--steps", type=int, default=None, help="LM training steps (default: the config's; changes it)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="everything random (the corpus, the codec and LM initialisation, the batches) derives from it "
+                   "(default %(default)s)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a seconds-long toy config (tests the pipeline, not a model)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--plot", default=None, help="also write the LM loss curve as a PNG here")
@@ -306,7 +317,7 @@ def _add_debug_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from .tuning import tune
+    from .tuning import _capture, _check_out, tune_model
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
@@ -324,25 +335,51 @@ def _cmd_tune(args) -> int:
     if args.prior_prompts:
         kwargs["prior_prompts"] = args.prior_prompts
     t0 = time.perf_counter()
-    tune(
-        args.reference, model=args.model, identifier=args.identifier, preset=args.preset, ratio=args.ratio,
-        steps=args.steps, out=args.out, seed=args.seed, verbose=not args.quiet, **kwargs,
-    )  # fmt: skip
+    if args.count is not None:
+        kwargs["ratio"] = None  # count wins, as in tune()
+    else:
+        kwargs["ratio"] = args.ratio
+    files = _check_out(args.out, args.reference, args.identifier)
+    result = tune_model(args.reference, model=args.model, identifier=args.identifier, preset=args.preset,
+                        steps=args.steps, seed=args.seed, verbose=not args.quiet, **kwargs)  # fmt: skip
+    _capture(result)[0].save(files[args.identifier])
     size = os.path.getsize(args.out)
+    print(f"tuned {args.identifier}: {_tune_summary(result, args.identifier)}")
     print(f"wrote {args.out} ({size / 1024:.1f} KiB, identifier {args.identifier}) in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
-def _fit_peak_noted(*clips):
-    """`audio.fit_peak` before writing generated clips, saying so on stderr when it had to scale them down."""
-    from .audio import fit_peak
+def _loudness(*clips, sample_rate: int):
+    """One loudness gain for `clips` written together (so they keep their relative levels): -14 LUFS integrated over
+    all of them, true peak at most -1 dBTP (`audio.loudness_normalize`). Returns (clips, report)."""
+    import torch
 
-    limit = 0.99
-    out, gain = fit_peak(*clips, limit=limit)
-    if gain < 1.0:
-        print(f"note: the generated audio peaked at {limit / gain:.2f}, above full scale; scaled by {gain:.3f} "
-              "(one gain for all clips written together) so the WAV does not clip", file=sys.stderr)  # fmt: skip
-    return out, gain
+    from .audio import loudness_normalize
+
+    _, report = loudness_normalize(torch.cat([c.reshape(c.shape[-2] if c.dim() > 1 else 1, -1) for c in clips], -1),
+                                   sample_rate)  # fmt: skip
+    return [c * report.gain for c in clips], report
+
+
+def _level(report) -> str:
+    if report.silent:
+        return "silent: written as generated"
+    return f"{report.output_lufs:.1f} LUFS, true peak {report.true_peak_dbtp:.1f} dBTP"
+
+
+def _tune_summary(result, ident: str) -> str:
+    """What a tune run did, in one line: pivots of the scope and of the model, steps, loss, time."""
+    piv = result.pivots[ident]
+    losses = result.losses
+    if piv.count and result.scope_entries:
+        what = (f"{piv.count:,} pivots ({100 * piv.count / result.scope_entries:.2f} % of the "
+                f"{result.scope_entries:,} entries in the recipe's scope, {100 * piv.count / result.lm_entries:.3f} % "
+                f"of the model's {result.lm_entries / 1e6:.1f} M)")  # fmt: skip
+    else:
+        what = f"recipe {result.settings.get('preset')}"
+    tail = losses[-10:]
+    loss = f", loss {losses[0]:.3f} -> {sum(tail) / len(tail):.3f} (mean of the last 10)" if losses else ""
+    return f"{what}, {len(losses)} steps in {result.train_seconds:.1f} s{loss}"
 
 
 def _load_concept_files(paths: Sequence[str], allow_unverified: bool) -> list:
@@ -388,10 +425,10 @@ def _cmd_generate(args) -> int:
     host = load_host(args.model)
     audio = generate([args.prompt], model=host.model, concepts=concepts, allow_unverified=args.allow_unverified,
                      **settings)  # fmt: skip
-    (clip,), _ = _fit_peak_noted(audio[0])
     rate = host.sample_rate
-    write_wav(args.out, clip, rate)
-    print(f"wrote {args.out} ({audio.shape[-1] / rate:.1f} s at {rate} Hz)")
+    (clip,), report = _loudness(audio[0], sample_rate=rate)
+    write_wav(args.out, clip, rate, normalize=None)
+    print(f"wrote {args.out} ({audio.shape[-1] / rate:.1f} s at {rate} Hz, {_level(report)})")
     return 0
 
 
@@ -443,10 +480,10 @@ def _cmd_demo(args) -> int:
         from .tiny.pretrain import clip_seed, render_clip
 
         clip = render_clip("violin", clip_seed("violin", args.seed, 400_000), 30.0, sr)
-        write_wav(ref_path, clip.view(1, -1), sr)
+        write_wav(ref_path, clip.view(1, -1), sr, normalize=None)  # as rendered: what the tune reads
         what = "30 s violin melody rendered from a seeded composition (violin is held out of the model's pretraining)"
     except (ImportError, RuntimeError, FileNotFoundError) as e:  # no soundfont renderer: a synthetic timbre
-        write_wav(ref_path, synth_reference(12.0, sr, seed=args.seed, timbre="pluck"), sr)
+        write_wav(ref_path, synth_reference(12.0, sr, seed=args.seed, timbre="pluck"), sr, normalize=None)
         what = f"12 s synthetic plucked-string melody (soundfont renderer unavailable: {e})"
     print(f"[1/4] wrote the reference clip, a {what}: {ref_path}")
 
@@ -454,12 +491,7 @@ def _cmd_demo(args) -> int:
     result = tune_model(ref_path, model="tiny", identifier=ident, steps=args.steps, seed=args.seed,
                         verbose=not args.quiet)  # fmt: skip
     losses = result.losses
-    piv = result.pivots[ident]
-    print(
-        f"[2/4] tuned the tiny model on it: {piv.count} pivots ({100 * piv.density():.2f}% of the model), "
-        f"{len(losses)} steps in {result.train_seconds:.1f} s, loss {losses[0]:.3f} -> "
-        f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10)"
-    )
+    print(f"[2/4] tuned the tiny model on it: {_tune_summary(result, ident)}")
     png = os.path.join(out, "loss.png")
     try:
         _plot_losses(losses, png)
@@ -484,12 +516,13 @@ def _cmd_demo(args) -> int:
     else:
         a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed)
     b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed)
-    (wa, wb), _ = _fit_peak_noted(a[0], b[0])
-    write_wav(with_path, wa, base.sample_rate)
-    write_wav(without_path, wb, base.sample_rate)
+    (wa, wb), report = _loudness(a[0], b[0], sample_rate=base.sample_rate)  # one gain: their levels compare
+    write_wav(with_path, wa, base.sample_rate, normalize=None)
+    write_wav(without_path, wb, base.sample_rate, normalize=None)
     diff = float((a - b).abs().mean())
     print(f"[4/4] generated {args.duration:g} s with the concept ('{prompt}'): {with_path}")
     print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")
+    print(f"      both written at one gain: {_level(report)} over the pair")
     print(f"done in {time.perf_counter() - t0:.1f} s; everything is in {os.path.abspath(out)}")
     return 0
 

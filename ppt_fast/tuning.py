@@ -138,6 +138,8 @@ class TuneResult:
     settings: dict[str, Any] = field(default_factory=dict)
     base_snapshot: Any = None  # ppt_fast.concept.BaseSnapshot of the trained entries, taken before training
     prior_losses: list[float] = field(default_factory=list)  # prior-preservation loss per step (prior > 0)
+    scope_entries: int = 0  # entries the recipe's scope lets pivots be chosen from (0: the recipe selects none)
+    lm_entries: int = 0  # entries of the language model a recipe may train (Host.trainable_names)
 
 
 def _merge(sets: Sequence[PivotSet]) -> PivotSet:
@@ -462,6 +464,7 @@ class _Run:
         cfg = self.cfg
         t0 = time.perf_counter()
         self.pivots: dict[str, PivotSet] = {}
+        self.scope_entries = 0
         for ident in self.refs:
             if self.scope is None:
                 self.pivots[ident] = _on_layout(self.names, self.params, {}, self.dev)
@@ -486,6 +489,7 @@ class _Run:
                 t.grad = None
             self.pivots[ident] = _on_layout(self.names, self.params, dict(iter(sel)), self.dev)
             logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, acc.numel)
+            self.scope_entries = acc.numel
         self.sens_seconds = time.perf_counter() - t0
 
     # ---- phase 3: training -------------------------------------------------------------------------------------
@@ -620,7 +624,8 @@ class _Run:
                 model=cfg.model if isinstance(cfg.model, str) else getattr(cfg.model, "name", "object"),
                 host=self.host.library,  # the model library the concept was tuned through
             ),
-            base_snapshot=base_snapshot, prior_losses=prior_losses,
+            base_snapshot=base_snapshot, prior_losses=prior_losses, scope_entries=self.scope_entries,
+            lm_entries=sum(params[n].numel() for n in self.host.trainable_names()),
         )  # fmt: skip
 
 

@@ -343,11 +343,13 @@ def test_concept_write_failure_in_tune_is_one_line(tmp_path, capsys, monkeypatch
     write_wav(ref, synth_reference(1.0, 16000), 16000)
     tune = importlib.import_module("ppt_fast.tuning")
 
-    def failing(*a, out, **k):
-        raise ConceptError(f"cannot write the concept file {str(out)!r}: [Errno 28] No space left on device; choose "
-                           "a writable path")  # fmt: skip
+    class Failing:
+        def save(self, out):
+            raise ConceptError(f"cannot write the concept file {str(out)!r}: [Errno 28] No space left on device; "
+                               "choose a writable path")  # fmt: skip
 
-    monkeypatch.setattr(tune, "tune", failing)
+    monkeypatch.setattr(tune, "tune_model", lambda *a, **k: object())
+    monkeypatch.setattr(tune, "_capture", lambda result: [Failing()])
     assert main(["tune", str(ref), "--out", str(tmp_path / "c.ppt"), "--quiet"]) == 2
     assert "No space left" in _one_line_error(capsys.readouterr().err)
 

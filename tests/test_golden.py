@@ -69,7 +69,7 @@ def _check(name: str, got: dict[str, str]) -> None:
 def _reference(path: str, seed: int, seconds: float = 6.0) -> str:
     from ppt_fast.audio import synth_reference, write_wav
 
-    write_wav(path, synth_reference(seconds, 16000, seed=seed, timbre="pluck"), 16000)
+    write_wav(path, synth_reference(seconds, 16000, seed=seed, timbre="pluck"), 16000, normalize=None)
     return path
 
 

@@ -8,7 +8,8 @@ Nothing here needs TensorFlow, audiocraft or a network connection.
 
 from __future__ import annotations
 
-from .metrics import TextAlignmentScore, audio_alignment, clip_embeddings, copying, diversity, retrieval, text_alignment
+import importlib
+from typing import Any
 
 __all__ = [
     "TextAlignmentScore",
@@ -19,3 +20,17 @@ __all__ = [
     "retrieval",
     "text_alignment",
 ]
+
+
+# Resolved on first access (PEP 562): the metrics import torch, and `ppt-fast --help` imports this package (its
+# commands are registered from ppt_fast.eval.cli) without needing them.
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'ppt_fast.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module("ppt_fast.eval.metrics"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -94,16 +94,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--reference", default=None, help="--concept mode: reference audio file instead of --dataset/--name")
     e.add_argument("--identifier", action="append", default=None, help="identifier(s) in the prompts (default <v1>)")
     e.add_argument("--concepts", default=None, help="--protocol: comma-separated concepts (default: first two)")
-    e.add_argument("--methods", default=None, help="--protocol: comma-separated subset of the methods")
+    e.add_argument("--methods", default=None, help="--protocol: comma-separated subset of the methods (default: all)")
     e.add_argument("--pair", default=None, help="--protocol: the two concepts tuned together (default: first two)")
     e.add_argument("--steps", type=int, default=None, help="--protocol: tuning steps (default: tune's default)")
-    e.add_argument("--prompts", action="append", default=None, help="prompt template, {} = identifiers (repeatable)")
+    e.add_argument("--prompts", action="append", default=None,
+                   help="prompt template, {} = identifiers (repeatable; default: four prompts, 'a piece of music, {}' "
+                   "first)")  # fmt: skip
     e.add_argument("--clips", type=int, default=2, help="clips generated per prompt (default 2)")
     e.add_argument("--duration", type=float, default=5.0, help="seconds per generated clip (default 5; >= 3)")
     e.add_argument("--top-k", type=int, default=None, help="default: the model's (tiny: 64; MusicGen: 250)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--embedder", default="musicnn", choices=("musicnn", "mfcc"))
-    e.add_argument("--pad", default="error", choices=("error", "repeat"), help="clips shorter than 3 s: error|repeat")
+    e.add_argument("--seed", type=int, default=0,
+                   help="everything random (tuning, generation) derives from it (default %(default)s)")  # fmt: skip
+    e.add_argument("--embedder", default="musicnn", choices=("musicnn", "mfcc"),
+                   help="the audio metrics' clip embedder: musicnn (the tagger's penultimate layer) or mfcc "
+                   "(weight-free) (default %(default)s)")  # fmt: skip
+    e.add_argument("--pad", default="error", choices=("error", "repeat"),
+                   help="clips shorter than 3 s: error|repeat (default %(default)s)")  # fmt: skip
     e.add_argument("--clap-checkpoint", default=None, help="local LAION-CLAP .pt (needs pip install laion-clap)")
     e.add_argument(
         "--allow-unverified",
@@ -111,7 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="--concept mode: apply concept files that hold no fingerprint of their base model (nothing then checks "
         "that they were tuned on --model)",
     )
-    e.add_argument("--out", default="out/eval", help="output folder for results.json and report.md")
+    e.add_argument(
+        "--out", default="out/eval", help="output folder for results.json and report.md (default %(default)s)"
+    )
     e.set_defaults(func=_guard(_cmd_eval))
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads on first use (`ppt-fast --help` reads CONCEPTS)
+    import numpy as np
 
 DRUM_CHANNEL = 9
 
@@ -110,6 +112,8 @@ class _Harmony:
 
 
 def _melody_line(rng, harmony, spec, t0, bar_len, bar, rhythm_pool, legato, prev):
+    import numpy as np
+
     pitches = harmony.scale_pitches(spec.low, spec.high)
     rhythm = rhythm_pool[int(rng.integers(len(rhythm_pool)))]
     notes, t, idx = [], t0, prev if prev is not None else len(pitches) // 2
@@ -133,6 +137,8 @@ _RHYTHMS_LEGATO = ([2, 2], [3, 1], [4], [1, 1, 2], [2, 1, 1])
 
 
 def _start(spec: ConceptSpec, seed: int) -> tuple[np.random.Generator, _Harmony, float]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     harmony = _Harmony(rng)
     return rng, harmony, float(rng.integers(spec.tempo[0], spec.tempo[1] + 1))
@@ -145,6 +151,8 @@ def composition_tempo(spec: ConceptSpec, seed: int) -> float:
 
 def compose(spec: ConceptSpec, seed: int, seconds: float) -> list[Note]:
     """Note events of one composition for `spec` (deterministic in `seed`), covering `seconds`."""
+    import numpy as np
+
     rng, harmony, bpm = _start(spec, seed)
     beat = 60.0 / bpm
     beats_per_bar = 3 if spec.style == "waltz" else 4

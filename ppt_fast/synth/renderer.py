@@ -19,8 +19,10 @@ import subprocess
 import tempfile
 import wave
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy loads on first use (`ppt-fast --help` reads RENDERERS)
+    import numpy as np
 
 from .composer import DRUM_CHANNEL, ConceptSpec, Note
 
@@ -76,6 +78,7 @@ def _programs(spec: ConceptSpec) -> dict[int, tuple[int, bool]]:
 
 
 def _render_tinysoundfont(notes: Sequence[Note], programs, seconds, sample_rate, soundfont) -> np.ndarray:
+    import numpy as np
     import tinysoundfont
 
     synth = tinysoundfont.Synth(gain=-6.0, samplerate=sample_rate)
@@ -141,6 +144,8 @@ def write_midi(notes: Sequence[Note], programs, path: str) -> None:
 
 
 def _render_fluidsynth(notes: Sequence[Note], programs, seconds, sample_rate, soundfont) -> np.ndarray:
+    import numpy as np
+
     with tempfile.TemporaryDirectory() as tmp:
         mid, wav = os.path.join(tmp, "clip.mid"), os.path.join(tmp, "clip.wav")
         write_midi(notes, programs, mid)
@@ -168,6 +173,8 @@ def render(
 ) -> np.ndarray:
     """Render note events to mono float32 ``[T]`` (T = round(seconds * sample_rate)), RMS-normalised to -20 dBFS
     with peaks kept under -1 dBFS and a 20-ms fade-out."""
+    import numpy as np
+
     sf = check_renderer(renderer, soundfont)
     fn = _render_tinysoundfont if renderer == "tinysoundfont" else _render_fluidsynth
     audio = fn(notes, _programs(spec), seconds, sample_rate, sf).astype(np.float64)
@@ -190,6 +197,8 @@ def render(
 
 def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
     """Write float audio ``[T]`` or ``[C, T]`` in [-1, 1] as 16-bit PCM."""
+    import numpy as np
+
     a = np.atleast_2d(np.asarray(audio, dtype=np.float64))
     pcm = np.clip(np.round(a.T * 32767.0), -32768, 32767).astype("<i2")
     with wave.open(path, "wb") as w:
@@ -201,6 +210,8 @@ def write_wav(path: str, audio: np.ndarray, sample_rate: int) -> None:
 
 def read_wav(path: str) -> tuple[np.ndarray, int]:
     """Read a 16-bit PCM WAV as float32 ``[C, T]`` and its sample rate."""
+    import numpy as np
+
     with wave.open(path, "rb") as w:
         if w.getsampwidth() != 2:
             raise ValueError(f"{path}: only 16-bit PCM WAV is read here (got {8 * w.getsampwidth()}-bit)")
