@@ -121,11 +121,24 @@ def _generation_defaults(model: Any) -> None:
     gc.do_sample, gc.guidance_scale, gc.top_k, gc.max_length = True, 3.0, 250, 1500
 
 
+def _random_model(cfg: Any, tok: WordHashTokenizer, name: str, seed: int, device) -> tuple[Any, WordHashTokenizer]:
+    """A MusicGen of `cfg`, random-init from `seed` (random codebooks too), named `name`, with its code-built
+    tokenizer named in the config so that a save_pretrained folder reloads with it."""
+    from transformers import MusicgenForConditionalGeneration
+
+    setattr(cfg, TOKENIZER_KEY, tok.spec())
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = MusicgenForConditionalGeneration(cfg)
+        _random_codebooks(model)
+    _generation_defaults(model)
+    model.name = name
+    return model.to(device).eval(), tok
+
+
 def build_tiny_random(seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, WordHashTokenizer]:
     """A small random-init MusicGen (16 kHz mono, 50 Hz frames, 4 codebooks of 64 codes, decoder dim 48, 2 layers,
     text encoder dim 32: `enc_to_dec_proj` is in use, as on the real checkpoints) and its tokenizer."""
-    from transformers import MusicgenForConditionalGeneration
-
     require_transformers()
     tok = WordHashTokenizer(vocab_size=128)
     cfg = _config(
@@ -137,21 +150,12 @@ def build_tiny_random(seed: int = 0, device: str | torch.device = "cpu") -> tupl
         dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, num_codebooks=4,
              max_position_embeddings=2048, initializer_factor=0.2),
     )  # fmt: skip
-    setattr(cfg, TOKENIZER_KEY, tok.spec())
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = MusicgenForConditionalGeneration(cfg)
-        _random_codebooks(model)
-    _generation_defaults(model)
-    model.name = "hf-tiny-random"
-    return model.to(device).eval(), tok
+    return _random_model(cfg, tok, "hf-tiny-random", seed, device)
 
 
 def build_shapes(name: str, seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, WordHashTokenizer]:
     """A random-init decoder with the real shapes of `name` (see SHAPES), a t5-base-shaped text encoder (768-d,
     12 layers) and a 32 kHz EnCodec-shaped codec with 4 codebooks of 2048 codes."""
-    from transformers import MusicgenForConditionalGeneration
-
     require_transformers()
     tok = WordHashTokenizer(vocab_size=32128)
     cfg = _config(
@@ -161,14 +165,7 @@ def build_shapes(name: str, seed: int = 0, device: str | torch.device = "cpu") -
         dict(ffn_dim=4 * SHAPES[name]["hidden_size"], num_codebooks=4, max_position_embeddings=2048,
              **SHAPES[name]),
     )  # fmt: skip
-    setattr(cfg, TOKENIZER_KEY, tok.spec())
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = MusicgenForConditionalGeneration(cfg)
-        _random_codebooks(model)
-    _generation_defaults(model)
-    model.name = name
-    return model.to(device).eval(), tok
+    return _random_model(cfg, tok, name, seed, device)
 
 
 def tokenizer_for(model: Any, source: str | None = None) -> Any:
