@@ -317,7 +317,7 @@ def _add_debug_everywhere(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args) -> int:
-    from .tuning import _capture, _check_out, tune_model
+    from .tuning import TuneConfig, tune_to_files
 
     if not os.path.exists(args.reference):
         raise UsageError(f"reference {args.reference!r} does not exist")
@@ -339,10 +339,9 @@ def _cmd_tune(args) -> int:
         kwargs["ratio"] = None  # count wins, as in tune()
     else:
         kwargs["ratio"] = args.ratio
-    files = _check_out(args.out, args.reference, args.identifier)
-    result = tune_model(args.reference, model=args.model, identifier=args.identifier, preset=args.preset,
-                        steps=args.steps, seed=args.seed, verbose=not args.quiet, **kwargs)  # fmt: skip
-    _capture(result)[0].save(files[args.identifier])
+    config = TuneConfig(model=args.model, identifier=args.identifier, preset=args.preset, steps=args.steps,
+                        seed=args.seed, verbose=not args.quiet, **kwargs)  # fmt: skip
+    result, _ = tune_to_files(args.reference, config, args.out)
     size = os.path.getsize(args.out)
     print(f"tuned {args.identifier}: {_tune_summary(result, args.identifier)}")
     print(f"wrote {args.out} ({size / 1024:.1f} KiB, identifier {args.identifier}) in {time.perf_counter() - t0:.1f} s")

@@ -767,17 +767,22 @@ def tune(
     settings = {f.name: given[f.name] for f in fields(TuneConfig)}
     if count is not None:
         settings["ratio"] = None  # count wins
-    files = _check_out(out, reference, identifier)
-    result = tune_model(reference, TuneConfig(**settings))
+    _, concepts = tune_to_files(reference, TuneConfig(**settings), out)
+    return concepts if isinstance(reference, Mapping) else concepts[0]
+
+
+def tune_to_files(reference: Any, config: TuneConfig, out: str | os.PathLike | None) -> tuple[TuneResult, list]:
+    """What `tune()` does, returning the run's details too: `out` checked before any work, the run, one Concept per
+    identifier, each written to its file (`out`: the file for one reference, the folder for several)."""
+    files = _check_out(out, reference, config.identifier)
+    result = tune_model(reference, config)
     concepts = _capture(result)
     if out is not None:
-        if not isinstance(reference, Mapping):
-            concepts[0].save(files[identifier])
-        else:
+        if isinstance(reference, Mapping):
             os.makedirs(out, exist_ok=True)
-            for ident, c in zip(result.identifiers, concepts):
-                c.save(files[ident])
-    return concepts if isinstance(reference, Mapping) else concepts[0]
+        for ident, c in zip(result.identifiers, concepts):
+            c.save(files[ident])
+    return result, concepts
 
 
 def concept_file_name(identifier: str) -> str:

@@ -348,7 +348,7 @@ def test_concept_write_failure_in_tune_is_one_line(tmp_path, capsys, monkeypatch
             raise ConceptError(f"cannot write the concept file {str(out)!r}: [Errno 28] No space left on device; "
                                "choose a writable path")  # fmt: skip
 
-    monkeypatch.setattr(tune, "tune_model", lambda *a, **k: object())
+    monkeypatch.setattr(tune, "tune_model", lambda *a, **k: types.SimpleNamespace(identifiers=["<v1>"]))
     monkeypatch.setattr(tune, "_capture", lambda result: [Failing()])
     assert main(["tune", str(ref), "--out", str(tmp_path / "c.ppt"), "--quiet"]) == 2
     assert "No space left" in _one_line_error(capsys.readouterr().err)
