@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 #: evaluation segment is left out.
 SILENCE_RMS = 1e-4
 
+#: Window (s) over which `silent_windows` measures RMS: a window below SILENCE_RMS is a silent stretch of audio.
+SILENCE_WINDOW_SECONDS = 0.5
+
+#: Shortest silent stretch (s; two windows) that `generate()` reports and, with `resample_silent`, samples again.
+SILENT_STRETCH_SECONDS = 1.0
+
 #: Integrated loudness (LUFS, ITU-R BS.1770-4) that `write_wav` and `loudness_normalize` bring a clip to by default: the
 #: streaming platforms' reference level (module docstring).
 TARGET_LUFS = -14.0
@@ -220,6 +226,42 @@ def to_model_format(audio: torch.Tensor, sample_rate: int, target_rate: int, tar
 
         audio = julius.resample_frac(audio, sample_rate, target_rate)
     return audio
+
+
+def silent_windows(audio: torch.Tensor, sample_rate: int, window: float = SILENCE_WINDOW_SECONDS) -> torch.Tensor:
+    """Which `window`-second windows of each clip are silent (RMS over the window and the channels below
+    SILENCE_RMS): bool `[B, n]` for audio `[B, C, T]` (or `[C, T]` / `[T]`: one clip), `n = T // (window *
+    sample_rate)`; a trailing part shorter than a window is not measured."""
+    sample_rate = check_sample_rate(sample_rate)
+    x = torch.as_tensor(audio).detach()
+    x = x.reshape(1, -1) if x.dim() < 2 else x.reshape(1, *x.shape) if x.dim() == 2 else x
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).to(torch.float32)
+    w = max(1, round(window * sample_rate))
+    n = x.shape[-1] // w
+    if n == 0:
+        return torch.zeros(x.shape[0], 0, dtype=torch.bool)
+    win = x[..., : n * w].reshape(x.shape[0], x.shape[1], n, w)
+    return win.pow(2).mean(dim=(1, 3)).sqrt() < SILENCE_RMS
+
+
+def silent_stretches(audio: torch.Tensor, sample_rate: int, *, window: float = SILENCE_WINDOW_SECONDS,
+                     min_seconds: float = SILENT_STRETCH_SECONDS) -> list[list[tuple[float, float]]]:  # fmt: skip
+    """The runs of silent windows (`silent_windows`) at least `min_seconds` long, per clip: `[(start_s, end_s), ...]`
+    in time order; `[]` for a clip without one."""
+    sil = silent_windows(audio, sample_rate, window)
+    need = max(1, math.ceil(min_seconds / window - 1e-9))
+    out: list[list[tuple[float, float]]] = []
+    for row in sil.tolist():
+        runs, start = [], None
+        for i, s in enumerate([*row, False]):
+            if s and start is None:
+                start = i
+            elif not s and start is not None:
+                if i - start >= need:
+                    runs.append((start * window, i * window))
+                start = None
+        out.append(runs)
+    return out
 
 
 def fit_peak(*clips: torch.Tensor, limit: float = 0.99) -> tuple[list[torch.Tensor], float]:

@@ -182,9 +182,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--duration", type=float, default=5.0, help="seconds (default 5)")
     p.add_argument("--seed", type=int, default=0,
                    help="sampling seed: the same seed gives the same audio (default %(default)s)")  # fmt: skip
-    p.add_argument("--cfg-coef", type=float, default=None, help="classifier-free guidance (default: the model's; 3)")
-    p.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: the model's; 250)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model's; 1)")
+    p.add_argument("--cfg-coef", type=float, default=None,
+                   help="classifier-free guidance (default: the model's; tiny 1 = off, MusicGen 3)")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=None,
+                   help="top-k sampling (default: the model's; tiny 64, MusicGen 250)")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default: the model's; tiny 0.85, MusicGen 1)")  # fmt: skip
     p.add_argument(
         "--top-p",
         type=float,
@@ -200,8 +203,8 @@ def _add_generate(sub) -> None:
         "tuned on --model)",
     )
     p.add_argument("--resample-silent", type=int, default=2, metavar="N",
-                   help="sample a clip that came out silent again, up to N times with the next seeds (default 2; "
-                        "0: keep it and warn)")  # fmt: skip
+                   help="sample a clip that came out silent, or with a silent stretch of 1 s or more, again, up "
+                        "to N times with the next seeds (default 2; 0: keep it and warn)")  # fmt: skip
     p.set_defaults(func=_cmd_generate)
 
 
@@ -366,6 +369,24 @@ def _level(report) -> str:
     return f"{report.output_lufs:.1f} LUFS, true peak {report.true_peak_dbtp:.1f} dBTP"
 
 
+#: How many times the demo samples a clip with a silent stretch again (as `ppt-fast generate --resample-silent`).
+DEMO_RESAMPLE_SILENT = 2
+
+
+def _silence_note(a, b, sample_rate: int) -> str:
+    """What the demo's pair holds of silence: "no silent stretch (>= 1 s)" or which clip is silent where."""
+    from .audio import SILENT_STRETCH_SECONDS, silent_stretches
+
+    parts = []
+    for name, clip in (("with", a), ("without", b)):
+        runs = silent_stretches(clip, sample_rate)[0]
+        if runs:
+            parts.append(f"{name} the concept silent at " + ", ".join(f"{x:.1f}-{y:.1f} s" for x, y in runs))
+    if not parts:
+        return f"no silent stretch of {SILENT_STRETCH_SECONDS:g} s or more"
+    return "; ".join(parts) + f" (after {DEMO_RESAMPLE_SILENT} re-samples; try another --seed)"
+
+
 def _tune_summary(result, ident: str) -> str:
     """What a tune run did, in one line: pivots of the scope and of the model, steps, loss, time."""
     piv = result.pivots[ident]
@@ -510,18 +531,23 @@ def _cmd_demo(args) -> int:
     base = load_model("tiny", seed=args.seed)
     with_path = os.path.join(out, "with_concept.wav")
     without_path = os.path.join(out, "without_concept.wav")
+    # resample_silent: a clip holding a silent stretch of 1 s or more is sampled again (next seeds), as `ppt-fast
+    # generate` does; the small model can fall into its codec's silence code (docs/default_model.md, "Limits").
     if concept is not None:
-        a = generate([prompt], model=base, concepts=[concept_path], duration=args.duration, seed=args.seed)
+        a = generate([prompt], model=base, concepts=[concept_path], duration=args.duration, seed=args.seed,
+                     resample_silent=DEMO_RESAMPLE_SILENT)  # fmt: skip
     else:
-        a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed)
-    b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed)
+        a = generate([prompt], model=result.model, duration=args.duration, seed=args.seed,
+                     resample_silent=DEMO_RESAMPLE_SILENT)  # fmt: skip
+    b = generate(["a piece of music"], model=base, duration=args.duration, seed=args.seed,
+                 resample_silent=DEMO_RESAMPLE_SILENT)  # fmt: skip
     (wa, wb), report = _loudness(a[0], b[0], sample_rate=base.sample_rate)  # one gain: their levels compare
     write_wav(with_path, wa, base.sample_rate, normalize=None)
     write_wav(without_path, wb, base.sample_rate, normalize=None)
     diff = float((a - b).abs().mean())
     print(f"[4/4] generated {args.duration:g} s with the concept ('{prompt}'): {with_path}")
     print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")
-    print(f"      both written at one gain: {_level(report)} over the pair")
+    print(f"      both written at one gain: {_level(report)} over the pair; {_silence_note(a, b, base.sample_rate)}")
     print(f"done in {time.perf_counter() - t0:.1f} s; everything is in {os.path.abspath(out)}")
     return 0
 

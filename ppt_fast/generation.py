@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .audio import SILENCE_RMS
+from .audio import SILENCE_RMS, silent_stretches
 from .hosts.base import Host
 from .models import load_host
 
@@ -187,13 +187,15 @@ def generate(
         duration: seconds of audio, at most MAX_DURATION (10 minutes); seed: sampling seed (None: not reseeded);
             cfg_coef, top_k, temperature, top_p: MusicGen's sampling settings (top_k is capped at the model's codebook
             size; top_p > 0 samples from the nucleus instead of the top k); None takes the model's own (MusicGen's:
-            3.0, 250, 1.0, 0; the trained default `tiny`: 1.0, 64, 0.7, what its figures were measured with). Every
+            3.0, 250, 1.0, 0; the trained default `tiny`: 1.0, 64, 0.85, what its figures were measured with). Every
             argument is checked before the model is loaded (`check_generate_args`; GenerateError).
         scale: strength of every concept's parameter change (1.0 = as tuned).
-        resample_silent: generate a clip that came out silent again, up to this many times (sampling seed `seed + 1`,
-            `seed + 2`, ...; unseeded when `seed` is None), with the same concepts applied. A small LM can collapse
-            into silence on a sample (the trained default does on ~1-2 % of clips). 0 (the default, and what the
-            figures are measured with, so that they count the collapses) only logs them; `ppt-fast generate` uses 2.
+        resample_silent: generate a clip again, up to this many times (sampling seed `seed + 1`, `seed + 2`, ...;
+            unseeded when `seed` is None; the same concepts applied), while it is silent throughout or holds a silent
+            stretch of SILENT_STRETCH_SECONDS (1 s) or longer (RMS below -80 dBFS over consecutive half-second
+            windows, `ppt_fast.audio.silent_stretches`). A small LM can fall into its codec's silence code and stay
+            there (docs/default_model.md, "Silence"). 0 (the default, and what the figures are measured with, so
+            that they count it) logs each such clip, naming the stretches; `ppt-fast generate` uses 2.
         allow_unverified: apply concepts that hold no fingerprint of their base model for some tensor they change
             (`Concept.unverified_names()`; a file captured without `base=`, or one whose fingerprint was removed).
             Nothing then checks that they were tuned on `model` (only the names and shapes of what they change).
@@ -225,16 +227,16 @@ def generate(
                     logger.warning("prompt %r names %s but no applied concept defines it", p, word)
         audio = _sample(host, prompts, seed, progress)
         for attempt in range(1, resample_silent + 1):
-            silent = _silent(audio)
+            silent = sorted(_silent(audio, host.sample_rate))
             if not silent:
                 break
-            logger.info("re-sampling %d silent clip(s) (attempt %d of %d)", len(silent), attempt, resample_silent)
+            logger.info("re-sampling %d clip(s) with silence (attempt %d of %d)", len(silent), attempt, resample_silent)
             again = _sample(host, [prompts[i] for i in silent], None if seed is None else seed + attempt, progress)
             audio[silent] = again
     finally:
         for c in reversed(applied):
             c.remove(host.model)
-    _warn_silent(audio, prompts, resample_silent)
+    _warn_silent(audio, host.sample_rate, prompts, resample_silent)
     return audio
 
 
@@ -250,19 +252,24 @@ def _rms(audio: torch.Tensor) -> torch.Tensor:
     return audio.pow(2).mean(dim=tuple(range(1, audio.dim()))).sqrt()
 
 
-def _silent(audio: torch.Tensor) -> list[int]:
-    """Indices of the clips whose RMS is below -80 dBFS throughout."""
-    return torch.nonzero(_rms(audio) < SILENCE_RMS).flatten().tolist()
-
-
-def _warn_silent(audio: torch.Tensor, prompts: Sequence[str], resampled: int = 0) -> None:
-    """Log which clips came out silent (RMS below -80 dBFS throughout): a small LM can collapse into silence on a
-    prompt (the trained default does on ~1-2 % of clips), and a silent file is otherwise easy to miss."""
+def _silent(audio: torch.Tensor, sample_rate: int) -> dict[int, str]:
+    """The clips that are silent throughout (RMS below -80 dBFS) or hold a silent stretch of SILENT_STRETCH_SECONDS
+    or longer, each with what was found ("silent throughout", "silent 0.0-2.0 s, 3.0-4.0 s")."""
     rms = _rms(audio)
-    fix = (f"still silent after {resampled} re-sample(s); generate it again with another seed" if resampled else
+    found: dict[int, str] = {}
+    for i, runs in enumerate(silent_stretches(audio, sample_rate)):
+        if float(rms[i]) < SILENCE_RMS:
+            found[i] = f"silent throughout (RMS {float(rms[i]):.1e})"
+        elif runs:
+            found[i] = "silent " + ", ".join(f"{a:.1f}-{b:.1f} s" for a, b in runs)
+    return found
+
+
+def _warn_silent(audio: torch.Tensor, sample_rate: int, prompts: Sequence[str], resampled: int = 0) -> None:
+    """Log the clips that came out silent, throughout or for a stretch (`_silent`): a small LM can fall into its
+    codec's silence code and stay there for a while, and a silent file or gap is otherwise easy to miss."""
+    fix = (f"still there after {resampled} re-sample(s); generate it again with another seed" if resampled else
            "generate it again with another seed, or pass resample_silent=2 (ppt-fast generate does)")  # fmt: skip
-    for i in _silent(audio):
-        logger.warning(
-            "clip %d (prompt %r) came out silent (RMS %.1e): the model collapsed into silence on this sample; %s",
-            i, prompts[i], float(rms[i]), fix,
-        )  # fmt: skip
+    for i, what in sorted(_silent(audio, sample_rate).items()):
+        logger.warning("clip %d (prompt %r) came out %s: the model fell into silence on this sample; %s",
+                       i, prompts[i], what, fix)  # fmt: skip

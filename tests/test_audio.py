@@ -371,3 +371,23 @@ def test_peak_mode_only_scales_clips_above_full_scale_down(tmp_path):
     a = write_wav(tmp_path / "a.wav", quiet, 16000, normalize="peak")
     b = write_wav(tmp_path / "b.wav", quiet, 16000, normalize=None)
     assert open(a, "rb").read() == open(b, "rb").read()  # never up
+
+
+def test_silent_windows_and_stretches():
+    from ppt_fast.audio import SILENCE_RMS, silent_stretches, silent_windows
+
+    sr = 1000
+    x = torch.randn(3, 2, 4 * sr + 300) * 0.1  # 4.3 s: 8 whole half-second windows, a trailing part not measured
+    x[0, :, 500:1500] = 0  # windows 1, 2: a 1-s stretch
+    x[1, 0, 2000:4300] = 0  # one channel silent: the window is not (RMS over both channels)
+    x[2, :, 1000:1500] = 0.5 * SILENCE_RMS  # one window below the threshold: a rest, not a stretch
+    x[2, :, 3000:4300] = 0  # windows 6, 7 (and the trailing part)
+    w = silent_windows(x, sr)
+    assert w.shape == (3, 8)
+    assert w[0].tolist() == [False, True, True, False, False, False, False, False]
+    assert not w[1].any()
+    assert w[2].tolist() == [False, False, True, False, False, False, True, True]
+    assert silent_stretches(x, sr) == [[(0.5, 1.5)], [], [(3.0, 4.0)]]
+    assert silent_stretches(x, sr, min_seconds=0.5) == [[(0.5, 1.5)], [], [(1.0, 1.5), (3.0, 4.0)]]
+    assert silent_windows(x[0], sr).shape == (1, 8) and silent_windows(x[0, 0], sr).shape == (1, 8)
+    assert silent_windows(x[..., :400], sr).shape == (3, 0) and silent_stretches(x[..., :400], sr) == [[], [], []]

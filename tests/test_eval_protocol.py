@@ -319,3 +319,20 @@ def test_eval_package_writes_json_only_through_write_json():
     for mod in (cli, protocol, default_model):
         src = inspect.getsource(mod)
         assert "json.dump(" not in src and "json.dumps(report" not in src, mod.__name__
+
+
+def test_base_arm_prompts_keep_the_identifier_without_a_warning_per_prompt(caplog):
+    """The base arm generates "<v1>" prompts with no concept on purpose; generate()'s "names <v1> but no applied
+    concept defines it" is for users, not for the protocol (it printed eight of them per run). Outside the base arm,
+    and for a user's own call, the warning stays."""
+    from ppt_fast import generate, load_model
+    from ppt_fast.eval.protocol import Settings, _generate
+
+    model = load_model("tiny-random")
+    s = Settings(model=model, duration=0.3)
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
+        _generate(["a piece of music, <v1>"], [], s, seed=0)
+    assert not [r for r in caplog.records if "no applied concept defines it" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
+        generate(["a piece of music, <v1>"], model=model, duration=0.3, seed=0)
+    assert [r for r in caplog.records if "no applied concept defines it" in r.getMessage()]

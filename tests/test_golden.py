@@ -7,7 +7,9 @@ tune, each recipe's concept file, and the audiocraft solver seam's parameters af
 Floating-point results depend on the platform (torch version, the CPU's vector extension, the thread count), so the
 hashes are keyed by it; on a platform with no recorded key the test skips, saying so. To record the current
 platform's key: `PPT_FAST_GOLDEN=record python -m pytest tests/test_golden.py` (then review the diff: a changed
-hash on a recorded platform is a behaviour change, never something to re-record silently).
+hash on a recorded platform is a behaviour change, never something to re-record silently). A deliberate change of
+some outputs that cannot be re-recorded on every platform at once drops those entries from the platforms it could
+not run on, saying why under `_notes` in the JSON; the rest of their record is still checked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import warnings
 
 import pytest
 import torch
@@ -63,7 +66,11 @@ def _check(name: str, got: dict[str, str]) -> None:
         return
     if key not in data or name not in data[key]:
         pytest.skip(f"no golden hashes recorded for {key!r} (PPT_FAST_GOLDEN=record records them)")
-    assert got == data[key][name]
+    want = data[key][name]
+    assert {k: got.get(k) for k in want} == want  # every recorded file still has its bytes
+    unrecorded = sorted(set(got) - set(want))
+    if unrecorded:  # an output a deliberate change dropped from this platform's record until it is re-recorded there
+        warnings.warn(f"golden {name}: {unrecorded} not recorded for {key!r} (see data/golden.json's _notes)")
 
 
 def _reference(path: str, seed: int, seconds: float = 6.0) -> str:

@@ -248,7 +248,7 @@ def test_shipped_default_model():
     meta = json.loads(open(os.path.splitext(P.ASSET)[0] + ".json").read())
     assert meta["config"] == P.PretrainConfig().to_dict() and meta["seed"] == 0
     assert not set(meta["config"]["train_concepts"]) & set(meta["config"]["heldout_concepts"])
-    assert m._ppt_fast_sampling == {"top_k": 64, "cfg_coef": 1.0, "temp": 0.7}  # what generate() uses by default
+    assert m._ppt_fast_sampling == {"top_k": 64, "cfg_coef": 1.0, "temp": 0.85}  # what generate() uses by default
 
 
 def test_default_model_figures_on_a_quick_model(tmp_path):

@@ -160,7 +160,36 @@ def test_generate_resamples_silent_clips_with_the_next_seeds(monkeypatch, caplog
     with caplog.at_level("WARNING", logger="ppt_fast.generation"):
         generate(["b"], model=base, duration=0.5, seed=7, resample_silent=2)
     assert len(calls) == 3
-    assert any("still silent after 2 re-sample(s)" in r.getMessage() for r in caplog.records)
+    assert any("still there after 2 re-sample(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_generate_finds_silent_stretches_inside_clips(monkeypatch, caplog):
+    """A clip that is loud overall but silent for 1 s or more is reported (naming where) and re-sampled; a shorter
+    gap is music (a rest), left alone."""
+    base = load_model("tiny-random")
+    sr = base.sample_rate
+    loud = torch.sin(torch.linspace(0, 800, 2 * sr)).view(1, 1, -1)
+    gap = loud.clone()
+    gap[..., sr // 2 : sr // 2 + sr] = 0  # 0.5-1.5 s: two whole half-second windows
+    rest = loud.clone()
+    rest[..., sr // 2 : sr] = 0  # one window: under SILENT_STRETCH_SECONDS
+    calls = []
+
+    def fake(prompts, progress=False):
+        calls.append(list(prompts))
+        return torch.cat([{"gap": gap, "rest": rest}.get(p, loud) if len(calls) == 1 else loud for p in prompts])
+
+    monkeypatch.setattr(base, "generate", fake)
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
+        generate(["gap", "rest"], model=base, duration=2.0)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "clip 0 (prompt 'gap') came out silent 0.5-1.5 s" in msgs[0], msgs
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ppt_fast.generation"):
+        audio = generate(["gap", "rest"], model=base, duration=2.0, seed=3, resample_silent=1)
+    assert calls == [["gap", "rest"], ["gap"]] and not caplog.records
+    assert torch.equal(audio[0], loud[0]) and torch.equal(audio[1], rest[0])
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])

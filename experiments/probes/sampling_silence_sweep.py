@@ -19,41 +19,45 @@ import time
 import torch
 
 import ppt_fast
-from ppt_fast.audio import SILENCE_RMS
+from ppt_fast.audio import silent_windows
 from ppt_fast.eval import default_model as DM
 from ppt_fast.eval import features
 from ppt_fast.tiny import pretrain as P
 
 
 def silent(audio: torch.Tensor, sr: int) -> float:
-    x = audio.reshape(audio.shape[0], -1)
-    w = sr // 2
-    n = x.shape[-1] // w
-    return float((x[:, : n * w].reshape(x.shape[0], n, w).pow(2).mean(-1).sqrt() < SILENCE_RMS).float().mean())
+    """Share of silent half-second windows (RMS < SILENCE_RMS)."""
+    return float(silent_windows(audio, sr).float().mean())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concept", required=True)
     ap.add_argument("--temperatures", default="0.7,0.85,1.0")
+    ap.add_argument("--resample", type=int, default=0, help="generate()'s resample_silent (0: the model as it is)")
+    ap.add_argument("--no-text-control", action="store_true", help="only the silence figures")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     mg = ppt_fast.load_model("tiny")
     sr = mg.sample_rate
     names = list(P.TRAIN_CONCEPTS)
-    emb = features.get_embedder("musicnn")
-    table = DM.gallery(names, sr, emb)
+    if not args.no_text_control:
+        emb = features.get_embedder("musicnn")
+        table = DM.gallery(names, sr, emb)
     rows = []
     for t in (float(x) for x in args.temperatures.split(",")):
         t0 = time.perf_counter()
         prompts = [P.INSTRUMENT_WORDS[names[i % 16]][0] for i in range(48)]
-        base = ppt_fast.generate(prompts, model=mg, duration=4.0, seed=11, temperature=t)
+        base = ppt_fast.generate(prompts, model=mg, duration=4.0, seed=11, temperature=t, resample_silent=args.resample)
         conc = ppt_fast.generate(["a piece of music, <v1>"] * 48, model=mg, concepts=[args.concept], duration=4.0,
-                                 seed=11, temperature=t)  # fmt: skip
-        tc = DM.text_control(mg, names, table, emb, clips=3, duration=5.0, seed=1, top_k=64, temperature=t)
-        row = {"temperature": t, "top_k": 64, "silent_base": silent(base, sr), "silent_concept": silent(conc, sr),
-               "text_control_top1": tc["top1"], "diversity": tc["diversity"], "seconds": time.perf_counter() - t0}
+                                 seed=11, temperature=t, resample_silent=args.resample)  # fmt: skip
+        row = {"temperature": t, "top_k": 64, "resample_silent": args.resample, "silent_base": silent(base, sr),
+               "silent_concept": silent(conc, sr)}
+        if not args.no_text_control:
+            tc = DM.text_control(mg, names, table, emb, clips=3, duration=5.0, seed=1, top_k=64, temperature=t)
+            row.update(text_control_top1=tc["top1"], diversity=tc["diversity"])
+        row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 
 DATASET_EPILOG = """examples:
-  ppt-fast dataset build data/concepts                      # 10 concepts, 2-min references (tinysoundfont)
+  ppt-fast dataset build data/concepts                      # the 10 default concepts, 2-min references
   ppt-fast dataset build data/fluid --renderer fluidsynth   # FluidR3 (apt-get install fluidsynth fluid-soundfont-gm)
   ppt-fast dataset build /tmp/small --seconds 20 --heldout 2 --heldout-seconds 5 --concepts piano,violin
   ppt-fast dataset list
@@ -67,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("out", metavar="OUT", help="output directory")
     b.add_argument("--renderer", default="tinysoundfont", choices=RENDERERS, help="default tinysoundfont (pip only)")
     b.add_argument("--soundfont", default=None, help="an .sf2 file instead of the renderer's default")
-    b.add_argument("--concepts", default=None, help=f"comma-separated subset of: {', '.join(CONCEPTS)}")
+    b.add_argument("--concepts", default=None,
+                   help=f"comma-separated subset of: {', '.join(CONCEPTS)} (default: the 10 marked * in "
+                   "`ppt-fast dataset list`)")  # fmt: skip
     b.add_argument("--seconds", type=float, default=120.0, help="reference clip length (default 120)")
     b.add_argument("--heldout", type=int, default=4, help="held-out clips per concept (default 4)")
     b.add_argument("--heldout-seconds", type=float, default=30.0, help="held-out clip length (default 30)")
@@ -150,9 +152,12 @@ def _cmd_dataset_build(args: argparse.Namespace) -> int:
 
 def _cmd_dataset_list(args: argparse.Namespace) -> int:
     from ..synth import CONCEPTS
+    from .dataset import EVAL_CONCEPTS
 
+    print(f"{len(CONCEPTS)} concepts; * = rendered by `ppt-fast dataset build` without --concepts "
+          f"({len(EVAL_CONCEPTS)})")  # fmt: skip
     for c in CONCEPTS.values():
-        print(f"{c.name:16s} {c.description}")
+        print(f"{'*' if c.name in EVAL_CONCEPTS else ' '} {c.name:16s} {c.description}")
     return 0
 
 

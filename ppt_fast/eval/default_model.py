@@ -104,13 +104,15 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
                  seed: int = 0, concepts: Sequence[Any] = (), top_k: int | None = None,
                  temperature: float | None = None, cfg_coef: float | None = None) -> dict[str, Any]:  # fmt: skip
     from .. import generate
+    from ..audio import silent_windows
     from ..tiny.pretrain import INSTRUMENT_WORDS
     from .metrics import diversity
 
-    embs, truth, divs = [], [], []
+    embs, truth, divs, silent = [], [], [], []
     for k, n in enumerate(names):
         audio = generate([INSTRUMENT_WORDS[n][0]] * clips, model=model, concepts=list(concepts), duration=duration,
                          seed=seed * 1000 + k, top_k=top_k, temperature=temperature, cfg_coef=cfg_coef)  # fmt: skip
+        silent.append(silent_windows(audio, model.sample_rate).float().reshape(-1))
         embs.append(_embed(audio, model.sample_rate, emb))
         truth += [k] * clips
         if clips > 1:
@@ -119,6 +121,7 @@ def text_control(model, names: Sequence[str], table: torch.Tensor, emb, *, clips
     per = {n: sum(int(pred[j] == k) for j in range(len(truth)) if truth[j] == k) / clips for k, n in enumerate(names)}
     return {"top1": acc, "chance": 1 / len(names), "n": len(truth), "per_instrument": per,
             "diversity": sum(divs) / len(divs) if divs else None,
+            "silent_window_share": float(torch.cat(silent).mean()) if silent else None,
             "confusions": [(names[t], names[p]) for t, p in zip(truth, pred) if t != p]}  # fmt: skip
 
 
@@ -130,7 +133,7 @@ PRESERVATION_ROWS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
     "dreamstyler": ("dreamstyler", "dreamstyler", {"ratio": 0.01}), "full": ("full", "full", {}),
 }  # fmt: skip
 
-SWEEP_GRID = ((64, 0.7), (32, 0.7), (16, 0.7), (16, 1.0), (8, 0.7), (64, 0.6), (64, 0.5))
+SWEEP_GRID = ((64, 0.85), (64, 1.0), (64, 0.7), (32, 0.85), (16, 0.85), (64, 0.6))
 
 
 def long_clips(model, names: Sequence[str], table: torch.Tensor, emb, *, clips: int = 3, seconds: float = 9.0,
@@ -166,7 +169,8 @@ def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, gri
     for top_k, temperature in grid:
         tc = text_control(model, names, table, emb, clips=clips, duration=duration, seed=seed, top_k=top_k,
                           temperature=temperature)  # fmt: skip
-        rows.append({"top_k": top_k, "temperature": temperature, "top1": tc["top1"], "diversity": tc["diversity"]})
+        rows.append({"top_k": top_k, "temperature": temperature, "top1": tc["top1"], "diversity": tc["diversity"],
+                     "silent_window_share": tc["silent_window_share"]})
         print(f"[sweep] top-k {top_k}, temperature {temperature}: top-1 {tc['top1']:.3f}", flush=True)
     return rows
 

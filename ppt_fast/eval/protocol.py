@@ -88,11 +88,27 @@ def text_part(prompt: str) -> str:
     return " ".join(re.sub(r"\s*,\s*(,\s*)+", ", ", text).strip(" ,").split())
 
 
+class _BaseArmIdentifiers(logging.Filter):
+    """Drops generate()'s "prompt ... names <v1> but no applied concept defines it" for the base arm, which keeps the
+    identifier in its prompts on purpose (a like-for-like text); the protocol says so once instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "but no applied concept defines it" not in record.getMessage()
+
+
 def _generate(prompts: list[str], concepts: Sequence[Any], s: Settings, seed: int) -> torch.Tensor:
     from ppt_fast import generate
 
-    return generate(prompts, model=s.model, concepts=list(concepts), duration=s.duration, seed=seed, top_k=s.top_k,
-                    allow_unverified=s.allow_unverified)  # fmt: skip
+    quiet = _BaseArmIdentifiers() if not concepts else None
+    gen_log = logging.getLogger("ppt_fast.generation")
+    if quiet is not None:
+        gen_log.addFilter(quiet)
+    try:
+        return generate(prompts, model=s.model, concepts=list(concepts), duration=s.duration, seed=seed,
+                        top_k=s.top_k, allow_unverified=s.allow_unverified)  # fmt: skip
+    finally:
+        if quiet is not None:
+            gen_log.removeFilter(quiet)
 
 
 def score_clips(
@@ -268,6 +284,9 @@ def run_protocol(
             target_refs = {n: refs[n] for n in target}
             prompts = PAIR_PROMPTS if method.pair else s.prompts
             # base: the identifier means nothing to the untuned model; prompts keep it for a like-for-like text
+            if not concept_objs:
+                log.info("%s: prompts keep %s for a like-for-like text; the untuned model ignores it",
+                         method_name, ", ".join(idents))  # fmt: skip
             rows = evaluate(concept_objs, target_refs, idents, s, prompts=prompts)
             summary = {
                 "method": method_name,

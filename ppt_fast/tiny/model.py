@@ -24,6 +24,9 @@ from .._io import load_checked
 from .melcodec import MelCodecConfig, MelRVQCodec
 
 FORMAT = "ppt_fast.tiny_model/2"  # /2: codebooks packed as int8 + per-vector scales
+#: Sampling temperature of the trained default (with top-k 64, no guidance). At 0.7 its LM falls into the codec's
+#: silence code and stays there (docs/tuning.md, "Sampling of the default").
+TEMPERATURE = 0.85
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "tiny-v8.pt")
 
 TRAIN_CONCEPTS = (
@@ -222,11 +225,11 @@ def build_musicgen(cfg: PretrainConfig, codec: MelRVQCodec, lm, name: str = "tin
     # MusicGen extends past its 30-s window: windows of `max_duration`, each prompted by the last half of the last.
     model = _musicgen_class()(name, codec.eval(), lm.eval(), max_duration=30.0)  # the constructor needs > 18 s
     model.max_duration = cfg.segment_seconds
-    # The sampling settings its figures are measured with (top-k 64 at temperature 0.7, no guidance: why, in
-    # docs/default_model.md).
-    model._ppt_fast_sampling = {"top_k": min(64, cfg.codec.bins), "cfg_coef": 1.0, "temp": 0.7}
+    # The sampling settings its figures are measured with (top-k 64 at temperature 0.85, no guidance: why, in
+    # docs/tuning.md, "Sampling of the default").
+    model._ppt_fast_sampling = {"top_k": min(64, cfg.codec.bins), "cfg_coef": 1.0, "temp": TEMPERATURE}
     model._ppt_fast_trained_default = True  # tune()'s defaults for it: `ppt_fast.models.model_kind` says "trained"
-    model.set_generation_params(duration=4.0, top_k=min(64, cfg.codec.bins), cfg_coef=1.0, temperature=0.7)
+    model.set_generation_params(duration=4.0, top_k=min(64, cfg.codec.bins), cfg_coef=1.0, temperature=TEMPERATURE)
     install_identifiers(model.lm)
     return model
 
