@@ -225,6 +225,96 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_concept(sub) -> None:
+    p = sub.add_parser(
+        "concept",
+        help="inspect a concept file, or convert it between audiocraft and transformers",
+        description="Concept files: what one holds (info), and the same concept for the same checkpoint loaded "
+        "through the other library (convert: audiocraft <-> transformers MusicGen).",
+    )
+    csub = p.add_subparsers(dest="concept_command", metavar="ACTION", required=True)
+    i = csub.add_parser("info", help="identifiers, base model, library, recipe, pivots and size of a concept file")
+    i.add_argument("file", metavar="FILE", help="concept file (.ppt)")
+    i.set_defaults(func=_cmd_concept_info)
+    c = csub.add_parser(
+        "convert",
+        help="rewrite a concept for the same checkpoint loaded through the other library",
+        description="Rewrite the concept(s) in FILE for --model, the same MusicGen checkpoint loaded through the other "
+        "library (audiocraft <-> transformers: packed in_proj rows <-> q/k/v projections, renamed tensors). The "
+        "concept's base fingerprint is checked against --model first: a concept is never converted onto another "
+        "checkpoint. (Applying a concept to the other library's model converts it on the fly; this writes the file.)",
+    )
+    c.add_argument("file", metavar="FILE", help="concept file (.ppt) to convert")
+    c.add_argument("--model", required=True, help="the target: a transformers checkpoint dir or cached hub id (hf:ID), "
+                   "or an audiocraft checkpoint / name load_model accepts")  # fmt: skip
+    c.add_argument("--out", required=True, help="concept file to write (not FILE itself)")
+    c.add_argument("--force", action="store_true",
+                   help="convert even when --model's tensors differ from the concept's base")  # fmt: skip
+    c.set_defaults(func=_cmd_concept_convert)
+
+
+def _describe_concept(c, path: str) -> list[str]:
+    meta = c.meta
+    piv = c.pivots
+    lines = [f"{', '.join(c.identifiers)}: {path}"]
+    ratio = f" at ratio {meta['ratio']:g}" if meta.get("ratio") else ""
+    conv = f" (converted from {meta['converted_from']['host']})" if meta.get("converted_from") else ""
+    lines.append(f"  library {meta.get('host', 'audiocraft')}{conv}; base model {meta.get('model', '?')}; "
+                 f"recipe {meta.get('preset', '?')}{ratio}")  # fmt: skip
+    lines.append(f"  {piv.count:,} pivots in {len(piv.names)} tensors; {len(c.dense)} dense tensor(s) "
+                 f"({sum(t.numel() for t in c.dense.values()):,} entries); tokens "
+                 + ", ".join(f"{k} {tuple(v.shape)}" for k, v in c.tokens.items()) + f"; storage {c.storage_dtype}"
+                 .replace("torch.", ""))  # fmt: skip
+    for n, k in zip(piv.names, piv.counts()):
+        lines.append(f"    {n}: {k:,} pivots")
+    for n, t in c.dense.items():
+        rows = c.dense_rows.get(n)
+        lines.append(f"    {n}: dense {'all' if rows is None else f'rows [{rows[0]}:{rows[1]}]'} {tuple(t.shape)}")
+    missing = c.unverified_names()
+    fp = f"missing for {len(missing)} tensor(s): apply needs --allow-unverified" if missing else "complete"
+    lines.append(f"  fingerprint: {fp}")
+    return lines
+
+
+def _cmd_concept_info(args) -> int:
+    from .concept import load_concepts
+
+    if not os.path.isfile(args.file):
+        raise UsageError(f"concept file {args.file!r} does not exist")
+    concepts = load_concepts(args.file)
+    for c in concepts:
+        print("\n".join(_describe_concept(c, args.file)))
+    print(f"{os.path.getsize(args.file):,} bytes")
+    return 0
+
+
+def _cmd_concept_convert(args) -> int:
+    from .concept import load_concepts, save_concepts
+    from .concept.portable import convert
+    from .models import load_host
+
+    if not os.path.isfile(args.file):
+        raise UsageError(f"concept file {args.file!r} does not exist")
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.file):
+        raise UsageError(f"--out {args.out!r} is FILE itself; write the converted concept to another file")
+    check_output(args.out)
+    concepts = load_concepts(args.file)  # read and checked before the model loads
+    host = load_host(args.model)
+    out = [convert(c, host.model, force=args.force) for c in concepts]
+    same = [c for c, o in zip(concepts, out) if c is o]
+    if same:
+        raise UsageError(
+            f"concept {same[0].identifiers} is already in --model's library ({host.library}); nothing to convert"
+        )
+    save_concepts(out, args.out)
+    for o in out:
+        how = f"{o.meta['converted_from']['host']} -> {o.meta['host']}"
+        print(f"converted {', '.join(o.identifiers)} ({how}, fingerprint checked against --model): "
+              f"{o.pivots.count:,} pivots, {len(o.dense)} dense tensor(s)")  # fmt: skip
+    print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")
+    return 0
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser(
         "pretrain",
@@ -294,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_generate(sub)
     _add_demo(sub)
+    _add_concept(sub)
     _add_pretrain(sub)
     try:
         import importlib

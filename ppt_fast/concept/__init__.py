@@ -34,6 +34,8 @@ Modules, each importing only those above it in this list:
 - `errors`: `ConceptError` and its subclasses (their `__module__` is this package);
 - `format`: the file's bytes <-> header fields and tensors (varint packing, checksum, the checked decoder);
 - `fingerprint`: fingerprints of base weights (`fingerprint_model`, `state_digest`), `snapshot_base`;
+- `portable`: a concept for the same checkpoint loaded through the other library (audiocraft <-> transformers;
+  `convert`; `apply` on the other library's model converts on the fly);
 - `registry`: applying / removing on a model (the registry on the LM, `REGISTRY_ATTR`, `BANK_ATTR`, `overlap`);
 - `concept`: the `Concept` object, `save_concepts` / `load_concepts`;
 - `compose`: several concepts at once.
@@ -49,6 +51,7 @@ from .fingerprint import BaseSnapshot, fingerprint_model, snapshot_base
 from .fingerprint import state_digest as state_digest
 from .format import FORMAT as FORMAT
 from .format import FORMAT_VERSION as FORMAT_VERSION
+from .portable import convert
 from .registry import BANK_ATTR as BANK_ATTR
 from .registry import MAX_SCALE as MAX_SCALE
 from .registry import REGISTRY_ATTR as REGISTRY_ATTR
@@ -66,6 +69,7 @@ __all__ = [
     "FingerprintMismatch",
     "applied_concepts",
     "compose",
+    "convert",
     "fingerprint_model",
     "load_concepts",
     "overlap",

@@ -21,6 +21,10 @@ from ..pivots import PivotSet
 from .errors import ConceptError
 from .format import _bytes_of
 
+#: The LM attributes (plain, out of state_dict) holding the applied concepts' registry and the identifier bank.
+REGISTRY_ATTR = "_ppt_fast_concepts"
+BANK_ATTR = "_ppt_fast_identifier_bank"
+
 # A tensor whose touched share passes this keeps a whole clone of its base (cheaper than indices + values).
 _WHOLE_BASE_SHARE = 0.25
 

@@ -23,15 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConceptError
-from .fingerprint import _WHOLE_BASE_SHARE, _resolve_lm
+from .fingerprint import _WHOLE_BASE_SHARE, BANK_ATTR, REGISTRY_ATTR, _resolve_lm
+from .portable import for_model
 
 if TYPE_CHECKING:
     from .concept import Concept
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_ATTR = "_ppt_fast_concepts"
-BANK_ATTR = "_ppt_fast_identifier_bank"
 # |scale| above this is refused: the paper's strengths are 0..2; 10 already extrapolates the tuned change tenfold, and
 # larger factors mostly push parameters out of the range the model was trained in (fp16 ones towards overflow).
 MAX_SCALE = 10.0
@@ -273,6 +272,7 @@ def _apply_concepts(
         if not allow_unverified:
             _check_verified(c)
     lm = _resolve_lm(model)
+    concepts = [for_model(c, lm, force=force) for c in concepts]  # tuned through the other library: converted
     reg = getattr(lm, REGISTRY_ATTR, None)
     bank = getattr(lm, BANK_ATTR, None)
     memo: dict = {}  # each touched tensor is hashed once per call, however many concepts touch it

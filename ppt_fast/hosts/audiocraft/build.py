@@ -103,7 +103,7 @@ def _text_provider(n_bins: int, lut_dim: int, output_dim: int):
 
 def _lm(
     dim: int, num_heads: int, num_layers: int, n_q: int, card: int, *, lut_bins: int, lut_dim: int, musicgen: bool,
-    cfg_dropout: float = 0.1, dropout: float = 0.1,
+    cfg_dropout: float = 0.1, dropout: float = 0.1, hidden_scale: int = 4,
 ):  # fmt: skip
     from audiocraft.models.lm import LMModel
     from audiocraft.modules.codebooks_patterns import DelayedPatternProvider
@@ -113,7 +113,7 @@ def _lm(
     provider = _text_provider(lut_bins, lut_dim, dim)
     fuser = ConditionFuser({"cross": ["description"], "prepend": [], "sum": [], "input_interpolate": []})
     kwargs: dict[str, Any] = dict(
-        n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers, hidden_scale=4,
+        n_q=n_q, card=card, dim=dim, num_heads=num_heads, num_layers=num_layers, hidden_scale=hidden_scale,
         cross_attention=True, causal=True, cfg_dropout=cfg_dropout, cfg_coef=3.0, positional_embedding="sin",
         activation="gelu", norm="layer_norm", dropout=dropout,
     )  # fmt: skip
