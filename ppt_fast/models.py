@@ -11,9 +11,10 @@
   `facebook/musicgen-small` found in the local Hugging Face cache (`HF_HUB_OFFLINE=1` makes sure nothing is
   fetched); T5 (`t5-base`) must be cached too.
 - an audiocraft `MusicGen` object, used as it is.
-- transformers (the `transformers` host): a `MusicgenForConditionalGeneration` object; a directory written by its
-  `save_pretrained` (with the tokenizer / processor files); `"hf:<hub id or directory>"`, or a bare hub id when
-  audiocraft is not installed, from the local Hugging Face cache (nothing is fetched); `"hf-tiny-random"` and
+- transformers (the `transformers` host): a `MusicgenForConditionalGeneration` or
+  `MusicgenMelodyForConditionalGeneration` object; a directory written by its `save_pretrained` (with the tokenizer /
+  processor files); `"hf:<hub id or directory>"`, or a bare hub id when audiocraft is not installed, from the local
+  Hugging Face cache (nothing is fetched); `"hf-tiny-random"`, `"hf-tiny-random-melody"` and
   `"hf-musicgen-{small,medium,large}-shapes"` (random-init, built in code, for tests and benchmarks).
 
 Every loaded model has an identifier bank attached (`model.lm._ppt_fast_identifier_bank`).
@@ -34,7 +35,7 @@ def _is_weights_file(model: str) -> bool:
     return model.endswith(".pt") and os.path.isfile(model)
 
 
-RANDOM_TINY = ("tiny-random", "hf-tiny-random")  # the random-init test models of each host
+RANDOM_TINY = ("tiny-random", "hf-tiny-random", "hf-tiny-random-melody")  # the random-init test models of the hosts
 HF_PREFIX = "hf:"
 
 
@@ -96,7 +97,7 @@ def load_host(model: Any = "tiny", *, device: str | torch.device | None = None, 
 def _is_transformers_name(model: str) -> bool:
     from .hosts.transformers.build import SHAPES, is_pretrained_dir
 
-    if model.startswith(HF_PREFIX) or model == "hf-tiny-random" or model in SHAPES:
+    if model.startswith(HF_PREFIX) or model in ("hf-tiny-random", "hf-tiny-random-melody") or model in SHAPES:
         return True
     if os.path.isdir(model):
         return is_pretrained_dir(model)
@@ -113,8 +114,8 @@ def _load_transformers(model: str, device, seed: int, kind: str) -> Host:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if model == "hf-tiny-random":
-        mg, tok = build_tiny_random(seed=seed, device=device)
+    if model in ("hf-tiny-random", "hf-tiny-random-melody"):
+        mg, tok = build_tiny_random(seed=seed, device=device, melody=model.endswith("-melody"))
     elif model in SHAPES:
         mg, tok = build_shapes(model, seed=seed, device=device)
     else:

@@ -76,9 +76,15 @@ class WordHashTokenizer:
         return {"input_ids": ids, "attention_mask": mask}
 
 
-def _config(text: dict, audio: dict, decoder: dict) -> Any:
+def _config(text: dict, audio: dict, decoder: dict, melody: dict | None = None) -> Any:
+    """A MusicgenConfig of the three sub-configs, or with `melody` (`num_chroma`, `chroma_length`) a
+    MusicgenMelodyConfig (its decoder has no cross-attention: the condition is prepended to the audio sequence)."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
     from transformers.utils import logging as hf_logging
+
+    if melody is not None:
+        from transformers import MusicgenMelodyConfig as MusicgenConfig
+        from transformers import MusicgenMelodyDecoderConfig as MusicgenDecoderConfig
 
     t5 = T5Config(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **text)
     enc = EncodecConfig(**audio)
@@ -90,7 +96,8 @@ def _config(text: dict, audio: dict, decoder: dict) -> Any:
     try:
         dec = MusicgenDecoderConfig(vocab_size=codes, pad_token_id=codes, bos_token_id=codes,
                                     decoder_start_token_id=codes, **decoder)  # fmt: skip
-        return MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(), decoder=dec.to_dict())
+        return MusicgenConfig(text_encoder=t5.to_dict(), audio_encoder=enc.to_dict(), decoder=dec.to_dict(),
+                              **(melody or {}))  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -124,21 +131,25 @@ def _generation_defaults(model: Any) -> None:
 def _random_model(cfg: Any, tok: WordHashTokenizer, name: str, seed: int, device) -> tuple[Any, WordHashTokenizer]:
     """A MusicGen of `cfg`, random-init from `seed` (random codebooks too), named `name`, with its code-built
     tokenizer named in the config so that a save_pretrained folder reloads with it."""
-    from transformers import MusicgenForConditionalGeneration
+    from transformers import MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
 
     setattr(cfg, TOKENIZER_KEY, tok.spec())
+    melody = cfg.model_type == "musicgen_melody"
+    cls = MusicgenMelodyForConditionalGeneration if melody else MusicgenForConditionalGeneration
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = MusicgenForConditionalGeneration(cfg)
+        model = cls(cfg)
         _random_codebooks(model)
     _generation_defaults(model)
     model.name = name
     return model.to(device).eval(), tok
 
 
-def build_tiny_random(seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, WordHashTokenizer]:
+def build_tiny_random(seed: int = 0, device: str | torch.device = "cpu", melody: bool = False,
+                      ) -> tuple[Any, WordHashTokenizer]:  # fmt: skip
     """A small random-init MusicGen (16 kHz mono, 50 Hz frames, 4 codebooks of 64 codes, decoder dim 48, 2 layers,
-    text encoder dim 32: `enc_to_dec_proj` is in use, as on the real checkpoints) and its tokenizer."""
+    text encoder dim 32: `enc_to_dec_proj` is in use, as on the real checkpoints) and its tokenizer. `melody`: a
+    `MusicgenMelodyForConditionalGeneration` of the same sizes (12 chroma bins, a 16-frame chroma prefix)."""
     require_transformers()
     tok = WordHashTokenizer(vocab_size=128)
     cfg = _config(
@@ -149,8 +160,9 @@ def build_tiny_random(seed: int = 0, device: str | torch.device = "cpu") -> tupl
         # so tests can see prompts and concepts change what is generated
         dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, ffn_dim=96, num_codebooks=4,
              max_position_embeddings=2048, initializer_factor=0.2),
+        melody=dict(num_chroma=12, chroma_length=16) if melody else None,
     )  # fmt: skip
-    return _random_model(cfg, tok, "hf-tiny-random", seed, device)
+    return _random_model(cfg, tok, "hf-tiny-random-melody" if melody else "hf-tiny-random", seed, device)
 
 
 def build_shapes(name: str, seed: int = 0, device: str | torch.device = "cpu") -> tuple[Any, WordHashTokenizer]:

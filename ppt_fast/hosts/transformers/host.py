@@ -9,6 +9,9 @@
   (`patches.identifier_batch`).
 - The attention layout: `ppt` = pivots over the decoder's self-attention `v_proj` and cross-attention (`encoder_attn`)
   `k_proj` / `v_proj`; `dreamstyler` = self-attention `v_proj` sparse, cross-attention `k_proj` / `v_proj` dense.
+  `MusicgenMelodyForConditionalGeneration` has no cross-attention (the condition is a prefix of the sequence):
+  `ppt` = pivots over the self-attention `k_proj` / `v_proj`; `dreamstyler` = those dense, `q_proj` sparse
+  (`LAYOUT_MELODY`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ LAYOUT = {
              f"{_DECODER_LAYERS}.encoder_attn.v_proj.weight"), ()),
     "dreamstyler": ((f"{_DECODER_LAYERS}.self_attn.v_proj.weight",),
                     (f"{_DECODER_LAYERS}.encoder_attn.k_proj.weight", f"{_DECODER_LAYERS}.encoder_attn.v_proj.weight")),
+}  # fmt: skip
+#: MusicgenMelody has no cross-attention: the chroma and the text (identifier tokens appended) are prepended to the
+#: audio sequence and read through self-attention, whose keys and values play the part of cross-attention's; the
+#: queries (the audio positions reading the prefix) take the sparse part of dreamstyler.
+LAYOUT_MELODY = {
+    "ppt": ((f"{_DECODER_LAYERS}.self_attn.k_proj.weight", f"{_DECODER_LAYERS}.self_attn.v_proj.weight"), ()),
+    "dreamstyler": ((f"{_DECODER_LAYERS}.self_attn.q_proj.weight",),
+                    (f"{_DECODER_LAYERS}.self_attn.k_proj.weight", f"{_DECODER_LAYERS}.self_attn.v_proj.weight")),
 }  # fmt: skip
 
 
@@ -94,12 +105,9 @@ class TransformersHost:
     library = "transformers"
 
     def __init__(self, model: Any, tokenizer: Any, kind: str) -> None:
-        if type(model).__name__.startswith("MusicgenMelody"):
-            raise ValueError(
-                "MusicgenMelodyForConditionalGeneration conditions its decoder by prepending the text and chroma "
-                "to the audio sequence (no cross-attention), which ppt_fast's transformers host does not handle yet; "
-                "use a MusicgenForConditionalGeneration checkpoint (facebook/musicgen-small / medium / large)"
-            )
+        #: a MusicgenMelodyForConditionalGeneration: the condition is a prefix of the sequence (LAYOUT_MELODY)
+        self.melody = type(model).__name__.startswith("MusicgenMelody")
+        self.layout = LAYOUT_MELODY if self.melody else LAYOUT
         patches.install_identifiers(model)
         self.model = model
         self.lm = model
@@ -121,8 +129,8 @@ class TransformersHost:
         return [n for n, _ in self.model.named_parameters() if n.startswith(TRAINABLE)]
 
     def scope(self, preset: str) -> Scope:
-        if preset in LAYOUT:
-            sparse, dense = LAYOUT[preset]
+        if preset in self.layout:
+            sparse, dense = self.layout[preset]
             return Scope(sparse, dense, name=preset)
         # Other presets ("all", "all-linear") over the language model only: not the frozen T5 encoder or EnCodec.
         base = Scope.preset(preset)
@@ -222,4 +230,4 @@ class TransformersHost:
         return audio[..., : self._samples].float().cpu()
 
 
-__all__ = ["LAYOUT", "TransformersHost", "delay_labels"]
+__all__ = ["LAYOUT", "LAYOUT_MELODY", "TransformersHost", "delay_labels"]

@@ -34,7 +34,7 @@ _STATE = "_ppt_fast_identifier_state"
 def uses_projection(model: Any) -> bool:
     """Whether MusicGen's forward projects the text encoding (`enc_to_dec_proj`) before cross-attention."""
     return (model.text_encoder.config.hidden_size != model.decoder.config.hidden_size
-            and model.decoder.config.cross_attention_hidden_size is None)  # fmt: skip
+            and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None)  # fmt: skip
 
 
 class _State:
