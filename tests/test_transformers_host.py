@@ -1,5 +1,6 @@
 """The transformers host: a Hugging Face MusicgenForConditionalGeneration built in code (no downloads) through tune,
-concept files and generate."""
+concept files and generate; the shared tests run on MusicgenMelodyForConditionalGeneration too (`hf-tiny-random-melody`:
+no cross-attention, the condition is a prefix of the sequence, read through self-attention)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,15 @@ def ref_wav(tmp_path_factory):
     return str(path)
 
 
-def _host(seed: int = 0) -> TransformersHost:
-    return load_host("hf-tiny-random", seed=seed)
+NAMES = ["hf-tiny-random", "hf-tiny-random-melody"]
+
+
+def _host(seed: int = 0, name: str = "hf-tiny-random") -> TransformersHost:
+    return load_host(name, seed=seed)
+
+
+def _base(name: str):
+    return build_tiny_random(seed=0, melody=name.endswith("-melody"))
 
 
 def test_resolution_and_kind(tmp_path):
@@ -45,12 +53,20 @@ def test_resolution_and_kind(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="not in the local Hugging Face cache"):
         load_host("hf:nobody/no-such-musicgen")
+    m = _host(name="hf-tiny-random-melody")
+    assert type(m.model).__name__ == "MusicgenMelodyForConditionalGeneration" and m.melody and not h.melody
+    assert m.kind == "tiny-random" == model_kind("hf-tiny-random-melody")
+    assert not any("encoder_attn" in n for n, _ in m.model.named_parameters())
+    m.model.save_pretrained(tmp_path / "melody")
+    assert load_host(str(tmp_path / "melody")).melody
 
 
-def test_loss_is_the_delay_pattern_cross_entropy():
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_is_the_delay_pattern_cross_entropy(name):
     """delay_labels + the model's own loss equal a hand-built teacher-forced cross-entropy: codebook k's code t is
-    predicted at step t + k from the codes before it (pad / BOS where the pattern has none)."""
-    h = _host()
+    predicted at step t + k from the codes before it (pad / BOS where the pattern has none); on the melody model,
+    over the audio steps after the condition prefix."""
+    h = _host(name=name)
     m = h.model
     B, K, F = 2, 4, 9
     pad = m.config.decoder.pad_token_id
@@ -72,14 +88,15 @@ def test_loss_is_the_delay_pattern_cross_entropy():
     with torch.no_grad():
         out = m(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
                 decoder_input_ids=dec_in.reshape(B * K, steps))  # fmt: skip
-    logits = out.logits.reshape(B, K, steps, -1)
+    logits = out.logits.reshape(B, K, -1, out.logits.shape[-1])[:, :, -steps:]  # melody: the steps after the prefix
     ce = torch.nn.functional.cross_entropy
     want = sum(ce(logits[:, k, k : k + F].reshape(-1, logits.shape[-1]), codes[:, k].reshape(-1)) for k in range(K)) / K
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_identifier_anywhere_in_the_prompt_gives_the_same_logits():
-    h = _host()
+@pytest.mark.parametrize("name", NAMES)
+def test_identifier_anywhere_in_the_prompt_gives_the_same_logits(name):
+    h = _host(name=name)
     bank = h.identifier_bank()
     bank.add("<v1>", torch.randn(3, h.model.config.decoder.hidden_size))
     codes = torch.randint(0, 64, (1, 4, 8), generator=torch.Generator().manual_seed(1))
@@ -89,7 +106,7 @@ def test_identifier_anywhere_in_the_prompt_gives_the_same_logits():
         c = h.loss(codes, ["a piece <v1> of music"])
         base = h.loss(codes, ["a piece of music"])
     assert torch.equal(a, b) and torch.equal(a, c)
-    assert not torch.equal(a, base)  # the tokens reach cross-attention
+    assert not torch.equal(a, base)  # the tokens reach cross-attention (melody: the prefix self-attention reads)
     bank.remove("<v1>")
     with torch.no_grad():
         assert torch.equal(h.loss(codes, ["a piece of music"]), base)
@@ -116,15 +133,40 @@ def test_guidance_gives_the_unconditional_half_no_identifier():
     assert not torch.allclose(hidden[1, -2:], tokens)
 
 
-def test_tune_changes_only_pivots_and_a_concept_file_reproduces_the_logits(ref_wav, tmp_path):
+def test_melody_guidance_gives_the_null_half_no_identifier():
+    """The melody model projects the text before it doubles the batch for guidance: the identifier rows are written
+    into the conditional half, and the decoder's prefix for the null half holds none of them."""
+    h = _host(name="hf-tiny-random-melody")
+    tokens = torch.randn(2, h.model.config.decoder.hidden_size)
+    h.identifier_bank().add("<v1>", tokens)
+    prefixes = []
+    handle = h.model.decoder.register_forward_pre_hook(
+        lambda mod, args, kwargs: prefixes.append(kwargs.get("encoder_hidden_states")), with_kwargs=True)
+    try:
+        h.set_sampling(0.2, cfg_coef=3.0)
+        torch.manual_seed(0)
+        audio = h.generate(["drums, <v1>"])
+    finally:
+        handle.remove()
+    assert torch.isfinite(audio).all() and audio.shape == (1, 1, 3200)
+    prefix = next(p for p in prefixes if p is not None)  # [2, chroma + text + 2, D]
+    assert prefix.shape[0] == 2
+    torch.testing.assert_close(prefix[0, -2:], tokens)
+    assert not torch.allclose(prefix[1, -2:], tokens)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tune_changes_only_pivots_and_a_concept_file_reproduces_the_logits(ref_wav, tmp_path, name):
     losses = []
-    result = tune_model(ref_wav, model="hf-tiny-random", callback=lambda s, v: losses.append(v),
-                                        lr=3e-2, **FAST)  # fmt: skip
+    result = tune_model(ref_wav, model=name, callback=lambda s, v: losses.append(v), lr=3e-2, **FAST)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4  # the loss falls
-    base = build_tiny_random(seed=0)[0]
+    base, tokenizer = _base(name)
     tuned = result.model
     piv = result.pivots["<v1>"]
     assert piv.count > 0 and all(n.startswith("decoder.") for n, i in piv if i.numel())
+    want_layout = ("self_attn.k_proj", "self_attn.v_proj") if name.endswith("-melody") else (
+        "self_attn.v_proj", "encoder_attn.k_proj", "encoder_attn.v_proj")  # fmt: skip
+    assert all(n.endswith(tuple(f"{w}.weight" for w in want_layout)) for n, i in piv if i.numel())
     changed = 0
     for (n, p), q in zip(tuned.named_parameters(), base.parameters()):
         mask = torch.zeros(p.numel(), dtype=torch.bool)
@@ -136,35 +178,36 @@ def test_tune_changes_only_pivots_and_a_concept_file_reproduces_the_logits(ref_w
     concept = Concept.capture(result, "<v1>")
     concept.save(tmp_path / "v1.ppt")
     assert Concept.load(tmp_path / "v1.ppt").meta["host"] == "transformers"  # the file records the host
-    fresh = _host()
+    fresh = _host(name=name)
     codes = torch.randint(0, 64, (2, 4, 10), generator=torch.Generator().manual_seed(5))
     prompts = ["<v1>, a piece of music", "a piece of music"]
     with torch.no_grad():
-        want = TransformersHost(tuned, result_tokenizer(), "tiny-random").loss(codes, prompts)
+        want = TransformersHost(tuned, tokenizer, "tiny-random").loss(codes, prompts)
         Concept.load(tmp_path / "v1.ppt").apply(fresh.model)
         got = fresh.loss(codes, prompts)
     assert torch.equal(got, want)
     # generation with and without the concept differs and is finite
-    a = ppt_fast.generate(["<v1>, a piece of music"], model=_host().model, concepts=[tmp_path / "v1.ppt"],
+    a = ppt_fast.generate(["<v1>, a piece of music"], model=_host(name=name).model, concepts=[tmp_path / "v1.ppt"],
                           duration=0.3, seed=1)  # fmt: skip
-    b = ppt_fast.generate(["a piece of music"], model=_host().model, duration=0.3, seed=1)
+    b = ppt_fast.generate(["a piece of music"], model=_host(name=name).model, duration=0.3, seed=1)
     assert torch.isfinite(a).all() and torch.isfinite(b).all() and not torch.equal(a, b)
     # the wrong base model is refused by the fingerprint
     with pytest.raises(ppt_fast.ConceptError):
-        Concept.load(tmp_path / "v1.ppt").apply(_host(seed=1).model)
+        Concept.load(tmp_path / "v1.ppt").apply(_host(seed=1, name=name).model)
 
 
-def result_tokenizer():
-    return build_tiny_random(seed=0)[1]
-
-
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("preset", ["dreamstyler", "full", "tokens"])
-def test_recipes_resolve_through_the_layout(ref_wav, preset):
-    result = tune_model(ref_wav, model="hf-tiny-random", preset=preset, **dict(FAST, steps=3))
-    base = build_tiny_random(seed=0)[0]
+def test_recipes_resolve_through_the_layout(ref_wav, preset, name):
+    result = tune_model(ref_wav, model=name, preset=preset, **dict(FAST, steps=3))
+    base = _base(name)[0]
     moved = {n for (n, p), q in zip(result.model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
     assert all(n.startswith(("decoder.", "enc_to_dec_proj.")) for n in moved)  # never the T5 encoder or EnCodec
-    if preset == "dreamstyler":
+    if preset == "dreamstyler" and name.endswith("-melody"):  # self-attention k / v dense, q sparse
+        assert set(result.dense_rows) == {n for n, _ in base.named_parameters()
+                                          if n.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))}
+        assert any(n.endswith("self_attn.q_proj.weight") for n in moved)
+    elif preset == "dreamstyler":
         assert set(result.dense_rows) == {n for n in result.dense_rows if ".encoder_attn." in n} and result.dense_rows
         assert any(".encoder_attn.k_proj." in n for n in moved)
     if preset == "full":
