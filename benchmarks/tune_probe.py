@@ -1,8 +1,9 @@
 """One end-to-end tuning step on a MusicGen-shaped model, in a fresh process: step time and peak memory.
 
-    python benchmarks/tune_probe.py '{"model": "tiny"|"small", "method": "dense_masked"|"ppt_fast",
+    python benchmarks/tune_probe.py '{"model": "tiny"|"small"|"medium", "method": "dense_masked"|"ppt_fast",
                                       "phase": "train"|"sensitivity", "density": 0.01, "device": "cpu",
-                                      "seconds": 5.0, "steps": 3, "host": "audiocraft"|"transformers"}'
+                                      "seconds": 5.0, "steps": 3, "host": "audiocraft"|"transformers",
+                                      "dtype": "float32"|"bfloat16"}'
 
 Prints one JSON line. What runs (recipe `ppt`, DESIGN §6: pivots over self-attention V rows and cross-attention
 K/V rows of every layer; the tensors that recipe trains are the 2 x num_layers `in_proj_weight`s):
@@ -41,7 +42,7 @@ import cases  # noqa: E402
 import provenance  # noqa: E402
 import torch  # noqa: E402
 
-MODELS = {"tiny": "tiny-random", "small": "musicgen-small-shapes"}
+MODELS = {"tiny": "tiny-random", "small": "musicgen-small-shapes", "medium": "musicgen-medium-shapes"}
 
 
 def _build(model: str, device: str):
@@ -75,6 +76,8 @@ def measure(spec: dict) -> dict:
     cuda = device.startswith("cuda")
     host = _host(spec)
     lm = host.lm.eval()
+    if spec.get("dtype", "float32") != "float32":  # e.g. "bfloat16": the weights themselves (autocast alone keeps fp32)
+        lm.to(getattr(torch, spec["dtype"]))
     if spec.get("checkpointing", "none") != "none":  # audiocraft's per-layer activation checkpointing, both arms alike
         lm.transformer.checkpointing = spec["checkpointing"]
     for p in lm.parameters():
@@ -215,6 +218,7 @@ def measure(spec: dict) -> dict:
         "backends": {op: _backend.select(op, torch.device(device)) for op in cases.OPS},
         "lm_parameters": sum(p.numel() for p in lm.parameters()),
         "host": host.library,
+        "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
     }
 
 

@@ -131,7 +131,20 @@ fi
 rm -f "$OUT/bench/speedup_memory_vs_density.png"  # the device tool brings back at most 8 files
 
 # ---- end to end ------------------------------------------------------------------------------------------------------
-skip tune_step_medium_bf16 "needs the transformers host (the GPU machines have no audiocraft): not built yet"
+# One tune step through the transformers host (the GPU machines have no audiocraft), musicgen-medium shapes in bf16,
+# B = 1, 5 s, ppt at 1 %: ppt_fast against dense masked tuning (issue 25's GPU case; target: <= 6 GB peak). The dry
+# run takes the tiny random model on the CPU. Each probe prints one JSON line into check.log.
+for method in dense_masked ppt_fast; do
+    if [ $DRY = 1 ]; then
+        spec='{"model": "tiny", "method": "'$method'", "phase": "train", "density": 0.01, "device": "cpu",
+               "seconds": 1.0, "steps": 1, "host": "transformers"}'
+        step "tune_step_tiny_$method" 120 "$PY" benchmarks/tune_probe.py "$spec"
+    else
+        spec='{"model": "medium", "method": "'$method'", "phase": "train", "density": 0.01, "device": "cuda",
+               "seconds": 5.0, "steps": 3, "host": "transformers", "dtype": "bfloat16"}'
+        step "tune_step_medium_bf16_$method" 120 "$PY" benchmarks/tune_probe.py "$spec"
+    fi
+done
 
 # ---- summary -------------------------------------------------------------------------------------------------------
 "$PY" - "$STEPS" "$OUT/summary.json" "$DRY" <<'EOF'

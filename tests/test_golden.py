@@ -70,7 +70,8 @@ def _check(name: str, got: dict[str, str]) -> None:
     assert {k: got.get(k) for k in want} == want  # every recorded file still has its bytes
     unrecorded = sorted(set(got) - set(want))
     if unrecorded:  # an output a deliberate change dropped from this platform's record until it is re-recorded there
-        warnings.warn(f"golden {name}: {unrecorded} not recorded for {key!r} (see data/golden.json's _notes)")
+        warnings.warn(f"golden {name}: {unrecorded} not recorded for {key!r} (see data/golden.json's _notes)",
+                      stacklevel=2)
 
 
 def _reference(path: str, seed: int, seconds: float = 6.0) -> str:
