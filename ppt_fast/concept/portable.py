@@ -55,6 +55,7 @@ _LAYER_RENAMES = {
     "linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm", "norm_cross": "encoder_attn_layer_norm",
     "norm2": "final_layer_norm",
 }  # fmt: skip
+_LAYER_RENAMES_INVERSE = {v: k for k, v in _LAYER_RENAMES.items()}
 _ATTN = {"self_attn": "self_attn", "cross_attention": "encoder_attn"}
 _QKV = ("q_proj", "k_proj", "v_proj")
 _TOP = [
@@ -106,9 +107,8 @@ def to_audiocraft(name: str) -> tuple[str, int]:
         ac_attn = "self_attn" if attn == "self_attn" else "cross_attention"
         return f"{_AC_LAYER}{i}.{ac_attn}.in_proj_{kind}", "qkv".index(q)
     m = re.fullmatch(re.escape(_HF_LAYER) + r"(\d+)\.(.+)\.(weight|bias)", name)
-    inverse = {v: k for k, v in _LAYER_RENAMES.items()}
-    if m and m.group(2) in inverse:
-        return f"{_AC_LAYER}{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}", 0
+    if m and m.group(2) in _LAYER_RENAMES_INVERSE:
+        return f"{_AC_LAYER}{m.group(1)}.{_LAYER_RENAMES_INVERSE[m.group(2)]}.{m.group(3)}", 0
     for pat, rep in _TOP_INVERSE:
         if re.fullmatch(pat, name):
             return re.sub(pat, rep, name), 0
@@ -135,13 +135,16 @@ def convert(concept: Concept, model: Any, *, force: bool = False) -> Concept:
         return concept
     reg = getattr(lm, REGISTRY_ATTR, None)
 
-    def base(name: str) -> torch.Tensor:
+    def param(name: str) -> torch.nn.Parameter:
         if name not in params:
             raise ConceptError(
                 f"concept {concept.identifiers} touches a tensor that is {name!r} in {dst_layout}, and this "
                 f"{type(model).__name__} has no such parameter: it is another architecture"
             )
-        p = params[name]
+        return params[name]
+
+    def base(name: str) -> torch.Tensor:  # the base values (a copy when applied concepts changed the tensor)
+        p = param(name)
         return reg.base_view(name, p) if reg is not None else p.detach()
 
     # 1. map every touched / fingerprinted source tensor to (target name, target row offset) pieces
@@ -169,7 +172,7 @@ def convert(concept: Concept, model: Any, *, force: bool = False) -> Concept:
             t, third = to_audiocraft(n)
             plan[n] = [(t, third * shape[0], 0, shape[0])]
         for t, t0, _, rows in plan[n]:
-            tp = base(t)
+            tp = param(t)  # the shape only: no copy of the base values
             packed = 3 if t.endswith(("in_proj_weight", "in_proj_bias")) else 1
             rows_t = rows if src_layout == AUDIOCRAFT else shape[0] * packed
             if tp.shape[1:] != shape[1:] or tp.shape[0] != rows_t or t0 + rows > tp.shape[0]:
