@@ -355,8 +355,10 @@ class TuneConfig:
         return c
 
 
-def tune_model(reference: Any, config: TuneConfig | None = None, **settings: Any) -> TuneResult:
-    """tune() returning the tuned model and the run's details; `settings` override fields of `config` (TuneConfig)."""
+def tune_model(reference: Any, config: TuneConfig | None = None, *, strategy: Strategy | None = None,
+               **settings: Any) -> TuneResult:  # fmt: skip
+    """tune() returning the tuned model and the run's details; `settings` override fields of `config` (TuneConfig);
+    `strategy`: how selection or training departs from the recipe (`Strategy`; the evaluation's peer arms)."""
     unknown = sorted(set(settings) - {f.name for f in fields(TuneConfig)})
     if unknown:
         raise TuneError(f"unknown tune setting(s) {', '.join(unknown)}; the settings are TuneConfig's fields")
@@ -385,7 +387,7 @@ def tune_model(reference: Any, config: TuneConfig | None = None, **settings: Any
             raise TuneError(
                 f"identifier {ident!r} is already registered on this model (a concept applied?); remove it first"
             )
-    run = _Run(host, cfg, recipe, refs, g)
+    run = _Run(host, cfg, recipe, refs, g, strategy)
     run.prepare()
     run.select()
     return run.train()
@@ -409,8 +411,10 @@ def _autocast(dev: torch.device):
 class _Run:
     """One tune run's state, phase by phase (`prepare`, `select`, `train`); every check happened before."""
 
-    def __init__(self, host: Host, cfg: TuneConfig, recipe: recipes.Recipe, refs: dict[str, Any], g) -> None:
+    def __init__(self, host: Host, cfg: TuneConfig, recipe: recipes.Recipe, refs: dict[str, Any], g,
+                 strategy: Strategy | None = None) -> None:  # fmt: skip
         self.host, self.cfg, self.recipe, self.refs, self.g = host, cfg, recipe, refs, g
+        self.strategy = strategy
         self.lm = host.lm
         self.dev = host.device
         self.autocast = _autocast(self.dev)
@@ -484,7 +488,10 @@ class _Run:
                         bar.set_postfix(loss=f"{loss.item():.3f}")
                 if acc.steps == 0:
                     raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
-                sel = acc.pivots(ratio=None if cfg.count is not None else cfg.ratio, count=cfg.count)
+                if self.strategy is not None and self.strategy.select is not None:
+                    sel = self.strategy.select(self, acc)
+                else:
+                    sel = acc.pivots(ratio=None if cfg.count is not None else cfg.ratio, count=cfg.count)
             for t in self.tokens.values():
                 t.grad = None
             self.pivots[ident] = _on_layout(self.names, self.params, dict(iter(sel)), self.dev)
@@ -496,46 +503,10 @@ class _Run:
     def train(self) -> TuneResult:
         from tqdm.auto import tqdm
 
-        from .optim import SparseAdamW, freeze_unpivoted
-        from .rowgrad import RowGrads
-
-        cfg, recipe, lm, scope, names, params, dev = (self.cfg, self.recipe, self.lm, self.scope, self.names,
-                                                      self.params, self.dev)  # fmt: skip
-        dense_entries = scope.resolve_dense(lm) if scope is not None else []
-        dense_rows = {e.name: e.rows for e in dense_entries}
-        trained = _merge(list(self.pivots.values()))
-        if dense_entries:
-            trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
-        dense_names = self.host.trainable_names() if recipe.dense_all else []
-        dense_params = [params[n] for n in dense_names]
-        if recipe.dense_all:
-            dense_rows = {n: (0, params[n].shape[0] if params[n].dim() else 1) for n in dense_names}
-            trained = _on_layout(names, params, {n: torch.arange(params[n].numel(), device=dev) for n in dense_names},
-                                 dev)  # fmt: skip
-        base_snapshot = _snapshot(lm, trained, dense_rows, recipe.dense_all)
-        freeze = freeze_unpivoted(lm, trained) if not dense_params else None
-        for p in dense_params:
-            p.requires_grad_(True)
-        sparse_opt = (
-            SparseAdamW(lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True,
-                        nonfinite="raise")  # fmt: skip
-            if trained.count and not dense_params
-            else None
-        )
-        dense_opt = (
-            torch.optim.AdamW(dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
-            if dense_params
-            else None
-        )
-        rg = RowGrads()
-        if sparse_opt is not None:
-            rg = _row_grads(
-                self.host,
-                [(n, [_pivot_rows(idx, params[n])], sparse_opt.row_sink(params[n])) for n, idx in trained
-                 if idx.numel()],
-                cfg.row_grads,
-            )  # fmt: skip
-        rg.install()
+        cfg = self.cfg
+        make = self.strategy.trainer if self.strategy is not None else None
+        trainer = (make(self) if make is not None else None) or _PivotTrainer(self)
+        rg = trainer.rg
         token_list = list(self.tokens.values())
         token_opt = torch.optim.AdamW(token_list, lr=cfg.token_lr, weight_decay=0.0, foreach=False)
 
@@ -577,27 +548,19 @@ class _Run:
                 # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
                 # tensors, and the identifier tokens (whose gradients live on another scale).
                 if cfg.max_norm:
-                    if sparse_opt is not None:
-                        sparse_opt.clip_grad_norm_(cfg.max_norm)
-                    if dense_params:
-                        torch.nn.utils.clip_grad_norm_(dense_params, cfg.max_norm)
+                    trainer.clip(cfg.max_norm)
                     torch.nn.utils.clip_grad_norm_(token_list, cfg.max_norm)
-                for opt in (sparse_opt, dense_opt, token_opt):
-                    if opt is not None:
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
+                trainer.step()
+                token_opt.step()
+                token_opt.zero_grad(set_to_none=True)
                 losses.append(float(loss.item()))
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if cfg.callback is not None:
                     cfg.callback(step, losses[-1])
         finally:
             routing.close()
-            rg.remove()
-            if sparse_opt is not None:
-                sparse_opt.remove_hooks()
-            if freeze is not None:
-                freeze.restore()
-            for p in lm.parameters():
+            trainer.close()
+            for p in self.lm.parameters():
                 p.requires_grad_(False)
                 p.grad = None
         train_seconds = time.perf_counter() - t1
@@ -605,14 +568,14 @@ class _Run:
         bank = self.host.identifier_bank()
         out_tokens = {ident: t.detach().float().cpu().clone() for ident, t in self.tokens.items()}
         for ident, t in out_tokens.items():
-            bank.add(ident, t.to(dev))
+            bank.add(ident, t.to(self.dev))
         if cfg.verbose and cfg.steps:
             logger.info("tuned %d steps in %.1f s (%.2f steps/s), loss %.3f -> %.3f", cfg.steps, train_seconds,
                         cfg.steps / max(train_seconds, 1e-9), losses[0], losses[-1])  # fmt: skip
-        selects = scope is not None  # ratio / count only where a preset selects pivots (tokens and full train none)
+        selects = self.scope is not None  # ratio / count only where a preset selects pivots (tokens, full: none)
         return TuneResult(
-            model=self.host.model, identifiers=list(self.refs), pivots=self.pivots, trained=trained,
-            dense_rows=dense_rows, tokens=out_tokens, losses=losses, sensitivity_seconds=self.sens_seconds,
+            model=self.host.model, identifiers=list(self.refs), pivots=self.pivots, trained=trainer.trained,
+            dense_rows=trainer.dense_rows, tokens=out_tokens, losses=losses, sensitivity_seconds=self.sens_seconds,
             train_seconds=train_seconds, base_fingerprint=self.base_fp,
             settings=dict(
                 preset=cfg.preset, ratio=cfg.ratio if selects else None, count=cfg.count if selects else None,
@@ -623,10 +586,112 @@ class _Run:
                 prior_clips=cfg.prior_clips if cfg.prior else 0,
                 model=cfg.model if isinstance(cfg.model, str) else getattr(cfg.model, "name", "object"),
                 host=self.host.library,  # the model library the concept was tuned through
+                **({"strategy": self.strategy.name} if self.strategy is not None else {}),
             ),
-            base_snapshot=base_snapshot, prior_losses=prior_losses, scope_entries=self.scope_entries,
-            lm_entries=sum(params[n].numel() for n in self.host.trainable_names()),
+            base_snapshot=trainer.base_snapshot, prior_losses=prior_losses, scope_entries=self.scope_entries,
+            lm_entries=sum(self.params[n].numel() for n in self.host.trainable_names()),
         )  # fmt: skip
+
+
+class Trainer:
+    """What phase 3 trains besides the identifier tokens, and how (the tune loop is the same for every trainer):
+    `rg` (the RowGrads the loop's forward / backward run under), `clip(max_norm)`, `step()` (the optimizer step and
+    zeroing), `close()` (always called, after the last step or on an error) and, for the result, `trained` (every LM
+    entry the run changes, a PivotSet), `dense_rows` and `base_snapshot` (taken before the first step)."""
+
+    rg: Any
+    trained: PivotSet
+    dense_rows: dict[str, tuple[int, int]]
+    base_snapshot: Any
+
+    def clip(self, max_norm: float) -> None:
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class _PivotTrainer(Trainer):
+    """The recipes' trainer: SparseAdamW over the union of the pivots and the dense rows (gathered in backward,
+    row-scoped gradients where they pay), or torch AdamW over every LM weight (`full`)."""
+
+    def __init__(self, run: _Run) -> None:
+        from .optim import SparseAdamW, freeze_unpivoted
+        from .rowgrad import RowGrads
+
+        cfg, recipe, lm, scope, names, params, dev = (run.cfg, run.recipe, run.lm, run.scope, run.names, run.params,
+                                                      run.dev)  # fmt: skip
+        dense_entries = scope.resolve_dense(lm) if scope is not None else []
+        dense_rows = {e.name: e.rows for e in dense_entries}
+        trained = _merge(list(run.pivots.values()))
+        if dense_entries:
+            trained = trained | _on_layout(names, params, dict(iter(scope.dense_pivots(lm))), dev)
+        dense_names = run.host.trainable_names() if recipe.dense_all else []
+        self.dense_params = [params[n] for n in dense_names]
+        if recipe.dense_all:
+            dense_rows = {n: (0, params[n].shape[0] if params[n].dim() else 1) for n in dense_names}
+            trained = _on_layout(names, params, {n: torch.arange(params[n].numel(), device=dev) for n in dense_names},
+                                 dev)  # fmt: skip
+        self.trained, self.dense_rows = trained, dense_rows
+        self.base_snapshot = _snapshot(lm, trained, dense_rows, recipe.dense_all)
+        self.freeze = freeze_unpivoted(lm, trained) if not self.dense_params else None
+        for p in self.dense_params:
+            p.requires_grad_(True)
+        self.sparse_opt = (
+            SparseAdamW(
+                lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True, nonfinite="raise"
+            )
+            if trained.count and not self.dense_params
+            else None
+        )
+        self.dense_opt = (
+            torch.optim.AdamW(self.dense_params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+            if self.dense_params
+            else None
+        )
+        self.rg = RowGrads()
+        if self.sparse_opt is not None:
+            self.rg = _row_grads(
+                run.host,
+                [(n, [_pivot_rows(idx, params[n])], self.sparse_opt.row_sink(params[n])) for n, idx in trained
+                 if idx.numel()],
+                cfg.row_grads,
+            )  # fmt: skip
+        self.rg.install()
+
+    def clip(self, max_norm: float) -> None:
+        if self.sparse_opt is not None:
+            self.sparse_opt.clip_grad_norm_(max_norm)
+        if self.dense_params:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
+
+    def step(self) -> None:
+        for opt in (self.sparse_opt, self.dense_opt):
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self.rg.remove()
+        if self.sparse_opt is not None:
+            self.sparse_opt.remove_hooks()
+        if self.freeze is not None:
+            self.freeze.restore()
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Where a run departs from its recipe (the evaluation's peer arms, `ppt_fast.eval.peers`): `select(run, acc)`
+    returns the pivots from a finished sensitivity pass (`acc`, a SensitivityAccumulator) instead of the global
+    top-k; `trainer(run)` returns the `Trainer` of phase 3 (None: the recipe's, SparseAdamW over the pivots). The
+    name is recorded in the result's settings (`strategy`)."""
+
+    name: str
+    select: Callable[[_Run, Any], PivotSet] | None = None
+    trainer: Callable[[_Run], Trainer | None] | None = None
 
 
 # row_grads=None (auto) turns row-scoped gradients on when the weights they serve hold at least this many entries.
@@ -829,4 +894,14 @@ def _check_out(out, reference, identifier: str) -> dict[str, str]:
         raise TuneError(f"out: {e}") from None
 
 
-__all__ = ["TuneConfig", "TuneError", "TuneResult", "concept_file_name", "default_ratio", "tune", "tune_model"]
+__all__ = [
+    "Strategy",
+    "Trainer",
+    "TuneConfig",
+    "TuneError",
+    "TuneResult",
+    "concept_file_name",
+    "default_ratio",
+    "tune",
+    "tune_model",
+]

@@ -37,6 +37,7 @@ PUBLIC_USERS_FROM = "evaluation"
 LIBRARY_IMPORTS = {
     "audiocraft": ("ppt_fast.hosts.audiocraft", "ppt_fast.tiny"),
     "transformers": ("ppt_fast.hosts.transformers",),
+    "peft": ("ppt_fast.eval.peers",),
 }
 # Modules that are commands: they print what the user asked for.
 PRINTERS = ("ppt_fast.cli", "ppt_fast.eval.cli", "ppt_fast.eval.default_model")

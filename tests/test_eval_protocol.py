@@ -32,6 +32,11 @@ def manifest(tmp_path_factory):
 class _FakeConcept:
     def __init__(self, identifier, reference, preset, n_tokens):
         self.identifier, self.reference, self.preset, self.n_tokens = identifier, reference, preset, n_tokens
+        self.pivots, self.dense = argparse.Namespace(count=7), {}
+
+    def save(self, path):  # the protocol keeps every arm's concept file and reports its size
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
 
 
 def _install_fakes(monkeypatch, calls):
@@ -72,7 +77,7 @@ def _install_fakes(monkeypatch, calls):
 def test_protocol_wiring_with_stand_in_model(manifest, tmp_path, monkeypatch):
     calls = []
     _install_fakes(monkeypatch, calls)
-    s = Settings(duration=3.2, clips_per_prompt=2, prompts=("{}, slow",))
+    s = Settings(duration=3.2, clips_per_prompt=2, prompts=("{}, slow",), held_in_clips=0)
     report = run_protocol(manifest, str(tmp_path), settings=s, methods=["base", "ppt-1%", "pair-1tok", "pair-3tok"])
     tunes = [c for c in calls if c[0] == "tune"]
     assert ("tune", "ppt", 0.01, 3, False) in tunes and ("tune", "ppt", 0.01, 1, True) in tunes
@@ -92,6 +97,11 @@ def test_protocol_wiring_with_stand_in_model(manifest, tmp_path, monkeypatch):
     md = (tmp_path / "report.md").read_text()
     assert "not CLAP" in md and "default one trained here" in md
     assert "| ppt-1% |" in md and "pair-3tok" in md
+    r = rows[("ppt-1%", "violin")]  # every arm's concept file kept and sized; standard errors over the clips
+    assert r["concept_bytes"] == 100 and r["trainable"] == 7 and r["held_in_loss_rise"] is None
+    assert r["audio_alignment_n"] == r["copying_n"] == 2 and r["audio_alignment_se"] >= 0
+    assert os.path.getsize(tmp_path / "concepts" / "ppt-1%-violin-1.ppt") == 100
+    assert rows[("base", "violin")]["concept_bytes"] is None and rows[("base", "violin")]["trainable"] is None
 
 
 def test_text_part():
@@ -177,6 +187,28 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
     assert "tiny random-init" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.integration
+@needs_musicnn
+@pytest.mark.skipif(not _has_tune_stack() or importlib.util.find_spec("peft") is None, reason="needs audiocraft, peft")
+def test_protocol_runs_the_peers_and_their_held_in_cost(manifest, tmp_path):
+    """PEFT's LoRA and SHiRA arms through the protocol on the random-init model: their adapter / concept files, the
+    trainable count, and the held-in cost (base samples under the prompts' text, no identifier) of each arm."""
+    s = Settings(model="tiny-random", steps=2, duration=3.2, clips_per_prompt=2, prompts=("a piece of music, {}",),
+                 top_k=32, held_in_clips=1)  # fmt: skip
+    report = run_protocol(manifest, str(tmp_path), settings=s, concepts=["violin"], methods=["base", "lora", "shira"])
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["base"]["held_in_loss_rise"] == 0.0
+    lora, shira = rows["lora"], rows["shira"]
+    assert lora["rank"] == 16 and lora["adapter_bytes"] >= 4 * lora["trainable"]
+    assert os.path.exists(tmp_path / "adapters" / "lora-violin" / "adapter_config.json")
+    assert shira["adapter_bytes"] is None and "SparseAdamW" in shira["impl"] and shira["trainable"] > 0
+    for r in (lora, shira):
+        assert isinstance(r["held_in_loss_rise"], float) and r["held_in_loss_rise"] != 0.0
+        assert r["concept_bytes"] == os.path.getsize(tmp_path / "concepts" / f"{r['method']}-violin-1.ppt")
+    md = (tmp_path / "report.md").read_text()
+    assert "| lora |" in md and "| shira |" in md and "PEFT's adapter folder" in md
+
+
 def test_caveats_follow_what_the_model_is_not_its_name(tmp_path):
     """A weights file from `ppt-fast pretrain` passed by path is the trained default kind of model, as `tiny` is."""
     from ppt_fast.eval.protocol import _caveats, _kind_keys
@@ -232,7 +264,7 @@ def test_results_json_is_strict_and_reads_back(manifest, tmp_path, monkeypatch):
         metrics, "text_alignment", lambda *a, **k: metrics.TextAlignmentScore(float("nan"), metrics.TAG_PROXY)
     )
     monkeypatch.setattr(metrics, "diversity", lambda *a, **k: float(torch.rand((), generator=g)))
-    s = Settings(duration=3.2, clips_per_prompt=2, prompts=("{}, played",))
+    s = Settings(duration=3.2, clips_per_prompt=2, prompts=("{}, played",), held_in_clips=0)
     report = run_protocol(manifest, str(tmp_path), settings=s, methods=["base", "ppt-1%"], concepts=["violin"])
     on_disk = _strict_load(tmp_path / "results.json")
     for r in on_disk["results"]:

@@ -22,7 +22,8 @@ DATASET_EPILOG = """examples:
 EVAL_EPILOG = """modes (exactly one):
   --concept FILE    score concept file(s) against a reference (--reference WAV, or --dataset M --name CONCEPT)
   --protocol        run the methods side by side on a dataset (--dataset M): full, tokens, ppt 0.1/1/5 %,
-                    dreamstyler, and two concepts together with 1 vs 3 identifier tokens
+                    dreamstyler, PEFT's LoRA (lora, lora-matched) and SHiRA (shira), and two concepts together
+                    with 1 vs 3 identifier tokens
   --retrieval       check the embedder on a dataset: top-1 retrieval of held-out clips
 
 examples:

@@ -44,10 +44,10 @@ import torch.nn.functional as F
 
 from .. import _env
 from . import features
+from .heldin import HELD_IN_INDEX, held_in_set, teacher_forced_loss  # noqa: F401 (re-exported)
 
 GALLERY_INDEX = 300_000
 TEST_INDEX = 200_000
-HELD_IN_INDEX = 400_000
 
 
 def _embed(audio: torch.Tensor, sample_rate: int, emb) -> torch.Tensor:
@@ -173,35 +173,6 @@ def sampling_sweep(model, names: Sequence[str], table: torch.Tensor, emb, *, gri
                      "silent_window_share": tc["silent_window_share"]})
         print(f"[sweep] top-k {top_k}, temperature {temperature}: top-1 {tc['top1']:.3f}", flush=True)
     return rows
-
-
-def held_in_set(model, names: Sequence[str], *, clips: int = 2, seconds: float = 4.0, seed: int = 0):
-    """Codes of new compositions of `names` (seeds no corpus clip uses), their instrument words, and a wrong word for
-    each (the instrument 5 places on): what the held-in loss and the prompt information are measured on."""
-    from ..tiny import pretrain as P
-
-    audio, right, wrong = [], [], []
-    for k, n in enumerate(names):
-        for i in range(clips):
-            audio.append(P.render_clip(n, P.clip_seed(n, seed, HELD_IN_INDEX + i), seconds, model.sample_rate))
-            right.append(P.INSTRUMENT_WORDS[n][0])
-            wrong.append(P.INSTRUMENT_WORDS[names[(k + 5) % len(names)]][0])
-    with torch.no_grad():
-        codes = model.compression_model.encode(torch.stack(audio).unsqueeze(1))[0].long()
-    return codes, right, wrong
-
-
-def teacher_forced_loss(model, codes: torch.Tensor, prompts: Sequence[str], batch: int = 8) -> float:
-    """MusicGen's training loss (nats per code) of `codes` under `prompts`, no sampling: mean over the clips."""
-    from ..models import load_host
-
-    host = load_host(model)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, codes.shape[0], batch):
-            chunk = list(prompts[i : i + batch])
-            total += float(host.loss(codes[i : i + batch], chunk)) * len(chunk)
-    return total / codes.shape[0]
 
 
 def random_twin(model, concept, *, seed: int = 0) -> int:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from . import metrics
+from .arms import ARMS, Arm
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +37,9 @@ DEFAULT_PROMPTS = ("a piece of music, {}", "{}, slow and soft", "{}, fast, with 
 PAIR_PROMPTS = ("{}, a piece of music", "{}, slow and soft")
 
 
-@dataclass(frozen=True)
-class Method:
-    """One row of the comparison: a tune recipe (``preset``), density, identifier tokens; ``pair`` = two concepts
-    tuned together."""
-
-    name: str
-    preset: str | None  # None: no tuning (the base model)
-    ratio: float | None = None
-    n_tokens: int = 3
-    pair: bool = False
-
-
-METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("base", None),
-        Method("tokens", "tokens"),
-        Method("ppt-0.1%", "ppt", 0.001),
-        Method("ppt-1%", "ppt", 0.01),
-        Method("ppt-5%", "ppt", 0.05),
-        Method("dreamstyler", "dreamstyler", 0.01),
-        Method("full", "full"),
-        Method("pair-1tok", "ppt", 0.01, n_tokens=1, pair=True),
-        Method("pair-3tok", "ppt", 0.01, n_tokens=3, pair=True),
-    )
-}
+#: The protocol's arms (`ppt_fast.eval.arms`: ours and the peers, one table with the benchmarks).
+Method = Arm
+METHODS: dict[str, Arm] = {a.name: a for a in ARMS.values() if a.protocol}
 
 
 @dataclass
@@ -80,6 +58,7 @@ class Settings:
     top_k: int | None = None  # None: the model's own sampling settings
     allow_unverified: bool = False  # apply concept files without a base-model fingerprint (see generate())
     tune_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    held_in_clips: int = 2  # per held-in prompt (0: no held-in cost); see `held_in`
 
 
 def text_part(prompt: str) -> str:
@@ -120,14 +99,20 @@ def score_clips(
 ) -> dict[str, Any]:
     """All four metrics for the clips ``[B, C, T]`` of one prompt. ``references``: name -> (``[C, T]``, rate)."""
     out: dict[str, Any] = {"prompt": prompt, "clips": int(clips.shape[0])}
+    # Per clip (the means are over clips, so these give the standard errors; `_clip_stats`).
     for name, (ref, ref_sr) in references.items():
         suffix = "" if len(references) == 1 else f"[{name}]"
-        out["audio_alignment" + suffix] = metrics.audio_alignment(
-            clips, ref, sample_rate, reference_sample_rate=ref_sr, embedder=s.embedder, pad=s.pad
-        )
-        out["copying" + suffix] = metrics.copying(clips, ref, sample_rate, reference_sample_rate=ref_sr)
-    ta = metrics.text_alignment(clips, text_part(prompt), sample_rate, clap_checkpoint=s.clap_checkpoint, pad=s.pad)
-    out["text_alignment"] = ta.value
+        aa = [metrics.audio_alignment(c[None], ref, sample_rate, reference_sample_rate=ref_sr, embedder=s.embedder,
+                                      pad=s.pad) for c in clips]  # fmt: skip
+        cp = [metrics.copying(c[None], ref, sample_rate, reference_sample_rate=ref_sr) for c in clips]
+        out["audio_alignment" + suffix], out["audio_alignment" + suffix + "_clips"] = sum(aa) / len(aa), aa
+        out["copying" + suffix], out["copying" + suffix + "_clips"] = sum(cp) / len(cp), cp
+    tas = [metrics.text_alignment(c[None], text_part(prompt), sample_rate, clap_checkpoint=s.clap_checkpoint,
+                                  pad=s.pad) for c in clips]  # fmt: skip
+    ta = tas[0]
+    vals = [t.value for t in tas]
+    out["text_alignment"] = sum(vals) / len(vals) if all(math.isfinite(v) for v in vals) else math.nan
+    out["text_alignment_clips"] = vals
     out["text_alignment_method"] = ta.method
     out["text_alignment_tags"] = list(ta.tags)
     out["diversity"] = metrics.diversity(clips, sample_rate, embedder=s.embedder, pad=s.pad) if len(clips) > 1 else None
@@ -252,11 +237,21 @@ def run_protocol(
     unknown = [x for x in chosen if x not in METHODS]
     if unknown:
         raise ValueError(f"methods {unknown}: choose from {', '.join(METHODS)}")
+    if any(METHODS[x].peer for x in chosen):
+        import importlib.util
+
+        if importlib.util.find_spec("peft") is None:
+            peers_named = ", ".join(x for x in chosen if METHODS[x].peer)
+            raise ValueError(f"methods {peers_named} need PEFT: pip install 'ppt_fast[peers]' (peft==0.21.2), or "
+                             "leave them out of --methods")  # fmt: skip
     pair_names = list(pair) if pair is not None else (names[:2] if len(names) >= 2 else m.concepts[:2])
     if any(METHODS[x].pair for x in chosen) and len(pair_names) != 2:
         raise ValueError(f"pair methods need two concepts, got {pair_names}")
     os.makedirs(out_dir, exist_ok=True)
     refs = _load_refs(m, sorted(set(names) | set(pair_names)))
+    held_in, base_held = held_in_set_for(s), None
+    if held_in is not None:
+        base_held = _loss(held_in, [])
     results: list[dict[str, Any]] = []
     for method_name in chosen:
         method = METHODS[method_name]
@@ -265,7 +260,19 @@ def run_protocol(
             idents = [f"<v{i + 1}>" for i in range(len(target))]
             t0 = time.perf_counter()
             concept_objs: list[Any] = []
-            if method.preset is not None:
+            extra: dict[str, Any] = {}
+            if method.peer is not None:
+                from .peers import tune_peer
+
+                tag = f"{method_name}-{'+'.join(target)}"
+                run = tune_peer(m.reference_path(target[0]), method, model=s.model, identifier=idents[0],
+                                steps=s.steps, seed=s.seed, verbose=False, n_tokens=method.n_tokens,
+                                adapter_dir=os.path.join(out_dir, "adapters", tag) if "lora" in method.peer else None,
+                                **dict(s.tune_kwargs))  # fmt: skip
+                concept_objs = [run.concept]
+                extra = {"trainable": run.trainable, "adapter_bytes": run.adapter_bytes, "impl": run.impl,
+                         "rank": run.rank, "optimizer_state_bytes": run.optimizer_state_bytes}  # fmt: skip
+            elif method.preset is not None:
                 kwargs: dict[str, Any] = dict(s.tune_kwargs)
                 kwargs["n_tokens"] = method.n_tokens
                 if method.ratio is not None:
@@ -281,6 +288,8 @@ def run_protocol(
                 )  # fmt: skip
                 concept_objs = list(tuned) if isinstance(tuned, list) else [tuned]
             tune_s = time.perf_counter() - t0
+            files = _save_concepts(out_dir, method_name, target, concept_objs)
+            held = _held_in_rise(concept_objs, held_in, base_held) if held_in is not None else None
             target_refs = {n: refs[n] for n in target}
             prompts = PAIR_PROMPTS if method.pair else s.prompts
             # base: the identifier means nothing to the untuned model; prompts keep it for a like-for-like text
@@ -295,13 +304,16 @@ def run_protocol(
                 "ratio": method.ratio,
                 "n_tokens": method.n_tokens if method.preset else None,
                 "tune_seconds": round(tune_s, 3),
+                "concept_bytes": files,
+                "trainable": extra.pop("trainable", None) or _trained_count(concept_objs),
+                **extra,
+                "held_in_loss_rise": held,
                 "prompts": rows,
             }
-            for key in {k for r in rows for k in r if k.startswith(("audio_alignment", "copying"))} | {
-                "text_alignment",
-                "diversity",
-            }:
+            for key in {k for r in rows for k in r if k.startswith(("audio_alignment", "copying"))
+                        and not k.endswith("_clips")} | {"text_alignment", "diversity"}:  # fmt: skip
                 summary[key] = _mean(rows, key)
+                summary.update(_clip_stats(rows, key))
             if method.pair:
                 a, b = (f"audio_alignment[{n}]" for n in target)
                 if summary.get(a) is not None and summary.get(b) is not None:
@@ -332,6 +344,108 @@ def run_protocol(
     }
     _write_report(out_dir, report)
     return report
+
+
+def _clip_stats(rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """`key`'s standard error over every clip of `rows` (`<key>_se`, `<key>_n`); {} where there are no per-clip
+    values (diversity: one number per prompt, whose spread over the prompts is its noise)."""
+    vals = [v for r in rows for v in (r.get(key + "_clips") or []) if _number(v) and math.isfinite(v)]
+    if key == "diversity":
+        vals = [r[key] for r in rows if _number(r.get(key)) and math.isfinite(r[key])]
+    if len(vals) < 2:
+        return {}
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    return {f"{key}_se": sd / math.sqrt(len(vals)), f"{key}_n": len(vals)}
+
+
+def _trained_count(concepts: Sequence[Any]) -> int | None:
+    """LM entries the concepts change (pivots + dense entries), None for the base arm."""
+    if not concepts:
+        return None
+    return sum(int(c.pivots.count) + sum(int(t.numel()) for t in c.dense.values()) for c in concepts)
+
+
+def _save_concepts(out_dir: str, method: str, target: Sequence[str], concepts: Sequence[Any]) -> int | None:
+    """Write the arm's concept files under `out_dir/concepts/` and return their total size in bytes."""
+    if not concepts:
+        return None
+    folder = os.path.join(out_dir, "concepts")
+    os.makedirs(folder, exist_ok=True)
+    total = 0
+    for i, c in enumerate(concepts):
+        path = os.path.join(folder, f"{method}-{'+'.join(target)}-{i + 1}.ppt")
+        c.save(path)
+        total += os.path.getsize(path)
+    return total
+
+
+#: The held-in prompts of models whose training data is not at hand: the protocol's prompts' text parts.
+HELD_IN_FALLBACK_PROMPTS = ("a piece of music", "slow and soft", "fast, with drums", "electronic techno")
+
+
+def held_in_set_for(s: Settings) -> tuple[Any, torch.Tensor, list[str]] | None:
+    """(model, codes, prompts) the held-in cost is measured on, or None (`s.held_in_clips` = 0). The trained default
+    `tiny`: new compositions of its training instruments under their words (`heldin.held_in_set`); any other
+    model: its own samples for `HELD_IN_FALLBACK_PROMPTS` (`heldin.base_samples_set`)."""
+    from ppt_fast import load_model
+    from ppt_fast.models import model_kind
+
+    from . import heldin
+
+    if not s.held_in_clips:
+        return None
+    model = load_model(s.model)
+    if s.model == "tiny" or (isinstance(s.model, str) and model_kind(s.model) == "trained"):
+        from ppt_fast.tiny import pretrain
+
+        codes, words, _ = heldin.held_in_set(model, list(pretrain.TRAIN_CONCEPTS), clips=s.held_in_clips,
+                                             seed=s.seed)  # fmt: skip
+        return model, codes, words
+    codes, texts = heldin.base_samples_set(model, HELD_IN_FALLBACK_PROMPTS, clips=s.held_in_clips, seed=s.seed)
+    return model, codes, texts
+
+
+def _loss(held_in: tuple[Any, torch.Tensor, list[str]], concepts: Sequence[Any]) -> float:
+    from . import heldin
+
+    model, codes, prompts = held_in
+    for c in concepts:
+        c.apply(model)
+    try:
+        return heldin.teacher_forced_loss(model, codes, prompts)
+    finally:
+        for c in reversed(concepts):
+            c.remove(model)
+
+
+def _held_in_rise(concepts: Sequence[Any], held_in: Any, base: float | None) -> float | None:
+    """The concepts' held-in cost: teacher-forced loss rise (nats per code) on the held-in set, no identifier."""
+    if base is None:
+        return None
+    return _loss(held_in, concepts) - base if concepts else 0.0
+
+
+def _with_se(rows: Sequence[Mapping[str, Any]], key: str) -> str:
+    """The mean over `rows` (concepts) of `key` ± its standard error (the concepts' errors combined)."""
+    m = _mean(rows, key)
+    ses = [r.get(f"{key}_se") for r in rows]
+    if m is None or not ses or not all(_number(x) for x in ses):
+        return _fmt(m)
+    return f"{_fmt(m)} ± {math.sqrt(sum(x * x for x in ses)) / len(ses):.3f}"
+
+
+def _count(n: float | None) -> str:
+    return "-" if n is None else f"{round(n):,}"
+
+
+def _kb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1024:.0f} KB" if n < 10 * 1024 * 1024 else f"{n / 1024 / 1024:.1f} MB"
+
+
+def _file_cell(rows: Sequence[Mapping[str, Any]]) -> str:
+    adapter, concept = _mean(rows, "adapter_bytes"), _mean(rows, "concept_bytes")
+    return f"{_kb(adapter)} / {_kb(concept)}" if adapter is not None else _kb(concept)
 
 
 def _fmt(v: Any) -> str:
@@ -399,16 +513,22 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     pairs = [r for r in report["results"] if len(r["concepts"]) == 2]
     if singles:
         lines += ["## Single concepts (mean over concepts and prompts)", ""]
-        lines += ["| method | audio alignment ↑ | text alignment ↑ | diversity ↑ | copying ↓ | tune s |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| method | audio alignment ↑ | text alignment ↑ | diversity ↑ | copying ↓ | held-in cost ↓ "
+                  "| trained entries | file | tune s |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         by_method: dict[str, list[Mapping[str, Any]]] = {}
         for r in singles:
             by_method.setdefault(r["method"], []).append(r)
         for name, rows in by_method.items():
-            cells = [_mean(rows, k) for k in ("audio_alignment", "text_alignment", "diversity", "copying")]
+            cells = [_with_se(rows, k) for k in ("audio_alignment", "text_alignment", "diversity", "copying")]
             lines.append(
-                f"| {name} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt(_mean(rows, 'tune_seconds'))} |"
+                f"| {name} | " + " | ".join(cells) + f" | {_fmt(_mean(rows, 'held_in_loss_rise'))} | "
+                f"{_count(_mean(rows, 'trainable'))} | {_file_cell(rows)} | {_fmt(_mean(rows, 'tune_seconds'))} |"
             )
+        lines += ["", "± one standard error over the clips (diversity: over the prompts); held-in cost: the "
+                  "teacher-forced loss rise in nats per code on held-in clips under prompts without the identifier; "
+                  "file: the concept file (LoRA: PEFT's adapter folder from save_pretrained, the concept file of "
+                  "its merged weights after the slash)."]  # fmt: skip
         lines += ["", "Per concept:", ""]
         lines += [
             "| method | concept | audio alignment | text alignment | diversity | copying |",
