@@ -41,6 +41,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-optmem-size", default="small", help="model whose optimizer state is measured")
     g.addoption("--bench-e2e-models", default="tiny,small", help="end-to-end models: tiny,small")
     g.addoption("--bench-loss-models", default="tiny,small", help="models of the loss benchmark: tiny,small")
+    g.addoption("--bench-peer-models", default="small", help="models of the PEFT peers' tune step: tiny,small,medium")
     g.addoption(
         "--bench-e2e-sensitivity",
         default="tiny,small",
@@ -69,6 +70,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("dtype", cfg.dtypes)
     if "e2e_model" in metafunc.fixturenames:
         metafunc.parametrize("e2e_model", cfg.e2e_models)
+    if "peer_model" in metafunc.fixturenames:
+        metafunc.parametrize("peer_model", cfg.peer_models)
     if "loss_model" in metafunc.fixturenames:
         metafunc.parametrize("loss_model", cfg.loss_models)
 

@@ -44,6 +44,7 @@ class BenchConfig:
     e2e_models: list[str]
     optmem_size: str
     e2e_sensitivity: list[str]
+    peer_models: list[str]
     loss_models: list[str]
 
     def layers_for(self, size: str) -> int | None:
@@ -72,6 +73,7 @@ def _config(config) -> BenchConfig:
         e2e_models=[m for m in config.getoption("--bench-e2e-models").split(",") if m],
         optmem_size=config.getoption("--bench-optmem-size"),
         e2e_sensitivity=[m for m in config.getoption("--bench-e2e-sensitivity").split(",") if m],
+        peer_models=[m for m in config.getoption("--bench-peer-models").split(",") if m],
         loss_models=[m for m in config.getoption("--bench-loss-models").split(",") if m],
     )
 

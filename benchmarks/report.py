@@ -156,6 +156,108 @@ def e2e_rows(fname: str, data: dict) -> list[str]:
     return rows
 
 
+PEER_OP = "peer_tune_step"
+PEER_ORDER = ("ppt_fast", "dense_masked", "lora", "lora_matched", "shira")
+
+
+def peer_rows(fname: str, data: dict) -> list[str]:
+    """One row per arm of the peers' tune step; ratios against ppt_fast's row of the same model in the same file."""
+    rows = []
+    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") == PEER_OP]
+    by_model: dict[str, dict[str, dict]] = defaultdict(dict)
+    for e in entries:
+        by_model[e["model"]][e["provider"]] = e
+    for model, arms in by_model.items():
+        ppt = arms.get("ppt_fast")
+        for prov in sorted(arms, key=lambda p: PEER_ORDER.index(p) if p in PEER_ORDER else 99):
+            e = arms[prov]
+            t = _ratio(e["step_seconds"], ppt and ppt["step_seconds"])
+            m = _ratio(e["peak_extra_bytes"], ppt and ppt["peak_extra_bytes"])
+            f = _ratio(e.get("file_bytes"), ppt and ppt.get("file_bytes"))
+            rows.append(
+                f"| {model} | {prov} | {_fmt_s(e['step_seconds'])} | {_fmt_x(t)} | {_fmt_b(e['peak_bytes'])} | "
+                f"{_fmt_b(e['peak_extra_bytes'])} | {_fmt_x(m)} | {e.get('trainable', 0):,} | "
+                f"{_fmt_b(e.get('optimizer_state_bytes'))} | {_fmt_b(e.get('file_bytes'))} | {_fmt_x(f)} | "
+                f"{e.get('impl', '')} | {fname} |"
+            )
+    return rows
+
+
+def peer_figures(fname: str, data: dict) -> list[str]:
+    """The issue's targets, ours vs LoRA at its recipe and vs SHiRA at ppt's count, per model, from one file."""
+    lines = []
+    entries = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("op") == PEER_OP]
+    by_model: dict[str, dict[str, dict]] = defaultdict(dict)
+    for e in entries:
+        by_model[e["model"]][e["provider"]] = e
+    for model, arms in sorted(by_model.items()):
+        ppt, lora, shira = arms.get("ppt_fast"), arms.get("lora"), arms.get("shira")
+        if not ppt:
+            continue
+        checks = []
+        if lora:
+            checks += [
+                ("step time <= LoRA's", ppt["step_seconds"] <= lora["step_seconds"],
+                 f"{ppt['step_seconds'] / lora['step_seconds']:.2f}x LoRA's"),
+                ("peak memory <= LoRA's", ppt["peak_bytes"] <= lora["peak_bytes"],
+                 f"{_fmt_b(ppt['peak_bytes'])} vs {_fmt_b(lora['peak_bytes'])}"),
+                ("file <= 1/20 of LoRA's adapter", ppt["file_bytes"] * 20 <= lora["file_bytes"],
+                 f"1/{lora['file_bytes'] / ppt['file_bytes']:.0f}"),
+            ]  # fmt: skip
+        if shira:
+            checks += [
+                (">= 2x faster than SHiRA", shira["step_seconds"] >= 2 * ppt["step_seconds"],
+                 f"{shira['step_seconds'] / ppt['step_seconds']:.2f}x"),
+                ("less memory than SHiRA", ppt["peak_bytes"] < shira["peak_bytes"],
+                 f"{_fmt_b(ppt['peak_bytes'])} vs {_fmt_b(shira['peak_bytes'])}"),
+            ]  # fmt: skip
+        for what, ok, how in checks:
+            lines.append(f"- {model}, ppt_fast vs peers: {what}: **{'met' if ok else 'missed'}** ({how}; {fname})")
+    return lines
+
+
+def _plot_peers(results: list[tuple[str, dict]], out_dir: Path, plt) -> list[Path]:
+    """Step time vs peak memory over the model per arm (marker area = the file the user keeps), one panel per model,
+    from the newest file that measured the peers."""
+    newest = None
+    for fname, data in results:
+        if any(b["extra_info"].get("op") == PEER_OP for b in data["benchmarks"]):
+            if newest is None or data["provenance"]["date_utc"] > newest[1]["provenance"]["date_utc"]:
+                newest = (fname, data)
+    if newest is None:
+        return []
+    fname, data = newest
+    by_model: dict[str, dict[str, dict]] = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("op") == PEER_OP:
+            by_model[e["model"]][e["provider"]] = e
+    order = ("tiny", "small", "medium", "large")
+    models = sorted(by_model, key=lambda m: next((i for i, o in enumerate(order) if m.endswith(o)), 9))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.6), squeeze=False)
+    biggest = max((e.get("file_bytes") or 1) for arms in by_model.values() for e in arms.values())
+    for ax, model in zip(axes[0], models):
+        for prov in PEER_ORDER:
+            e = by_model[model].get(prov)
+            if e is None:
+                continue
+            size = 30 + 1500 * math.sqrt((e.get("file_bytes") or 1) / biggest)
+            x, y = e["peak_extra_bytes"] / GIB, e["step_seconds"]
+            ax.scatter([x], [y], s=size, alpha=0.55, color=plt.get_cmap("tab10")(PEER_ORDER.index(prov)))
+            ax.annotate(f"{prov}, {_fmt_b(e.get('file_bytes'))}", (x, y), xytext=(6, 6), textcoords="offset points",
+                        fontsize=7, ha="left", va="bottom")  # fmt: skip
+        ax.set(xlabel="peak memory over the model (GiB)", ylabel="step time (s)",
+               title=f"{model}: one tune step ({data['provenance']['device']})")  # fmt: skip
+        ax.grid(True, alpha=0.3)
+        ax.margins(0.25)
+    fig.suptitle(f"marker area ~ the file the user keeps (concept file / PEFT adapter); {fname}", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "peers_time_memory.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
 def loss_rows(fname: str, data: dict) -> list[str]:
     rows = []
     for prov, e, base in _versus(data, ("lm_loss",), "solver"):
@@ -257,13 +359,20 @@ def figures(fname: str, data: dict) -> list[str]:
     return [f"{line}  ({fname})" for line in out]
 
 
-def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot(results: list[tuple[str, dict]], out_dir: Path) -> list[Path]:
+    plt = _pyplot()
+    if plt is None:
         return []
     # One line per series (provider, model, layers, dtype, device), from the newest run that measured it: older runs
     # of the same series would only draw over it (and fill the legend twice).
@@ -384,6 +493,19 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
                     ["model", "phase", "method", "density", "step", "speed-up", "peak", "vs dense", "peak over model",
                      "vs dense", "file"],
                     [r for fname, data in results for r in e2e_rows(fname, data)])  # fmt: skip
+    peer_files = [(f, d) for f, d in results if any(b["extra_info"].get("op") == PEER_OP for b in d["benchmarks"])]
+    if peer_files:
+        lines += ["", "## Against PEFT's LoRA and SHiRA: figures to reach", ""]
+        lines += peer_figures(*max(peer_files, key=lambda fd: fd[1]["provenance"]["date_utc"]))
+    lines += _table("Against PEFT's LoRA and SHiRA (one tune step through transformers, B = 1, 5 s)",
+                    ["model", "arm", "step", "vs ppt_fast", "peak", "peak over model", "vs ppt_fast",
+                     "trainable", "optimizer state", "file", "vs ppt_fast", "implementation", "file"],
+                    [r for fname, data in results for r in peer_rows(fname, data)],
+                    intro="`benchmarks/bench_peers.py`: each arm of `ppt_fast.eval.arms` in a fresh process on "
+                    "Hugging Face MusicGen shapes (random init). ppt_fast and dense_masked: recipe `ppt` at 1 %; "
+                    "lora: the musicgen-dreamboothing recipe (r 16 on q/k/v/out_proj, fc1, fc2); lora_matched and "
+                    "shira: ppt's tensors at ppt's count. File: the concept file (ours) or PEFT's save_pretrained "
+                    "folder.")  # fmt: skip
     lines += _table("MusicGen's training loss, forward + backward (`benchmarks/loss_probe.py`)",
                     ["model", "batch", "provider", "time", "speed-up", "logits", "peak over model", "vs solver",
                      "file"],
@@ -410,6 +532,11 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
     pngs = _plot(results, out_dir)
     if pngs:
         lines += ["", "## Plot", ""] + [f"![speed-up and memory vs density]({p.name})" for p in pngs]
+    plt = _pyplot()
+    peer_pngs = _plot_peers(results, out_dir, plt) if plt is not None else []
+    if peer_pngs:
+        lines += ["", f"![step time vs memory per arm, marker = file size]({peer_pngs[0].name})"]
+    pngs += peer_pngs
     md = out_dir / "README.md"
     md.write_text("\n".join(lines) + "\n")
     return md, pngs

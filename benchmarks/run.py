@@ -41,13 +41,13 @@ SUITES = {
         "device": "cuda",
         "args": ["--bench-sizes", "small,medium,large", "--bench-layers", "small=all,medium=all,large=all",
                  "--bench-dtypes", "fp32,bf16", "--bench-mem-sizes", "small,medium,large",
-                 "--bench-e2e-models", "tiny,small", "--bench-rounds", "10"],
+                 "--bench-e2e-models", "tiny,small", "--bench-peer-models", "small,medium", "--bench-rounds", "10"],
     },
     "smoke": {
         "device": "cpu",
         "args": ["--bench-sizes", "tiny", "--bench-dtypes", "fp32", "--bench-densities", "0.01",
                  "--bench-mem-sizes", "tiny", "--bench-e2e-models", "", "--bench-rounds", "1",
-                 "--bench-optmem-size", "tiny", "--bench-loss-models", ""],
+                 "--bench-optmem-size", "tiny", "--bench-loss-models", "", "--bench-peer-models", ""],
     },
 }  # fmt: skip
 FILES = [
@@ -56,6 +56,7 @@ FILES = [
     "bench_sparse_adamw_step.py",
     "bench_optimizer_memory.py",
     "bench_tune_step.py",
+    "bench_peers.py",
     "bench_lm_loss.py",
 ]
 

@@ -68,6 +68,90 @@ def _host(spec: dict):
     return AudiocraftHost(_build(spec["model"], device), "other")
 
 
+PEERS = ("lora", "lora_matched", "shira")  # PEFT's arms (ppt_fast.eval.arms), transformers host
+
+
+def _peer_arm(host, method: str, sparse, indices, offsets, k: int):
+    """The PEFT arm `method` injected into the host's LM (in place), its torch AdamW and a label. `lora`: the
+    musicgen-dreamboothing recipe; `lora_matched`: ppt's tensors, rank nearest ppt's k; `shira`: ppt's tensors,
+    PEFT's sizing (r (m + n) entries per layer, r nearest ppt's k), the entries drawn uniformly like ppt's here."""
+    import peft
+
+    from ppt_fast.eval import arms, peers
+
+    lm = host.lm
+    arm = arms.get(method.replace("_", "-"))
+    if method == "shira":
+        r, per_layer = peers.shira_rank(host, k)
+        g = torch.Generator().manual_seed(1)
+        masks = {}
+        for e in sparse:
+            mask = torch.zeros(e.param.numel(), dtype=e.param.dtype)
+            mask[torch.randperm(e.param.numel(), generator=g)[:per_layer]] = 1
+            masks[id(e.param)] = mask.reshape(e.param.shape).to(e.param.device)
+        config = peft.ShiraConfig(r=r, target_modules=[e.name.rpartition(".")[0] for e in sparse])
+        config.mask_fn = lambda layer, r_, **_: masks[id(layer.weight)]
+        label, lr = f"peft ShiraConfig(r={r}, {per_layer} entries per layer)", cases.LR
+    else:
+        targets = peers.lora_targets(host, arm)
+        rank = arm.rank if method == "lora" else peers.matched_rank(host, targets, k)
+        config = peers.lora_config(targets, rank=rank, alpha=arm.alpha, dropout=arm.dropout)
+        label, lr = f"peft LoraConfig(r={rank}, alpha={config.lora_alpha}) on {len(targets)} tensors", arm.lr
+    model = peft.get_peft_model(lm, config)
+    for name, m in lm.named_modules():  # the recipe's dropout is active in training
+        if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in f"{name}.":
+            m.train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(cases.BETA1, cases.BETA2), eps=cases.EPS, weight_decay=cases.WD)
+    return opt, f"{label}, torch.optim.AdamW (default implementation)", model
+
+
+def _state_bytes(opt) -> int:
+    if opt is None:
+        return 0
+    if hasattr(opt, "state_bytes"):
+        return int(opt.state_bytes())
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim())  # fmt: skip
+
+
+def _file_sizes(host, method: str, phase: str, opt, peer, sparse, indices, offsets) -> dict:
+    """What the user keeps and what the optimizer holds: the PEFT adapter folder (`save_pretrained`) for the peers,
+    the concept file (k pivots + 3 identifier tokens, fp32) for ours; trainable entries; optimizer state bytes."""
+    import os
+    import tempfile
+
+    out = {"optimizer_state_bytes": _state_bytes(opt)}
+    if phase != "train":
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        if peer is not None:
+            peer.save_pretrained(tmp)
+            out["file"] = "PEFT adapter (save_pretrained)"
+            out["trainable"] = sum(p.numel() for p in host.lm.parameters() if p.requires_grad)
+        else:
+            import logging
+
+            from ppt_fast.concept import Concept
+            from ppt_fast.pivots import PivotSet
+
+            logging.getLogger("ppt_fast.concept").setLevel(logging.ERROR)  # no base fingerprint: not needed here
+            names = [e.name for e in sparse]
+            pivots = PivotSet(names, [e.param.shape for e in sparse], offsets, indices.cpu())
+            dim = host.text_embedding("music").shape[-1]  # the identifier tokens' width
+            tokens = {"<v1>": torch.zeros(3, dim)}
+            c = Concept.capture(host.lm, pivots, identifiers=["<v1>"], tokens=tokens)
+            Concept.capture(host.lm, pivots, identifiers=["<v1>"], tokens=tokens,
+                            storage_dtype=torch.bfloat16).save(os.path.join(tmp, "bf16.ppt"))  # fmt: skip
+            out["file_bytes_bf16"] = os.path.getsize(os.path.join(tmp, "bf16.ppt"))  # values stored in bf16
+            os.remove(os.path.join(tmp, "bf16.ppt"))
+            c.save(os.path.join(tmp, "v1.ppt"))
+            out["file"] = "concept file (Concept.save, fp32 values)"
+            out["trainable"] = int(indices.numel())
+        out["file_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+    return out
+
+
 def measure(spec: dict) -> dict:
     tune_mod = importlib.import_module("ppt_fast.tuning")  # the module (the package exports a function tune)
 
@@ -116,7 +200,7 @@ def measure(spec: dict) -> dict:
     from ppt_fast.rowgrad import RowGrads
 
     handles = []
-    impl = None
+    impl = opt = None
     # ppt_fast's arm runs as tune() does: row-scoped weight gradients on unless the spec says "row_grads": false.
     row_grads = method == "ppt_fast" and bool(spec.get("row_grads", True))
     rg = RowGrads()
@@ -134,6 +218,16 @@ def measure(spec: dict) -> dict:
                 p.grad = None
             loss_fn().backward()
             opt.step()
+
+    elif phase == "train" and method in PEERS:
+        opt, impl, peer = _peer_arm(host, method, sparse, indices, offsets, k)
+
+        def step():
+            with autocast():
+                loss = host.loss(codes, prompts)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     elif phase == "train":
         from ppt_fast.optim import SparseAdamW
@@ -201,7 +295,10 @@ def measure(spec: dict) -> dict:
         h.remove()
     from ppt_fast import _backend
 
+    files = _file_sizes(host, method, phase, opt if phase == "train" else None, peer if method in PEERS else None,
+                        sparse, indices, offsets)  # fmt: skip
     return {
+        **files,
         "step_seconds": statistics.median(times[1:]),
         "step_times": times,
         "peak_bytes": int(peak),

@@ -132,9 +132,10 @@ rm -f "$OUT/bench/speedup_memory_vs_density.png"  # the device tool brings back 
 
 # ---- end to end ------------------------------------------------------------------------------------------------------
 # One tune step through the transformers host (the GPU machines have no audiocraft), musicgen-medium shapes in bf16,
-# B = 1, 5 s, ppt at 1 %: ppt_fast against dense masked tuning (issue 25's GPU case; target: <= 6 GB peak). The dry
-# run takes the tiny random model on the CPU. Each probe prints one JSON line into check.log.
-for method in dense_masked ppt_fast; do
+# B = 1, 5 s, ppt at 1 %: ppt_fast against dense masked tuning (issue 25's GPU case; target: <= 6 GB peak) and against
+# PEFT's LoRA (the musicgen-dreamboothing recipe) and SHiRA at ppt's count (issue 26's GPU case). The dry run takes
+# the tiny random model on the CPU. Each probe prints one JSON line into check.log.
+for method in dense_masked ppt_fast lora shira; do
     if [ $DRY = 1 ]; then
         spec='{"model": "tiny", "method": "'$method'", "phase": "train", "density": 0.01, "device": "cpu",
                "seconds": 1.0, "steps": 1, "host": "transformers"}'
