@@ -139,3 +139,40 @@ def test_memory_probes_are_shared_by_the_providers_the_session_runs(monkeypatch)
     assert harness.peak_memory_for({**base, "provider": "ref"}, [0.01]) == {"peak_extra_bytes": 3}
     assert calls[1]["providers"] == ["ref"]
     assert "error" in harness.peak_memory_for({**base, "provider": "cpp", "density": 0.05}, [0.01])
+
+
+@pytest.mark.skipif(
+    any(__import__("importlib").util.find_spec(m) is None for m in ("transformers", "peft")),
+    reason="the peers' probe runs PEFT on transformers' MusicGen",
+)
+def test_peer_probe_and_its_report_on_the_tiny_model(tmp_path):
+    """tune_probe.py's peer arms (bench_peers.py) on the tiny random transformers model: the trainable counts follow
+    the arms' rules, the files are measured, and the report renders their table, targets and plot."""
+    out = {}
+    for method in ("ppt_fast", "lora", "lora_matched", "shira"):
+        spec = {"model": "tiny", "method": method, "phase": "train", "density": 0.05, "device": "cpu",
+                "seconds": 1.0, "steps": 1, "host": "transformers"}  # fmt: skip
+        proc = subprocess.run([sys.executable, str(BENCH / "tune_probe.py"), json.dumps(spec)], capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ppt, lora, matched, shira = (out[m] for m in ("ppt_fast", "lora", "lora_matched", "shira"))
+    assert ppt["trainable"] == ppt["k"] and 0 < ppt["file_bytes_bf16"] < ppt["file_bytes"]
+    assert "r=16" in lora["impl"] and lora["trainable"] > 10 * ppt["k"]
+    assert lora["optimizer_state_bytes"] == 8 * lora["trainable"] and ppt["optimizer_state_bytes"] <= 16 * ppt["k"]
+    for peer in (matched, shira):  # nearest ppt's count in steps of the rank
+        assert peer["trainable"] > 0 and abs(peer["trainable"] - ppt["k"]) <= max(peer["trainable"], ppt["k"])
+        assert peer["file_bytes"] > 0 and peer["file"].startswith("PEFT adapter")
+    data = {"provenance": {"device": "cpu", "device_name": "x", "date_utc": "2026-01-01T00:00:00+00:00"},
+            "benchmarks": [{"extra_info": {"op": "peer_tune_step", "provider": m, "model": "hf-tiny", **r}}
+                           for m, r in out.items()]}  # fmt: skip
+    (tmp_path / "cpu-2026-01-01.json").write_text(json.dumps(data))
+    md, pngs = report.render(sorted(tmp_path.glob("*.json")), tmp_path)
+    text = md.read_text()
+    assert "| hf-tiny | lora |" in text and "file <= 1/20 of LoRA's adapter" in text and ">= 2x faster" in text
+    if importlib_util_spec("matplotlib"):
+        assert any(p.name == "peers_time_memory.png" and p.exists() for p in pngs)
+
+
+def importlib_util_spec(name: str) -> bool:
+    return __import__("importlib").util.find_spec(name) is not None

@@ -190,12 +190,18 @@ def test_protocol_end_to_end_tiny(manifest, tmp_path):
 @pytest.mark.integration
 @needs_musicnn
 @pytest.mark.skipif(not _has_tune_stack() or importlib.util.find_spec("peft") is None, reason="needs audiocraft, peft")
-def test_protocol_runs_the_peers_and_their_held_in_cost(manifest, tmp_path):
-    """PEFT's LoRA and SHiRA arms through the protocol on the random-init model: their adapter / concept files, the
-    trainable count, and the held-in cost (base samples under the prompts' text, no identifier) of each arm."""
-    s = Settings(model="tiny-random", steps=2, duration=3.2, clips_per_prompt=2, prompts=("a piece of music, {}",),
-                 top_k=32, held_in_clips=1)  # fmt: skip
-    report = run_protocol(manifest, str(tmp_path), settings=s, concepts=["violin"], methods=["base", "lora", "shira"])
+def test_protocol_runs_the_peers_and_their_held_in_cost(manifest, tmp_path, capsys):
+    """PEFT's LoRA and SHiRA arms through `ppt-fast eval --protocol` on the random-init model: their adapter / concept
+    files, the trainable count, and the held-in cost (base samples under the prompts' text, no identifier)."""
+    p = _parser()
+    args = p.parse_args(["eval", "--protocol", "--dataset", manifest, "--model", "tiny-random", "--concepts", "violin",
+                         "--methods", "base,lora,shira", "--steps", "2", "--clips", "2", "--duration", "3.2",
+                         "--prompts", "a piece of music, {}", "--top-k", "32", "--held-in-clips", "1",
+                         "--out", str(tmp_path)])  # fmt: skip
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "lora" in printed and "held_in_loss_rise" in printed and "±" in printed and "_clips" not in printed
+    report = json.load(open(tmp_path / "results.json"))
     rows = {r["method"]: r for r in report["results"]}
     assert rows["base"]["held_in_loss_rise"] == 0.0
     lora, shira = rows["lora"], rows["shira"]

@@ -106,6 +106,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--clips", type=int, default=2, help="clips generated per prompt (default 2)")
     e.add_argument("--duration", type=float, default=5.0, help="seconds per generated clip (default 5; >= 3)")
     e.add_argument("--top-k", type=int, default=None, help="default: the model's (tiny: 64; MusicGen: 250)")
+    e.add_argument("--held-in-clips", type=int, default=2,
+                   help="--protocol: held-in clips per prompt for the held-in cost (default 2; 0: off)")  # fmt: skip
     e.add_argument("--seed", type=int, default=0,
                    help="everything random (tuning, generation) derives from it (default %(default)s)")  # fmt: skip
     e.add_argument("--embedder", default="musicnn", choices=("musicnn", "mfcc"),
@@ -165,12 +167,13 @@ def _cmd_dataset_list(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace):
     from .protocol import DEFAULT_PROMPTS, Settings
 
-    if args.clips < 1 or args.duration <= 0:
-        raise ValueError("--clips must be >= 1 and --duration > 0")
+    if args.clips < 1 or args.duration <= 0 or args.held_in_clips < 0:
+        raise ValueError("--clips must be >= 1, --duration > 0 and --held-in-clips >= 0")
     return Settings(
         model=args.model, steps=args.steps, duration=args.duration, clips_per_prompt=args.clips,
         prompts=tuple(args.prompts) if args.prompts else DEFAULT_PROMPTS, seed=args.seed, embedder=args.embedder,
         pad=args.pad, clap_checkpoint=args.clap_checkpoint, top_k=args.top_k, allow_unverified=args.allow_unverified,
+        held_in_clips=args.held_in_clips,
     )  # fmt: skip
 
 
@@ -178,8 +181,11 @@ def _summary(report: dict) -> None:
     from .protocol import _caveats, _fmt
 
     for r in report["results"]:
-        keys = [k for k in r if k.startswith(("audio_alignment", "copying"))] + ["text_alignment", "diversity"]
-        vals = ", ".join(f"{k} {_fmt(r.get(k))}" for k in keys)
+        keys = [k for k in r if k.startswith(("audio_alignment", "copying"))
+                and not k.endswith(("_clips", "_se", "_n"))]  # fmt: skip
+        keys += ["text_alignment", "diversity", "held_in_loss_rise"]
+        vals = ", ".join(f"{k} {_fmt(r.get(k))}" + (f" ± {r[k + '_se']:.3f}" if r.get(k + "_se") is not None else "")
+                         for k in keys)  # fmt: skip
         print(f"{r['method']:12s} {'+'.join(r['concepts']):24s} {vals}")
     for note in _caveats(report):
         print("note: " + note.replace("**", ""))
