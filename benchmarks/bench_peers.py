@@ -4,6 +4,8 @@ MusicgenForConditionalGeneration at musicgen-small / -medium shapes, random init
 
 - `ppt_fast`: what `tune()` runs (SparseAdamW, pivots gathered in backward, row-scoped gradients), recipe `ppt` at 1 %;
 - `dense_masked`: the same update with full gradients and a masked dense AdamW;
+- `dreamstyler`, `tokens`, `full`: our other recipes as tune() trains them (SparseAdamW over self-attn V pivots +
+  cross-attn K/V rows; the identifier tokens only; every LM weight with torch AdamW);
 - `lora`: PEFT LoRA, the musicgen-dreamboothing recipe (r 16, alpha 16, dropout 0.05 on q/k/v/out_proj, fc1, fc2 of
   every decoder layer), torch AdamW;
 - `lora_matched`: PEFT LoRA on ppt's tensors, rank nearest ppt's pivot count;
@@ -20,12 +22,14 @@ from harness import record_probe, run_probe
 
 OP = "peer_tune_step"
 DENSITY = 0.01
-ARMS = ["dense_masked", "ppt_fast", "lora", "lora_matched", "shira"]
+ARMS = ["dense_masked", "ppt_fast", "dreamstyler", "tokens", "full", "lora", "lora_matched", "shira"]
 STEPS = {"tiny": 3, "small": 2, "medium": 1}
 
 
 @pytest.mark.parametrize("method", ARMS)
 def test_peer_tune_step(benchmark, bench_cfg, peer_model, method):
+    if method == "full" and peer_model in ("medium", "large") and not bench_cfg.device.startswith("cuda"):
+        pytest.skip("full on medium shapes needs ~29 GB for fp32 weights + AdamW state; more than this CPU machine")
     for lib in ("transformers", "peft"):
         if importlib.util.find_spec(lib) is None:
             pytest.skip(f"{lib} is not installed (the peers' step runs PEFT on transformers' MusicGen)")

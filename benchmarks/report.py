@@ -157,7 +157,7 @@ def e2e_rows(fname: str, data: dict) -> list[str]:
 
 
 PEER_OP = "peer_tune_step"
-PEER_ORDER = ("ppt_fast", "dense_masked", "lora", "lora_matched", "shira")
+PEER_ORDER = ("ppt_fast", "dense_masked", "dreamstyler", "tokens", "full", "lora", "lora_matched", "shira")
 
 
 def peer_rows(fname: str, data: dict) -> list[str]:

@@ -115,9 +115,10 @@ def _state_bytes(opt) -> int:
                if torch.is_tensor(t) and t.dim())  # fmt: skip
 
 
-def _file_sizes(host, method: str, phase: str, opt, peer, sparse, indices, offsets) -> dict:
+def _file_sizes(host, phase: str, opt, peer, concept: tuple | None) -> dict:
     """What the user keeps and what the optimizer holds: the PEFT adapter folder (`save_pretrained`) for the peers,
-    the concept file (k pivots + 3 identifier tokens, fp32) for ours; trainable entries; optimizer state bytes."""
+    the concept file for ours (`concept` = (PivotSet of the sparse pivots, {name: dense rows}), + 3 identifier
+    tokens; fp32 values, and bf16 in `file_bytes_bf16`); trainable entries; optimizer state bytes."""
     import os
     import tempfile
 
@@ -133,21 +134,20 @@ def _file_sizes(host, method: str, phase: str, opt, peer, sparse, indices, offse
             import logging
 
             from ppt_fast.concept import Concept
-            from ppt_fast.pivots import PivotSet
 
             logging.getLogger("ppt_fast.concept").setLevel(logging.ERROR)  # no base fingerprint: not needed here
-            names = [e.name for e in sparse]
-            pivots = PivotSet(names, [e.param.shape for e in sparse], offsets, indices.cpu())
+            pivots, dense = concept
             dim = host.text_embedding("music").shape[-1]  # the identifier tokens' width
-            tokens = {"<v1>": torch.zeros(3, dim)}
-            c = Concept.capture(host.lm, pivots, identifiers=["<v1>"], tokens=tokens)
-            Concept.capture(host.lm, pivots, identifiers=["<v1>"], tokens=tokens,
-                            storage_dtype=torch.bfloat16).save(os.path.join(tmp, "bf16.ppt"))  # fmt: skip
+            kw = dict(identifiers=["<v1>"], tokens={"<v1>": torch.zeros(3, dim)}, dense=dense)
+            Concept.capture(host.lm, pivots, storage_dtype=torch.bfloat16, **kw).save(os.path.join(tmp, "bf16.ppt"))
             out["file_bytes_bf16"] = os.path.getsize(os.path.join(tmp, "bf16.ppt"))  # values stored in bf16
             os.remove(os.path.join(tmp, "bf16.ppt"))
-            c.save(os.path.join(tmp, "v1.ppt"))
+            Concept.capture(host.lm, pivots, **kw).save(os.path.join(tmp, "v1.ppt"))
             out["file"] = "concept file (Concept.save, fp32 values)"
-            out["trainable"] = int(indices.numel())
+            params = dict(host.lm.named_parameters())
+            out["trainable"] = int(pivots.count) + sum(
+                (params[n].numel() if r is None else (r[1] - r[0]) * params[n][0].numel()) for n, r in dense.items()
+            )
         out["file_bytes"] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
     return out
 
@@ -177,7 +177,11 @@ def measure(spec: dict) -> dict:
         if cuda
         else (lambda: torch.autocast("cpu", enabled=False))
     )
-    scope = host.scope("ppt")
+    # `dreamstyler`: ppt_fast's optimizer over the sparse part of its scope (self-attn V) and the dense rows
+    # (cross-attn K/V in full), as tune() trains that recipe; every other method reads the `ppt` scope.
+    from ppt_fast.scope import ScopeEntry
+
+    scope = host.scope("dreamstyler" if method == "dreamstyler" else "ppt")
     sparse = scope.resolve(lm)  # entries: name, param, rows (the in-scope rows of dim 0)
     t_params = [e.param for e in sparse]
     # uniform random pivots inside each tensor's scope rows, as flat indices into the whole tensor
@@ -188,6 +192,26 @@ def measure(spec: dict) -> dict:
         keep = torch.nonzero(torch.rand(n_scope, generator=g) < density).reshape(-1) + e.rows[0] * cols
         idx_parts.append(keep.to(torch.int32).to(device))
         offsets.append(offsets[-1] + keep.numel())
+    method_train = method
+    ppt_sparse = None
+    if method == "dreamstyler":  # the dense rows join the pivots (tune(): Scope.dense_pivots, unioned)
+        from ppt_fast.pivots import PivotSet
+
+        ppt_sparse = PivotSet([e.name for e in sparse], [e.param.shape for e in sparse], offsets,
+                              torch.cat(idx_parts).cpu())  # fmt: skip
+        dense = scope.dense_pivots(lm)
+        params_all = dict(lm.named_parameters())
+        joined = {e.name: part.long() for e, part in zip(sparse, idx_parts)}
+        for n in dense.names:
+            i = dense.indices_of(n).long().to(device)
+            joined[n] = torch.unique(torch.cat([joined[n], i])) if n in joined else i
+        order = [n for n, _ in lm.named_parameters() if n in joined]
+        sparse = [ScopeEntry(n, params_all[n], (0, params_all[n].shape[0])) for n in order]
+        t_params = [e.param for e in sparse]
+        idx_parts, offsets = [joined[n].to(torch.int32) for n in order], [0]
+        for part in idx_parts:
+            offsets.append(offsets[-1] + part.numel())
+        method_train = "ppt_fast"
     indices = torch.cat(idx_parts)
     k = offsets[-1]
     n_scope_total = sum((e.rows[1] - e.rows[0]) * e.param[0].numel() for e in sparse)
@@ -202,7 +226,7 @@ def measure(spec: dict) -> dict:
     handles = []
     impl = opt = None
     # ppt_fast's arm runs as tune() does: row-scoped weight gradients on unless the spec says "row_grads": false.
-    row_grads = method == "ppt_fast" and bool(spec.get("row_grads", True))
+    row_grads = method_train == "ppt_fast" and bool(spec.get("row_grads", True))
     rg = RowGrads()
     if phase == "train" and method == "dense_masked":
         from ppt_fast.pivots import PivotSet
@@ -219,6 +243,35 @@ def measure(spec: dict) -> dict:
             loss_fn().backward()
             opt.step()
 
+    elif phase == "train" and method == "tokens":  # the identifier embeddings only: no LM weight gradient at all
+        dim = host.text_embedding("music").shape[-1]
+        tok = torch.nn.Parameter(0.02 * torch.randn(3, dim, generator=g).to(device))
+        host.identifier_bank().add("<v1>", tok)
+        prompts = ["a piece of music, <v1>"]
+        opt = torch.optim.AdamW([tok], lr=5e-3)
+        impl = "three identifier tokens, torch.optim.AdamW"
+
+        def step():
+            with autocast():
+                loss = host.loss(codes, prompts)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    elif phase == "train" and method == "full":  # every LM weight, dense torch AdamW (tune()'s `full` recipe)
+        full = [p for n, p in lm.named_parameters() if n in set(host.trainable_names())]
+        for p in full:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(full, lr=cases.LR, weight_decay=0.0, foreach=False)
+        impl = f"every LM weight ({sum(p.numel() for p in full):,} entries), torch.optim.AdamW(foreach=False) as tune()"
+
+        def step():
+            with autocast():
+                loss = host.loss(codes, prompts)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
     elif phase == "train" and method in PEERS:
         opt, impl, peer = _peer_arm(host, method, sparse, indices, offsets, k)
 
@@ -229,7 +282,7 @@ def measure(spec: dict) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-    elif phase == "train":
+    elif phase == "train":  # ppt_fast, and dreamstyler (the same optimizer over its pivots + dense rows)
         from ppt_fast.optim import SparseAdamW
         from ppt_fast.pivots import PivotSet
 
@@ -294,9 +347,19 @@ def measure(spec: dict) -> dict:
     for h in handles:
         h.remove()
     from ppt_fast import _backend
+    from ppt_fast.pivots import PivotSet
 
-    files = _file_sizes(host, method, phase, opt if phase == "train" else None, peer if method in PEERS else None,
-                        sparse, indices, offsets)  # fmt: skip
+    concept = None  # what ours would store: (sparse pivots, {name: dense rows})
+    if method in ("ppt_fast", "dense_masked"):
+        concept = (PivotSet([e.name for e in sparse], [e.param.shape for e in sparse], offsets, indices.cpu()), {})
+    elif method == "dreamstyler":
+        sel = ppt_sparse  # the pivots drawn in the sparse scope, before the dense rows joined them
+        concept = (sel, {e.name: e.rows for e in scope.resolve_dense(lm)})
+    elif method == "tokens":
+        concept = (PivotSet([], [], [0], torch.empty(0, dtype=torch.int32)), {})
+    elif method == "full":
+        concept = (PivotSet([], [], [0], torch.empty(0, dtype=torch.int32)), {n: None for n in host.trainable_names()})
+    files = _file_sizes(host, phase, opt if phase == "train" else None, peer if method in PEERS else None, concept)
     return {
         **files,
         "step_seconds": statistics.median(times[1:]),

@@ -149,7 +149,7 @@ def test_peer_probe_and_its_report_on_the_tiny_model(tmp_path):
     """tune_probe.py's peer arms (bench_peers.py) on the tiny random transformers model: the trainable counts follow
     the arms' rules, the files are measured, and the report renders their table, targets and plot."""
     out = {}
-    for method in ("ppt_fast", "lora", "lora_matched", "shira"):
+    for method in ("ppt_fast", "lora", "lora_matched", "shira", "dreamstyler"):
         spec = {"model": "tiny", "method": method, "phase": "train", "density": 0.05, "device": "cpu",
                 "seconds": 1.0, "steps": 1, "host": "transformers"}  # fmt: skip
         proc = subprocess.run([sys.executable, str(BENCH / "tune_probe.py"), json.dumps(spec)], capture_output=True,
@@ -157,6 +157,7 @@ def test_peer_probe_and_its_report_on_the_tiny_model(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         out[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     ppt, lora, matched, shira = (out[m] for m in ("ppt_fast", "lora", "lora_matched", "shira"))
+    assert out["dreamstyler"]["trainable"] > ppt["k"]  # its cross-attn K/V rows in full
     assert ppt["trainable"] == ppt["k"] and 0 < ppt["file_bytes_bf16"] < ppt["file_bytes"]
     assert "r=16" in lora["impl"] and lora["trainable"] > 10 * ppt["k"]
     assert lora["optimizer_state_bytes"] == 8 * lora["trainable"] and ppt["optimizer_state_bytes"] <= 16 * ppt["k"]
