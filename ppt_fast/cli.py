@@ -486,6 +486,11 @@ def _tune_summary(result, ident: str) -> str:
         what = (f"{piv.count:,} pivots ({100 * piv.count / result.scope_entries:.2f} % of the "
                 f"{result.scope_entries:,} entries in the recipe's scope, {100 * piv.count / result.lm_entries:.3f} % "
                 f"of the model's {result.lm_entries / 1e6:.1f} M)")  # fmt: skip
+        # A global top-k can pile the pivots into one tensor (on the default model: layer 0's self-attention V,
+        # where the gradients are largest); say so, since it changes what the concept can touch.
+        name, most = max(zip(piv.names, (int(c) for c in piv.counts())), key=lambda nc: nc[1])
+        if len(piv.names) > 1 and most > piv.count / 2:
+            what += f", {100 * most / piv.count:.0f} % of them in {name}"
     else:
         what = f"recipe {result.settings.get('preset')}"
     tail = losses[-10:]

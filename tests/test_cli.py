@@ -207,3 +207,24 @@ def test_generate_cli_resamples_silent_clips_by_default(tmp_path, monkeypatch):
     monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: seen.update(k) or torch.zeros(1, 1, 3200))
     assert main(["generate", "x", "--model", "tiny-random", "--out", str(tmp_path / "x.wav"), "--duration", "0.2"]) == 0
     assert seen["resample_silent"] == 2
+
+
+def test_tune_summary_says_where_the_pivots_pile_up():
+    from types import SimpleNamespace
+
+    from ppt_fast.cli import _tune_summary
+    from ppt_fast.pivots import PivotSet
+
+    def result(counts):
+        names = [f"layers.{i}.v" for i in range(len(counts))]
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        idx = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts])
+        piv = PivotSet(names, [(100, 10)] * len(counts), offsets, idx)
+        return SimpleNamespace(pivots={"<v1>": piv}, scope_entries=4000, lm_entries=10_000, losses=[2.0, 1.0],
+                               train_seconds=1.0, settings={})  # fmt: skip
+
+    piled = _tune_summary(result([91, 3, 3, 3]), "<v1>")
+    assert "100 pivots" in piled and "91 % of them in layers.0.v" in piled
+    assert "of them in" not in _tune_summary(result([25, 25, 25, 25]), "<v1>")
