@@ -243,13 +243,22 @@ def _plot_peers(results: list[tuple[str, dict]], out_dir: Path, plt) -> list[Pat
                 continue
             size = 30 + 1500 * math.sqrt((e.get("file_bytes") or 1) / biggest)
             x, y = e["peak_extra_bytes"] / GIB, e["step_seconds"]
-            ax.scatter([x], [y], s=size, alpha=0.55, color=plt.get_cmap("tab10")(PEER_ORDER.index(prov)))
-            ax.annotate(f"{prov}, {_fmt_b(e.get('file_bytes'))}", (x, y), xytext=(6, 6), textcoords="offset points",
-                        fontsize=7, ha="left", va="bottom")  # fmt: skip
-        ax.set(xlabel="peak memory over the model (GiB)", ylabel="step time (s)",
+            color = plt.get_cmap("tab10")(PEER_ORDER.index(prov))
+            ax.scatter([x], [y], s=size, alpha=0.45, color=color, edgecolors="none")
+            # A legend, not labels beside the markers: arms a few percent apart would overprint each other.
+            label = f"{prov}: {y:.2f} s, +{_fmt_b(e['peak_extra_bytes'])}, file {_fmt_b(e.get('file_bytes'))}"
+            ax.scatter([x], [y], s=12, color=color, marker="x", label=label)
+        ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="peak memory over the model (GiB, log scale)", ylabel="step time (s)",
                title=f"{model}: one tune step ({data['provenance']['device']})")  # fmt: skip
-        ax.grid(True, alpha=0.3)
-        ax.margins(0.25)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.margins(0.15)
+        ax.legend(fontsize=7, loc="upper left", markerscale=1.5, framealpha=0.8)
     fig.suptitle(f"marker area ~ the file the user keeps (concept file / PEFT adapter); {fname}", fontsize=8)
     fig.tight_layout()
     path = out_dir / "peers_time_memory.png"
