@@ -42,6 +42,8 @@ def pytest_addoption(parser):
     g.addoption("--bench-e2e-models", default="tiny,small", help="end-to-end models: tiny,small")
     g.addoption("--bench-loss-models", default="tiny,small", help="models of the loss benchmark: tiny,small")
     g.addoption("--bench-peer-models", default="small", help="models of the PEFT peers' tune step: tiny,small,medium")
+    g.addoption("--bench-dist-models", default="small",
+                help="models of the several-process tune step (2 gloo processes): tiny,small")  # fmt: skip
     g.addoption(
         "--bench-e2e-sensitivity",
         default="tiny,small",
@@ -74,6 +76,8 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("peer_model", cfg.peer_models)
     if "loss_model" in metafunc.fixturenames:
         metafunc.parametrize("loss_model", cfg.loss_models)
+    if "dist_model" in metafunc.fixturenames:
+        metafunc.parametrize("dist_model", cfg.dist_models)
 
 
 _SIZE_ORDER = {"tiny": 0, "small": 1, "medium": 2, "large": 3}

@@ -46,6 +46,7 @@ class BenchConfig:
     e2e_sensitivity: list[str]
     peer_models: list[str]
     loss_models: list[str]
+    dist_models: list[str]
 
     def layers_for(self, size: str) -> int | None:
         return self.layers.get(size)
@@ -75,6 +76,7 @@ def _config(config) -> BenchConfig:
         e2e_sensitivity=[m for m in config.getoption("--bench-e2e-sensitivity").split(",") if m],
         peer_models=[m for m in config.getoption("--bench-peer-models").split(",") if m],
         loss_models=[m for m in config.getoption("--bench-loss-models").split(",") if m],
+        dist_models=[m for m in config.getoption("--bench-dist-models").split(",") if m],
     )
 
 

@@ -183,6 +183,46 @@ def peer_rows(fname: str, data: dict) -> list[str]:
     return rows
 
 
+DIST_OP = "dist_tune_step"
+
+
+def _dist_by_model(data: dict) -> dict[str, dict[str, dict]]:
+    by_model: dict[str, dict[str, dict]] = defaultdict(dict)
+    for b in data["benchmarks"]:
+        e = b["extra_info"]
+        if e.get("op") == DIST_OP:
+            by_model[e["model"]][e["provider"]] = e
+    return by_model
+
+
+def dist_rows(fname: str, data: dict) -> list[str]:
+    """One row per arm of the several-process tune step; bytes against DDP's of the same model in the same file."""
+    rows = []
+    for model, arms in _dist_by_model(data).items():
+        ddp = arms.get("ddp_dense_masked")
+        for prov in sorted(arms, key=lambda p: p != "ppt_fast"):
+            e = arms[prov]
+            fewer = ddp["bytes_per_step"] / e["bytes_per_step"] if ddp and e["bytes_per_step"] else None
+            rows.append(
+                f"| {model} | {prov} | {e.get('world', 2)} | {e['bytes_per_step']:,} ({_fmt_b(e['bytes_per_step'])}) "
+                f"| {_fmt_x(fewer)} | {_fmt_s(e['allreduce_seconds'])} | {_fmt_s(e['step_seconds'])} | "
+                f"{e.get('k', 0):,} | {e.get('impl', '')} | {fname} |"
+            )
+    return rows
+
+
+def dist_figures(fname: str, data: dict) -> list[str]:
+    """The issue's target: >= 50x fewer bytes all-reduced per step than DDP over dense masked tuning."""
+    lines = []
+    for model, arms in sorted(_dist_by_model(data).items()):
+        ppt, ddp = arms.get("ppt_fast"), arms.get("ddp_dense_masked")
+        if ppt and ddp and ppt["bytes_per_step"]:
+            x = ddp["bytes_per_step"] / ppt["bytes_per_step"]
+            lines.append(f"- {model}, 2 processes: >= 50x fewer bytes all-reduced per step than DDP over dense masked: "
+                         f"**{'met' if x >= 50 else 'missed'}** ({x:.0f}x; {fname})")  # fmt: skip
+    return lines
+
+
 def peer_figures(fname: str, data: dict) -> list[str]:
     """The issue's targets, ours vs LoRA at its recipe and vs SHiRA at ppt's count, per model, from one file."""
     lines = []
@@ -515,6 +555,18 @@ def render(paths: list[Path], out_dir: Path = HERE / "results") -> tuple[Path, l
                     "lora: the musicgen-dreamboothing recipe (r 16 on q/k/v/out_proj, fc1, fc2); lora_matched and "
                     "shira: ppt's tensors at ppt's count. File: the concept file (ours) or PEFT's save_pretrained "
                     "folder.")  # fmt: skip
+    dist_files = [(f, d) for f, d in results if _dist_by_model(d)]
+    if dist_files:
+        lines += ["", "## Several processes: figures to reach", ""]
+        lines += dist_figures(*max(dist_files, key=lambda fd: fd[1]["provenance"]["date_utc"]))
+    lines += _table("Several processes (one tune step, 2 gloo processes, recipe `ppt` at 1 %)",
+                    ["model", "arm", "processes", "bytes all-reduced per step", "fewer than DDP", "all-reduce time",
+                     "step", "pivots", "implementation", "file"],
+                    [r for fname, data in results for r in dist_rows(fname, data)],
+                    intro="`benchmarks/bench_distributed.py` (`dist_probe.py`): ppt_fast's tune() in a process group "
+                    "against DistributedDataParallel over dense-masked tuning of the same tensors. Bytes: the "
+                    "collectives' buffers, exact. All-reduce time: those buffers reduced back to back on this "
+                    "machine's loopback.")  # fmt: skip
     lines += _table("MusicGen's training loss, forward + backward (`benchmarks/loss_probe.py`)",
                     ["model", "batch", "provider", "time", "speed-up", "logits", "peak over model", "vs solver",
                      "file"],

@@ -47,7 +47,8 @@ SUITES = {
         "device": "cpu",
         "args": ["--bench-sizes", "tiny", "--bench-dtypes", "fp32", "--bench-densities", "0.01",
                  "--bench-mem-sizes", "tiny", "--bench-e2e-models", "", "--bench-rounds", "1",
-                 "--bench-optmem-size", "tiny", "--bench-loss-models", "", "--bench-peer-models", ""],
+                 "--bench-optmem-size", "tiny", "--bench-loss-models", "", "--bench-peer-models", "",
+                 "--bench-dist-models", ""],
     },
 }  # fmt: skip
 FILES = [
@@ -58,6 +59,7 @@ FILES = [
     "bench_tune_step.py",
     "bench_peers.py",
     "bench_lm_loss.py",
+    "bench_distributed.py",
 ]
 
 

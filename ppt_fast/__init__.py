@@ -31,6 +31,8 @@ _LAZY = {
     "ConceptDelta": "ppt_fast.concept",
     "tune": "ppt_fast.tuning",
     "TuneConfig": "ppt_fast.tuning",
+    "TuneProgress": "ppt_fast.tuning",
+    "TuneCancelled": "ppt_fast.tuning",
     "generate": "ppt_fast.generation",
     "load_model": "ppt_fast.models",
     "write_wav": "ppt_fast.audio",
@@ -40,6 +42,7 @@ _LAZY = {
     "AudioError": "ppt_fast.audio",
     "TuneError": "ppt_fast.tuning",
     "GenerateError": "ppt_fast.generation",
+    "DistributedError": "ppt_fast.distributed",
     "UnwritablePathError": "ppt_fast._io",
 }
 

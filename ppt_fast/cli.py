@@ -435,10 +435,27 @@ def _cmd_tune(args) -> int:
         kwargs["ratio"] = args.ratio
     config = TuneConfig(model=args.model, identifier=args.identifier, preset=args.preset, steps=args.steps,
                         seed=args.seed, verbose=not args.quiet, **kwargs)  # fmt: skip
-    result, _ = tune_to_files(args.reference, config, args.out)
-    size = os.path.getsize(args.out)
-    print(f"tuned {args.identifier}: {_tune_summary(result, args.identifier)}")
-    print(f"wrote {args.out} ({size / 1024:.1f} KiB, identifier {args.identifier}) in {time.perf_counter() - t0:.1f} s")
+    # Under torchrun (`torchrun --nproc_per_node N -m ppt_fast tune ...`): join its process group; every process
+    # tunes its share of each batch, process 0 writes and prints.
+    from . import distributed
+
+    joined = not distributed.is_initialized() and distributed.init_from_env()
+    try:
+        result, _ = tune_to_files(args.reference, config, args.out)
+        if distributed.rank() == 0:
+            size = os.path.getsize(args.out)
+            print(f"tuned {args.identifier}: {_tune_summary(result, args.identifier)}")
+            if result.world_size > 1:
+                print(f"{result.world_size} processes: {result.comm_bytes_per_step:,} bytes all-reduced per step "
+                      f"(one packed fp32 buffer), {result.comm_seconds:.2f} s in all-reduces")  # fmt: skip
+            print(f"wrote {args.out} ({size / 1024:.1f} KiB, identifier {args.identifier}) in "
+                  f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    except distributed.DistributedError as e:  # another process failed (its error is in its output) or disagreed
+        print(f"ppt-fast: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if joined:
+            distributed.leave()
     return 0
 
 

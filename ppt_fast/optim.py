@@ -13,6 +13,11 @@ Names: the PivotSet names tensors; the optimizer must know each parameter's name
   ``param_names=``: the model (names are looked up by identity in its ``named_parameters()``) or a mapping
   ``{param: name}``.
 
+Several processes (``process_group=``): each process holds the model, the same pivots and the same optimizer state;
+the first `clip_grad_norm_` or `step` after a backward all-reduces the pivot gradients (4 B per pivot, one packed
+buffer, `reduce_gradients`), so every process takes the same step. That replaces DDP for a pivot-only run: DDP
+would all-reduce every dense gradient, and it cannot see gradients gathered in backward.
+
 Non-finite gradients at the pivots without a GradScaler: by default (``nonfinite="skip"``) the step is skipped for
 all groups (nothing is written, the step count does not advance), a warning is logged and ``skipped_steps`` grows;
 ``nonfinite="raise"`` raises `FloatingPointError`; ``nonfinite="ignore"`` skips the check. The check runs inside
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -232,6 +237,14 @@ class SparseAdamW(torch.optim.Optimizer):
             GradScaler is in use (see the module docstring).
         keep_workspace: keep the CPU check's scratch between steps (`workspace_bytes`); False allocates it every
             step instead (less memory held, slower steps).
+        process_group: data parallelism over a ``torch.distributed`` group (``dist.group.WORLD`` or a subgroup;
+            None: one process). Every process holds the same pivots; `reduce_gradients` (called by the first
+            `clip_grad_norm_` or `step` after a backward) all-reduces **only the pivot gradients**, packed into one
+            fp32 buffer: one collective of 4 B per pivot per step, no dense gradient and no index on the wire. Use
+            it instead of DDP (do not wrap the model in DistributedDataParallel); it works with
+            ``gather_in_backward`` and `ppt_fast.rowgrad.RowGrads`. Not with a GradScaler (its inf check is local).
+        grad_reduce: ``"mean"`` (default, DDP's convention: each process's loss is the mean over its own batch) or
+            ``"sum"`` (each process already scaled its loss by its share of the global batch).
 
     State per group (``[k_g]`` fp32 each): ``exp_avg``, ``exp_avg_sq``, and ``master`` when any pivoted parameter of
     the group is fp16/bf16 (initialised from the parameters at the first step).
@@ -254,8 +267,12 @@ class SparseAdamW(torch.optim.Optimizer):
         gather_in_backward: bool = False,
         nonfinite: str = "skip",
         keep_workspace: bool = True,
+        process_group: Any = None,
+        grad_reduce: str = "mean",
     ) -> None:
         _check_lr(lr, "SparseAdamW")
+        if grad_reduce not in ("mean", "sum"):
+            raise ValueError(f"grad_reduce={grad_reduce!r} must be 'mean' or 'sum'")
         _check_hparams(tuple(betas), eps, weight_decay, "SparseAdamW")
         if nonfinite not in ("skip", "raise", "ignore"):
             raise ValueError(f"nonfinite={nonfinite!r} must be 'skip', 'raise' or 'ignore'")
@@ -289,6 +306,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 "master_initialized": False,
             }
             self._gstate.append(st)
+        self.process_group = process_group
+        self.grad_reduce = grad_reduce
+        self._reduced: list[tuple[str, Any] | None] | None = None  # this step's all-reduced inputs (process_group)
+        self.comm_bytes = 0  # bytes the last reduce_gradients all-reduced (its buffer)
+        self.comm_seconds = 0.0  # and how long that collective took
         self.gather_in_backward = bool(gather_in_backward)
         self._buffers: list[torch.Tensor] = []
         self._gathered: list[bool] = []
@@ -392,6 +414,13 @@ class SparseAdamW(torch.optim.Optimizer):
         lay = self._layouts[gi]
         if lay.k == 0:
             return None
+        if self._reduced is not None:
+            return self._reduced[gi]
+        return self._local_input(gi)
+
+    def _local_input(self, gi: int) -> tuple[str, Any] | None:
+        """`_group_input` from this process's own gradients."""
+        lay = self._layouts[gi]
         if self.gather_in_backward:
             return ("pivot", self._buffers[gi]) if self._gathered[gi] else None
         grads = [p.grad for p in lay.params]
@@ -402,6 +431,77 @@ class SparseAdamW(torch.optim.Optimizer):
             return ("dense", grads)
         pg = self._pivot_grads(gi)
         return None if pg is None else ("pivot", pg)
+
+    # ---- data parallelism ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reduce_gradients(self, extra: Sequence[torch.Tensor] = ()) -> list[torch.Tensor]:
+        """All-reduce this step's pivot gradients over `process_group` in one collective (the first `clip_grad_norm_`
+        or `step` after a backward calls it; call it yourself to fold other gradients into the same collective).
+
+        The buffer is fp32 ``[k + G + e]``: every group's k_g pivot gradients (zeros where this process got none),
+        one has-gradient flag per group (summed: a group any process got gradients for is stepped on every
+        process), and the `extra` tensors flattened (e.g. gradients of parameters you train with another optimizer;
+        they are reduced like the pivot gradients). Returns the reduced `extra` tensors (new tensors, shaped as
+        given). `comm_bytes` / `comm_seconds` hold the collective's size and time."""
+        import time
+
+        import torch.distributed as dist
+
+        if self.process_group is None:
+            raise RuntimeError("SparseAdamW.reduce_gradients needs process_group= (a torch.distributed group)")
+        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None:
+            raise RuntimeError(
+                "SparseAdamW(process_group=...) cannot be stepped by a torch.amp.GradScaler: the scaler's inf check "
+                "is per process, so processes could disagree on skipping a step; use bf16 autocast (no scaler)"
+            )
+        n_groups = len(self._layouts)
+        dev = next((lay.indices.device for lay in self._layouts), torch.device("cpu"))
+        ks = [lay.k for lay in self._layouts]
+        n_extra = sum(t.numel() for t in extra)
+        total_k = sum(ks)
+        flat = torch.zeros(total_k + n_groups + n_extra, dtype=torch.float32, device=dev)
+        off = 0
+        for gi, k in enumerate(ks):
+            inp = self._local_input(gi) if k else None
+            if inp is not None:
+                kind, data = inp
+                lay = self._layouts[gi]
+                if kind == "pivot":
+                    flat[off : off + k].copy_(data)
+                else:  # dense p.grad: gather the pivots (the reduced input is then a pivot buffer)
+                    for ti, g in enumerate(data):
+                        lo, hi = lay.offsets[ti], lay.offsets[ti + 1]
+                        flat[off + lo : off + hi].copy_(g.reshape(-1).index_select(0, lay.indices[lo:hi]))
+                flat[total_k + gi] = 1.0
+            off += k
+        pos = total_k + n_groups
+        for t in extra:
+            flat[pos : pos + t.numel()].copy_(t.reshape(-1))
+            pos += t.numel()
+        t0 = time.perf_counter()
+        dist.all_reduce(flat, group=self.process_group)
+        self.comm_seconds = time.perf_counter() - t0
+        self.comm_bytes = flat.numel() * flat.element_size()
+        if self.grad_reduce == "mean":
+            world = dist.get_world_size(self.process_group)
+            flat[:total_k].div_(world)
+            flat[total_k + n_groups :].div_(world)
+        had = flat[total_k : total_k + n_groups].tolist()
+        reduced: list[tuple[str, Any] | None] = []
+        off = 0
+        for gi, k in enumerate(ks):
+            reduced.append(("pivot", flat[off : off + k]) if k and had[gi] > 0 else None)
+            off += k
+        self._reduced = reduced
+        out, pos = [], total_k + n_groups
+        for t in extra:
+            out.append(flat[pos : pos + t.numel()].view(t.shape))
+            pos += t.numel()
+        return out
+
+    def _ensure_reduced(self) -> None:
+        if self.process_group is not None and self._reduced is None:
+            self.reduce_gradients()
 
     def _norm(self, gi: int, inp: tuple[str, Any], norm_type: float) -> torch.Tensor:
         lay = self._layouts[gi]
@@ -422,6 +522,7 @@ class SparseAdamW(torch.optim.Optimizer):
         """
         if not isinstance(max_norm, (int, float)) or max_norm < 0 or not math.isfinite(max_norm):
             raise ValueError(f"max_norm={max_norm} must be a finite number >= 0")
+        self._ensure_reduced()
         norms, device = [], None
         for gi in range(len(self._layouts)):
             inp = self._group_input(gi)
@@ -511,11 +612,13 @@ class SparseAdamW(torch.optim.Optimizer):
             )
         for gi, group in enumerate(self.param_groups):
             _check_lr(group["lr"], f"SparseAdamW param group {gi}")
+        self._ensure_reduced()
         inputs = [self._group_input(gi) for gi in range(len(self._layouts))]
         live = [gi for gi, inp in enumerate(inputs) if inp is not None]
         coef = self._clip_coef
         if not live:
             self._clip_coef = None
+            self._reduced = None
             return loss
         device = self._layouts[live[0]].indices.device
         if found_inf is not None and not isinstance(found_inf, torch.Tensor):
@@ -631,6 +734,7 @@ class SparseAdamW(torch.optim.Optimizer):
         return sum(ws.numel() * ws.element_size() for ws in self._workspaces.values())
 
     def _clear_gathered(self) -> None:
+        self._reduced = None
         for gi, buf in enumerate(self._buffers):
             if self._gathered[gi]:
                 buf.zero_()

@@ -69,6 +69,27 @@ class TuneError(ValueError):
     """Bad input to tune(), raised before any training; the message names the argument and the fix."""
 
 
+class TuneCancelled(RuntimeError):
+    """Raised by a `progress` callback to stop a run (the app's cancel button): the run stops at once, every patch
+    on the model is reverted and the identifier tokens are unregistered; nothing is written."""
+
+
+@dataclass(frozen=True)
+class TuneProgress:
+    """What `tune(..., progress=fn)` passes to `fn` at every phase change and after every step: `phase` (one of
+    `PHASES`), `step` of `total` in that phase, the step's `loss` (None outside training), `elapsed` seconds since
+    the run started and `eta` seconds left in the phase (None until a step has been timed)."""
+
+    phase: str
+    step: int
+    total: int
+    loss: float | None = None
+    elapsed: float = 0.0
+    eta: float | None = None
+
+    PHASES = ("encoding", "sensitivity", "selection", "training", "done")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Data: batches of (codes, prompts)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,6 +161,9 @@ class TuneResult:
     prior_losses: list[float] = field(default_factory=list)  # prior-preservation loss per step (prior > 0)
     scope_entries: int = 0  # entries the recipe's scope lets pivots be chosen from (0: the recipe selects none)
     lm_entries: int = 0  # entries of the language model a recipe may train (Host.trainable_names)
+    world_size: int = 1  # processes the run was split over (torch.distributed)
+    comm_bytes_per_step: int = 0  # bytes each step all-reduced (one packed fp32 buffer; 0 in one process)
+    comm_seconds: float = 0.0  # time in those all-reduces, all steps
 
 
 def _merge(sets: Sequence[PivotSet]) -> PivotSet:
@@ -330,6 +354,7 @@ class TuneConfig:
     use_cache: bool = True
     verbose: bool = True
     callback: Callable[[int, float], None] | None = None
+    progress: Callable[[TuneProgress], None] | None = None
     activation_checkpointing: bool = False
     row_grads: bool | None = None
     prior: float | None = None
@@ -359,38 +384,37 @@ def tune_model(reference: Any, config: TuneConfig | None = None, *, strategy: St
                **settings: Any) -> TuneResult:  # fmt: skip
     """tune() returning the tuned model and the run's details; `settings` override fields of `config` (TuneConfig);
     `strategy`: how selection or training departs from the recipe (`Strategy`; the evaluation's peer arms)."""
-    unknown = sorted(set(settings) - {f.name for f in fields(TuneConfig)})
-    if unknown:
-        raise TuneError(f"unknown tune setting(s) {', '.join(unknown)}; the settings are TuneConfig's fields")
-    given = replace(config or TuneConfig(), **settings)
-    refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {given.identifier: reference}
-    if given.ratio is not None and given.count is not None:
-        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
-    cfg = given.resolved()
-    recipe = _check_inputs(refs, cfg.templates, cfg.preset, cfg.ratio, cfg.count, cfg.n_tokens)
-    _check_settings(steps=cfg.steps, batch_size=cfg.batch_size, sensitivity_batches=cfg.sensitivity_batches,
-                    prior_clips=cfg.prior_clips, n_tokens=cfg.n_tokens, seed=cfg.seed, lr=cfg.lr,
-                    token_lr=cfg.token_lr, segment_seconds=cfg.segment_seconds, max_norm=cfg.max_norm,
-                    weight_decay=cfg.weight_decay, init_text=cfg.init_text, criterion=cfg.criterion)  # fmt: skip
-    prior_prompts = _check_prior(cfg.prior, cfg.prior_prompts, cfg.prior_clips, cfg.templates, list(refs))
-    if not recipe.trains_weights:  # nothing the prompts without the identifier read is trained: nothing to preserve
-        cfg = replace(cfg, prior=0.0)
-        prior_prompts = []
-    cfg = replace(cfg, prior_prompts=prior_prompts)
+    from .distributed import Context
+
+    ctx = Context.current()
+    # Several processes: a bad setting raises the same TuneError on each; one seen by some only ends them all.
+    with contextlib.nullcontext() if ctx is None else ctx.guard("checking the settings"):
+        cfg, refs, recipe = _checked(reference, config, settings)
+        if ctx is not None:
+            _check_dist(cfg, strategy, ctx)
+    if ctx is not None:
+        ctx.check_same("settings", _settings_digest(cfg, refs),
+                       "start every process with the same arguments (torchrun runs one command line)")  # fmt: skip
+        cfg = replace(cfg, verbose=cfg.verbose and ctx.rank == 0, device=_dist_device(cfg.device))
 
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    host = load_host(cfg.model, device=cfg.device, seed=cfg.seed)
-    bank = host.identifier_bank()
-    for ident in refs:
-        if bank.has(ident):
-            raise TuneError(
-                f"identifier {ident!r} is already registered on this model (a concept applied?); remove it first"
-            )
-    run = _Run(host, cfg, recipe, refs, g, strategy)
-    run.prepare()
-    run.select()
-    return run.train()
+    with contextlib.nullcontext() if ctx is None else ctx.guard("loading the model"):
+        host = load_host(cfg.model, device=cfg.device, seed=cfg.seed)
+        bank = host.identifier_bank()
+        for ident in refs:
+            if bank.has(ident):
+                raise TuneError(
+                    f"identifier {ident!r} is already registered on this model (a concept applied?); remove it first"
+                )
+    run = _Run(host, cfg, recipe, refs, g, strategy, ctx)
+    try:
+        run.prepare()
+        run.select()
+        return run.train()
+    except BaseException:
+        run.abort()  # cancelled or failed: the model as it was given (weights, registered identifiers)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,15 +436,57 @@ class _Run:
     """One tune run's state, phase by phase (`prepare`, `select`, `train`); every check happened before."""
 
     def __init__(self, host: Host, cfg: TuneConfig, recipe: recipes.Recipe, refs: dict[str, Any], g,
-                 strategy: Strategy | None = None) -> None:  # fmt: skip
+                 strategy: Strategy | None = None, ctx: Any = None) -> None:  # fmt: skip
         self.host, self.cfg, self.recipe, self.refs, self.g = host, cfg, recipe, refs, g
         self.strategy = strategy
+        self.dist = ctx  # ppt_fast.distributed.Context, or None in one process
         self.lm = host.lm
         self.dev = host.device
         self.autocast = _autocast(self.dev)
         self.names = [n for n, _ in self.lm.named_parameters()]
         self.params = dict(self.lm.named_parameters())
         self.scope = host.scope(recipe.scope) if recipe.selects_pivots else None
+        self.t_start = time.perf_counter()
+        self._phase_t0 = self.t_start
+
+    def abort(self) -> None:
+        """After a cancelled or failed run: the trained entries back to their base values (bitwise, from the
+        snapshot taken before the first step) and the run's identifiers unregistered."""
+        snap = getattr(getattr(self, "trainer", None), "base_snapshot", None)
+        if snap is not None:
+            params = dict(self.lm.named_parameters())
+            with torch.no_grad():
+                for n, (idx, vals) in snap.values.items():
+                    flat = params[n].view(-1)
+                    if idx is None:
+                        flat.copy_(vals)
+                    else:
+                        flat[idx] = vals
+        bank = self.host.identifier_bank()
+        for ident in getattr(self, "tokens", {}):
+            if bank.has(ident):
+                bank.remove(ident)
+
+    def report(self, phase: str, step: int, total: int, loss: float | None = None) -> None:
+        """Tell `cfg.progress` where the run is (it may raise TuneCancelled to stop the run)."""
+        if self.cfg.progress is None:
+            return
+        now = time.perf_counter()
+        if step == 0:
+            self._phase_t0 = now
+        eta = (now - self._phase_t0) / step * (total - step) if step else None
+        if self.dist is None:
+            self.cfg.progress(TuneProgress(phase, step, total, loss, now - self.t_start, eta))
+            return
+        try:  # raised where the other processes may be in a collective: told to them at the next one
+            self.cfg.progress(TuneProgress(phase, step, total, loss, now - self.t_start, eta))
+        except BaseException as e:
+            if self.dist.pending is None:
+                self.dist.pending = e
+
+    def guard(self, where: str):
+        """A block without collectives whose failure on one process ends every process (one process: nothing)."""
+        return contextlib.nullcontext() if self.dist is None else self.dist.guard(where, self.dev)
 
     def loss(self, codes: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         with self.autocast():
@@ -428,11 +494,29 @@ class _Run:
 
     # ---- data (all checks before any training) ---------------------------------------------------------------------
     def prepare(self) -> None:
+        with self.guard("encoding the reference"):
+            self._prepare()
+        if self.dist is not None:
+            # Every process encoded the same reference and sampled the same prior clips; process 0's codes are
+            # the run's (a GPU codec need not be bitwise deterministic across devices).
+            for pool in list(self.pools.values()) + self.combos:
+                self.dist.broadcast_(pool.codes)
+            if self.prior_codes is not None:
+                self.dist.broadcast_(self.prior_codes)
+            for t in self.tokens.values():
+                self.dist.broadcast_(t.data)
+            self.dist.check_same("base models", self.base_fp,
+                                 "every process must load the same model (same name or file, same seed)")  # fmt: skip
+
+    def _prepare(self) -> None:
         cfg, host = self.cfg, self.host
-        self.pools = {
-            ident: _Pool([ident], host.encode_reference(ref, cfg.segment_seconds, cfg.use_cache, progress=cfg.verbose))
-            for ident, ref in self.refs.items()
-        }
+        self.pools = {}
+        for i, (ident, ref) in enumerate(self.refs.items()):
+            self.report("encoding", i, len(self.refs))
+            self.pools[ident] = _Pool(
+                [ident], host.encode_reference(ref, cfg.segment_seconds, cfg.use_cache, progress=cfg.verbose)
+            )
+        self.report("encoding", len(self.refs), len(self.refs))
         self.base_fp = host.fingerprint()
         self.combos: list[_Pool] = []
         if len(self.refs) > 1:
@@ -469,6 +553,8 @@ class _Run:
         t0 = time.perf_counter()
         self.pivots: dict[str, PivotSet] = {}
         self.scope_entries = 0
+        n_sens = cfg.sensitivity_batches * len(self.refs) if self.scope is not None else 0
+        done = 0
         for ident in self.refs:
             if self.scope is None:
                 self.pivots[ident] = _on_layout(self.names, self.params, {}, self.dev)
@@ -478,25 +564,43 @@ class _Run:
                                 cfg.row_grads)  # fmt: skip
                 bar = tqdm(range(cfg.sensitivity_batches), desc=f"sensitivity {ident}", disable=not cfg.verbose,
                            leave=False)  # fmt: skip
-                with rg, _training(self.host, rg):
-                    for _ in bar:
+                with self.guard(f"scoring {ident}'s sensitivity"), rg, _training(self.host, rg):
+                    for i in bar:
+                        if done == 0:
+                            self.report("sensitivity", 0, n_sens)
+                        # Every process draws every batch (the random stream stays the one-process stream) and
+                        # scores its own: batch i on process i mod N; the scores are summed below.
                         codes, prompts = _make_batch(self.pools[ident], cfg.templates, cfg.batch_size, self.g)
+                        done += 1
+                        if self.dist is not None and not self.dist.mine(i):
+                            continue
                         with rg.forward():
                             loss = self.loss(codes, prompts)
                         with rg.backward():
                             loss.backward()
                         bar.set_postfix(loss=f"{loss.item():.3f}")
-                if acc.steps == 0:
-                    raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
-                if self.strategy is not None and self.strategy.select is not None:
-                    sel = self.strategy.select(self, acc)
-                else:
-                    sel = acc.pivots(ratio=None if cfg.count is not None else cfg.ratio, count=cfg.count)
+                        self.report("sensitivity", done, n_sens, float(loss.item()))
+                if self.dist is not None:
+                    acc.all_reduce(self.dist.group)
+                with self.guard("selecting pivots"):
+                    self.report("selection", 0, 1)
+                    if acc.steps == 0:
+                        raise TuneError("sensitivity_batches=0: at least one batch is needed to choose pivots")
+                    if self.strategy is not None and self.strategy.select is not None:
+                        sel = self.strategy.select(self, acc)
+                    else:
+                        sel = acc.pivots(ratio=None if cfg.count is not None else cfg.ratio, count=cfg.count)
             for t in self.tokens.values():
                 t.grad = None
             self.pivots[ident] = _on_layout(self.names, self.params, dict(iter(sel)), self.dev)
+            if self.dist is not None:
+                from .distributed import pivot_digest
+
+                self.dist.check_same(f"pivots for {ident}", pivot_digest(self.pivots[ident]),
+                                     "report it: summed scores should select the same pivots everywhere")  # fmt: skip
             logger.info("%s: %d pivots of %d entries in scope", ident, sel.count, acc.numel)
             self.scope_entries = acc.numel
+        self.report("selection", 1, 1)
         self.sens_seconds = time.perf_counter() - t0
 
     # ---- phase 3: training -------------------------------------------------------------------------------------
@@ -505,7 +609,14 @@ class _Run:
 
         cfg = self.cfg
         make = self.strategy.trainer if self.strategy is not None else None
-        trainer = (make(self) if make is not None else None) or _PivotTrainer(self)
+        with self.guard("building the optimizer"):
+            trainer = (make(self) if make is not None else None) or _PivotTrainer(self)
+        self.trainer = trainer
+        ctx = self.dist
+        share = 1.0
+        if ctx is not None:
+            mine = ctx.shard(cfg.batch_size)  # this process's segments of every step's batch
+            share = (mine.stop - mine.start) / cfg.batch_size
         rg = trainer.rg
         token_list = list(self.tokens.values())
         token_opt = torch.optim.AdamW(token_list, lr=cfg.token_lr, weight_decay=0.0, foreach=False)
@@ -519,6 +630,7 @@ class _Run:
         routing = contextlib.ExitStack()
         try:
             routing.enter_context(_training(self.host, rg, activation_checkpointing=cfg.activation_checkpointing))
+            self.report("training", 0, cfg.steps)
             for step in bar:
                 # Single-concept batches in turn, and a combination batch every 4th step when several train together.
                 if combos and step % 4 == 3:
@@ -527,24 +639,45 @@ class _Run:
                     pool = all_pools[step % len(pools)]
                 codes, prompts = _make_batch(pool, COMBO_TEMPLATES if pool in combos else cfg.templates,
                                              cfg.batch_size, self.g)  # fmt: skip
-                with rg.forward():
-                    loss = self.loss(codes, prompts)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"loss became {loss.item()} at step {step}: lower lr (now {cfg.lr}) or token_lr")
-                with rg.backward():
-                    loss.backward()
-                if self.prior_codes is not None:
-                    # Prior preservation (DreamBooth's): the same step also fits the base model's own samples for
-                    # the prompts without the identifier, so what those prompts produce stays put. A second backward
-                    # into the same gradients (SparseAdamW's gathered buffers and the row sinks accumulate).
-                    pcodes, pprompts = _prior_batch(self.prior_codes, self.prior_texts, cfg.batch_size, self.g)
+                pbatch = (_prior_batch(self.prior_codes, self.prior_texts, cfg.batch_size, self.g)
+                          if self.prior_codes is not None else None)  # fmt: skip
+                if ctx is not None:  # the same global batch as one process; each process runs its share
+                    codes, prompts = codes[mine], prompts[mine]
+                    pbatch = None if pbatch is None else (pbatch[0][mine], pbatch[1][mine])
+                failed: BaseException | None = None
+                ploss = None
+                try:
                     with rg.forward():
-                        ploss = self.loss(pcodes, pprompts)
-                    if not torch.isfinite(ploss):
-                        raise RuntimeError(f"prior loss became {ploss.item()} at step {step}: lower lr (now {cfg.lr})")
+                        loss = self.loss(codes, prompts)
+                    if not torch.isfinite(loss):
+                        raise RuntimeError(
+                            f"loss became {loss.item()} at step {step}: lower lr (now {cfg.lr}) or token_lr"
+                        )
                     with rg.backward():
-                        (cfg.prior * ploss).backward()
-                    prior_losses.append(float(ploss.item()))
+                        (loss * share if ctx is not None else loss).backward()
+                    if pbatch is not None:
+                        # Prior preservation (DreamBooth's): the same step also fits the base model's own samples
+                        # for the prompts without the identifier, so what those prompts produce stays put. A second
+                        # backward into the same gradients (SparseAdamW's gathered buffers and the row sinks
+                        # accumulate).
+                        with rg.forward():
+                            ploss = self.loss(*pbatch)
+                        if not torch.isfinite(ploss):
+                            raise RuntimeError(
+                                f"prior loss became {ploss.item()} at step {step}: lower lr (now {cfg.lr})"
+                            )
+                        with rg.backward():
+                            (cfg.prior * share * ploss).backward()
+                except BaseException as e:
+                    if ctx is None:
+                        raise
+                    failed = e
+                if ctx is not None:
+                    # One all-reduce: the pivot gradients, the tokens' gradients, the loss and the failure flags.
+                    loss, ploss = self._exchange(trainer, token_list, loss if failed is None else None,
+                                                 ploss if failed is None else None, share, failed, step)  # fmt: skip
+                if ploss is not None:
+                    prior_losses.append(float(ploss.item()) if isinstance(ploss, torch.Tensor) else float(ploss))
                 # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
                 # tensors, and the identifier tokens (whose gradients live on another scale).
                 if cfg.max_norm:
@@ -557,6 +690,9 @@ class _Run:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if cfg.callback is not None:
                     cfg.callback(step, losses[-1])
+                self.report("training", step + 1, cfg.steps, losses[-1])
+            if ctx is not None:
+                ctx.checkpoint("finishing the last step", self.dev)
         finally:
             routing.close()
             trainer.close()
@@ -565,6 +701,7 @@ class _Run:
                 p.grad = None
         train_seconds = time.perf_counter() - t1
         bar.close()
+        self.report("done", 1, 1, losses[-1] if losses else None)
         bank = self.host.identifier_bank()
         out_tokens = {ident: t.detach().float().cpu().clone() for ident, t in self.tokens.items()}
         for ident, t in out_tokens.items():
@@ -590,7 +727,35 @@ class _Run:
             ),
             base_snapshot=trainer.base_snapshot, prior_losses=prior_losses, scope_entries=self.scope_entries,
             lm_entries=sum(self.params[n].numel() for n in self.host.trainable_names()),
+            world_size=ctx.world if ctx is not None else 1,
+            comm_bytes_per_step=ctx.step_bytes if ctx is not None else 0,
+            comm_seconds=ctx.comm_seconds if ctx is not None else 0.0,
         )  # fmt: skip
+
+    def _exchange(self, trainer: Trainer, token_list: list, loss, ploss, share: float, failed, step: int):
+        """The step's all-reduce (every process enters it, a failed one too, with its flag raised): returns the
+        global loss and prior loss; raises this process's error, or DistributedError when another one failed."""
+        from .distributed import _agreed
+
+        ctx, dev = self.dist, self.dev
+        if failed is None and ctx.pending is not None:
+            failed, ctx.pending = ctx.pending, None
+        grads = [t.grad.float() if t.grad is not None else torch.zeros(t.shape, device=dev) for t in token_list]
+        scalars = torch.zeros(2, dtype=torch.float32, device=dev)
+        if failed is None:
+            scalars[0] = loss.detach().float() * share
+            if ploss is not None:
+                scalars[1] = ploss.detach().float() * share
+        flags = ctx._flags(failed is not None, dev)
+        out = trainer.reduce(grads + [scalars, flags])
+        ctx.record_step(trainer.comm_bytes, trainer.comm_seconds)
+        if failed is not None:
+            raise _agreed(failed)
+        ctx.raise_if_failed(out[-1], f"training step {step}")
+        for t, g in zip(token_list, out[: len(token_list)]):
+            t.grad = g.to(t.dtype)
+        sc = out[-2].tolist()
+        return torch.tensor(sc[0]), (sc[1] if ploss is not None else None)
 
 
 class Trainer:
@@ -612,6 +777,14 @@ class Trainer:
 
     def close(self) -> None:
         raise NotImplementedError
+
+    comm_bytes: int = 0  # the last `reduce`'s all-reduce: its bytes and seconds
+    comm_seconds: float = 0.0
+
+    def reduce(self, extra: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Several processes: sum this step's gradients of what it trains and `extra` over the processes in one
+        all-reduce; returns the summed `extra`. A trainer that cannot runs in one process only."""
+        raise TuneError(f"{type(self).__name__} trains in one process only; run it without torch.distributed")
 
 
 class _PivotTrainer(Trainer):
@@ -640,9 +813,11 @@ class _PivotTrainer(Trainer):
         self.freeze = freeze_unpivoted(lm, trained) if not self.dense_params else None
         for p in self.dense_params:
             p.requires_grad_(True)
+        self.dist = run.dist
         self.sparse_opt = (
             SparseAdamW(
-                lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True, nonfinite="raise"
+                lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True, nonfinite="raise",
+                process_group=run.dist.group if run.dist is not None else None, grad_reduce="sum",
             )
             if trained.count and not self.dense_params
             else None
@@ -661,6 +836,19 @@ class _PivotTrainer(Trainer):
                 cfg.row_grads,
             )  # fmt: skip
         self.rg.install()
+
+    def reduce(self, extra: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.sparse_opt is not None:  # the pivots' gathered gradients + extra: one buffer (SparseAdamW's)
+            out = self.sparse_opt.reduce_gradients(extra)
+            self.comm_bytes, self.comm_seconds = self.sparse_opt.comm_bytes, self.sparse_opt.comm_seconds
+            return out
+        # `full` (every weight's gradient: the recipe's nature) or `tokens` (nothing but extra).
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.dense_params]
+        out = self.dist.all_reduce_packed(grads + list(extra))
+        for p, g in zip(self.dense_params, out):
+            p.grad = g.to(p.dtype)
+        self.comm_bytes, self.comm_seconds = self.dist.last_bytes, self.dist.last_seconds
+        return out[len(grads):]
 
     def clip(self, max_norm: float) -> None:
         if self.sparse_opt is not None:
@@ -692,6 +880,73 @@ class Strategy:
     name: str
     select: Callable[[_Run, Any], PivotSet] | None = None
     trainer: Callable[[_Run], Trainer | None] | None = None
+
+
+def _checked(reference: Any, config: TuneConfig | None, settings: dict) -> tuple[TuneConfig, dict, Any]:
+    """The run's settings resolved and checked (TuneError), its references by identifier, and its recipe."""
+    unknown = sorted(set(settings) - {f.name for f in fields(TuneConfig)})
+    if unknown:
+        raise TuneError(f"unknown tune setting(s) {', '.join(unknown)}; the settings are TuneConfig's fields")
+    given = replace(config or TuneConfig(), **settings)
+    refs: dict[str, Any] = dict(reference) if isinstance(reference, Mapping) else {given.identifier: reference}
+    if given.ratio is not None and given.count is not None:
+        raise TuneError("give ratio= or count=, not both (count=None to use the ratio)")
+    cfg = given.resolved()
+    recipe = _check_inputs(refs, cfg.templates, cfg.preset, cfg.ratio, cfg.count, cfg.n_tokens)
+    _check_settings(steps=cfg.steps, batch_size=cfg.batch_size, sensitivity_batches=cfg.sensitivity_batches,
+                    prior_clips=cfg.prior_clips, n_tokens=cfg.n_tokens, seed=cfg.seed, lr=cfg.lr,
+                    token_lr=cfg.token_lr, segment_seconds=cfg.segment_seconds, max_norm=cfg.max_norm,
+                    weight_decay=cfg.weight_decay, init_text=cfg.init_text, criterion=cfg.criterion)  # fmt: skip
+    prior_prompts = _check_prior(cfg.prior, cfg.prior_prompts, cfg.prior_clips, cfg.templates, list(refs))
+    if not recipe.trains_weights:  # nothing the prompts without the identifier read is trained: nothing to preserve
+        cfg = replace(cfg, prior=0.0)
+        prior_prompts = []
+    return replace(cfg, prior_prompts=prior_prompts), refs, recipe
+
+
+def _settings_digest(cfg: TuneConfig, refs: dict) -> str:
+    """What every process of a run must agree on: the settings that shape the result (not verbose, device or the
+    callbacks) and the references (paths as given, audio tensors by content)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    skip = {"verbose", "device", "callback", "progress", "use_cache"}
+    for f in fields(TuneConfig):
+        if f.name not in skip:
+            v = getattr(cfg, f.name)
+            h.update(f"{f.name}={v if isinstance(v, (str, int, float, bool, tuple, list, type(None))) else type(v)};"
+                     .encode())  # fmt: skip
+    for ident, ref in refs.items():
+        h.update(f"{ident}:".encode())
+        if isinstance(ref, (str, os.PathLike)):
+            h.update(os.fspath(ref).encode())
+        elif isinstance(ref, (tuple, list)) and ref and isinstance(ref[0], torch.Tensor):
+            h.update(ref[0].detach().cpu().contiguous().numpy().tobytes() + repr(ref[1:]).encode())
+    return h.hexdigest()
+
+
+def _check_dist(cfg: TuneConfig, strategy: Strategy | None, ctx) -> None:
+    """The checks a run on several processes adds (TuneError; every process makes them alike)."""
+    if strategy is not None:
+        raise TuneError(f"strategy {strategy.name!r} (an evaluation arm) runs in one process; run it without "
+                        "torch.distributed")  # fmt: skip
+    if cfg.batch_size < ctx.world:
+        raise TuneError(
+            f"batch_size={cfg.batch_size} is smaller than the {ctx.world} processes: each process needs at least "
+            f"one segment of every step's batch; give batch_size >= {ctx.world} or run fewer processes"
+        )
+    if cfg.sensitivity_batches < ctx.world:
+        raise TuneError(
+            f"sensitivity_batches={cfg.sensitivity_batches} is smaller than the {ctx.world} processes: each process "
+            f"scores whole batches; give sensitivity_batches >= {ctx.world}"
+        )
+
+
+def _dist_device(device):
+    """Where this process tunes: the given device, else its own GPU (LOCAL_RANK) when there are GPUs, else CPU."""
+    if device is not None or not torch.cuda.is_available():
+        return device
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
 # row_grads=None (auto) turns row-scoped gradients on when the weights they serve hold at least this many entries.
@@ -783,6 +1038,7 @@ def tune(
     use_cache: bool = True,
     verbose: bool = True,
     callback: Callable[[int, float], None] | None = None,
+    progress: Callable[[TuneProgress], None] | None = None,
     activation_checkpointing: bool = False,
     row_grads: bool | None = None,
     prior: float | None = None,
@@ -811,6 +1067,9 @@ def tune(
         seed: everything random (token init, batches) derives from it; on CPU a fixed seed gives the same file.
         device: where to tune (default: CUDA when available); use_cache: cache the reference's codes.
         verbose: a tqdm bar per phase (phase, step, loss, steps/s); callback(step, loss) after every step.
+        progress: `progress(TuneProgress)` at every phase change (encoding, sensitivity, selection, training, done)
+            and after every sensitivity batch and training step, with the loss and the phase's ETA; raising
+            `TuneCancelled` from it stops the run cleanly (the model is left as it was, nothing is written).
         activation_checkpointing: recompute activations in backward (lower peak memory, slower steps; the same
             result).
         row_grads: compute only the scored / trained rows of the attention projections' weight gradients
@@ -839,14 +1098,21 @@ def tune(
 def tune_to_files(reference: Any, config: TuneConfig, out: str | os.PathLike | None) -> tuple[TuneResult, list]:
     """What `tune()` does, returning the run's details too: `out` checked before any work, the run, one Concept per
     identifier, each written to its file (`out`: the file for one reference, the folder for several)."""
-    files = _check_out(out, reference, config.identifier)
+    from .distributed import Context
+
+    ctx = Context.current()  # several processes: only process 0 checks and writes `out`; the others wait for it
+    writer = ctx is None or ctx.rank == 0
+    with contextlib.nullcontext() if ctx is None else ctx.guard("checking out="):
+        files = _check_out(out, reference, config.identifier) if writer else {}
     result = tune_model(reference, config)
     concepts = _capture(result)
     if out is not None:
-        if isinstance(reference, Mapping):
-            os.makedirs(out, exist_ok=True)
-        for ident, c in zip(result.identifiers, concepts):
-            c.save(files[ident])
+        with contextlib.nullcontext() if ctx is None else ctx.guard("writing the concept file"):
+            if writer:
+                if isinstance(reference, Mapping):
+                    os.makedirs(out, exist_ok=True)
+                for ident, c in zip(result.identifiers, concepts):
+                    c.save(files[ident])
     return result, concepts
 
 
@@ -897,8 +1163,10 @@ def _check_out(out, reference, identifier: str) -> dict[str, str]:
 __all__ = [
     "Strategy",
     "Trainer",
+    "TuneCancelled",
     "TuneConfig",
     "TuneError",
+    "TuneProgress",
     "TuneResult",
     "concept_file_name",
     "default_ratio",

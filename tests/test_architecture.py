@@ -20,14 +20,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("ppt_fast.kernels",)),
     ("ops", ("ppt_fast.ops",)),
     ("scopes, row gradients, audio", ("ppt_fast.scope", "ppt_fast.rowgrad", "ppt_fast.audio", "ppt_fast.reference")),
-    ("optimizer and sensitivity", ("ppt_fast.sensitivity", "ppt_fast.optim")),
+    ("optimizer and sensitivity", ("ppt_fast.sensitivity", "ppt_fast.optim", "ppt_fast.distributed")),
     ("concepts", ("ppt_fast.recipes", "ppt_fast.concept", "ppt_fast.identifiers", "ppt_fast.synth")),
     ("hosts", ("ppt_fast.hosts",)),
     ("default model", ("ppt_fast.tiny",)),
     ("model resolution", ("ppt_fast.models",)),
     ("tune and generate", ("ppt_fast.tuning", "ppt_fast.generation")),
     ("evaluation", ("ppt_fast.eval",)),
-    ("commands and the public surface", ("ppt_fast.cli", "ppt_fast.eval.cli", "ppt_fast.eval.default_model")),
+    ("commands and the public surface", ("ppt_fast.cli", "ppt_fast.__main__", "ppt_fast.eval.cli",
+                                         "ppt_fast.eval.default_model")),
 ]
 # The package root is the public surface: it re-exports the public names lazily (PEP 562) and imports only _version
 # eagerly. The evaluation and the commands use the product through it, as a user does; nothing lower may.

@@ -329,3 +329,32 @@ def test_tune_signature_is_tune_config():
         assert params[name].default == default, name
     with pytest.raises(T.TuneError, match="unknown tune setting"):
         T.tune_model("x.wav", stepz=3)
+
+
+def test_progress_reports_every_phase_and_cancel_leaves_the_model_as_given(ref_wav):
+    seen = []
+    T.tune_model(ref_wav, progress=seen.append, **dict(FAST, steps=3))
+    phases = [p.phase for p in seen]
+    assert [ph for i, ph in enumerate(phases) if i == 0 or phases[i - 1] != ph] == list(T.TuneProgress.PHASES)
+    train = [p for p in seen if p.phase == "training"]
+    assert [p.step for p in train] == [0, 1, 2, 3] and all(p.total == 3 for p in train)
+    assert train[0].loss is None and all(p.loss is not None and math.isfinite(p.loss) for p in train[1:])
+    assert train[0].eta is None and all(p.eta is not None and p.eta >= 0 for p in train[1:])
+    assert [p.step for p in seen if p.phase == "sensitivity"] == [0, 1, 2]
+    assert all(b.elapsed >= a.elapsed for a, b in zip(seen, seen[1:]))
+
+    # Cancelled at step 2 of a model object tuned in place: its weights bitwise as given, no identifier left.
+    mg = load_model("tiny-random")
+    base = {k: v.clone() for k, v in mg.lm.state_dict().items()}
+
+    def cancel(p):
+        if p.phase == "training" and p.step == 2:
+            raise T.TuneCancelled("stop")
+
+    with pytest.raises(T.TuneCancelled):
+        T.tune_model(ref_wav, progress=cancel, **dict(FAST, model=mg, steps=5))
+    for k, v in mg.lm.state_dict().items():
+        assert torch.equal(v, base[k]), k
+    host = load_host(mg)
+    assert not host.identifier_bank().has("<v1>")
+    assert all(not p.requires_grad for p in mg.lm.parameters())
