@@ -816,8 +816,14 @@ class _PivotTrainer(Trainer):
         self.dist = run.dist
         self.sparse_opt = (
             SparseAdamW(
-                lm, trained, lr=cfg.lr, weight_decay=cfg.weight_decay, gather_in_backward=True, nonfinite="raise",
-                process_group=run.dist.group if run.dist is not None else None, grad_reduce="sum",
+                lm,
+                trained,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                gather_in_backward=True,
+                nonfinite="raise",
+                process_group=run.dist.group if run.dist is not None else None,
+                grad_reduce="sum",
             )
             if trained.count and not self.dense_params
             else None
@@ -848,7 +854,7 @@ class _PivotTrainer(Trainer):
         for p, g in zip(self.dense_params, out):
             p.grad = g.to(p.dtype)
         self.comm_bytes, self.comm_seconds = self.dist.last_bytes, self.dist.last_seconds
-        return out[len(grads):]
+        return out[len(grads) :]
 
     def clip(self, max_norm: float) -> None:
         if self.sparse_opt is not None:
