@@ -111,8 +111,9 @@ class Context:
     collective here is entered by every process in the same order; code between them may fail on one process only,
     which the next `checkpoint` (or step exchange) tells the others."""
 
-    def __init__(self, rank: int, world: int, group: Any = None) -> None:
+    def __init__(self, rank: int, world: int, group: Any = None, device: Any = "cpu") -> None:
         self.rank, self.world, self.group = rank, world, group
+        self.device = torch.device(device)  # where the flags live: NCCL reduces only CUDA tensors
         self.pending: BaseException | None = None  # an error raised where no collective was running (a callback)
         self.step_bytes = 0  # bytes of the last step's all-reduce
         self.comm_seconds = 0.0  # every step's all-reduce, summed
@@ -126,11 +127,12 @@ class Context:
         w = _world()
         if w is None or w[1] <= 1:
             return None
-        return cls(*w, group=dist.group.WORLD)
+        nccl = dist.get_backend() == "nccl"
+        return cls(*w, group=dist.group.WORLD, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
 
     # ---- failures ----------------------------------------------------------------------------------------------
-    def _flags(self, failed: bool, device: Any = "cpu") -> torch.Tensor:
-        f = torch.zeros(self.world, dtype=torch.float32, device=device)
+    def _flags(self, failed: bool, device: Any = None) -> torch.Tensor:
+        f = torch.zeros(self.world, dtype=torch.float32, device=self.device if device is None else device)
         if failed:
             f[self.rank] = 1.0
         return f
@@ -149,7 +151,7 @@ class Context:
                 )
             )
 
-    def checkpoint(self, where: str, device: Any = "cpu") -> None:
+    def checkpoint(self, where: str, device: Any = None) -> None:
         """Every process says whether it failed since the last collective (one flag each, all-reduced); a pending
         error of this process is raised here, another's as DistributedError."""
         import torch.distributed as dist
@@ -162,7 +164,7 @@ class Context:
         self.raise_if_failed(flags, where)
 
     @contextlib.contextmanager
-    def guard(self, where: str, device: Any = "cpu") -> Iterator[None]:
+    def guard(self, where: str, device: Any = None) -> Iterator[None]:
         """Run a block that holds no collective; its failure on any process ends every process at its end."""
         import torch.distributed as dist
 

@@ -486,7 +486,7 @@ class _Run:
 
     def guard(self, where: str):
         """A block without collectives whose failure on one process ends every process (one process: nothing)."""
-        return contextlib.nullcontext() if self.dist is None else self.dist.guard(where, self.dev)
+        return contextlib.nullcontext() if self.dist is None else self.dist.guard(where)
 
     def loss(self, codes: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         with self.autocast():
@@ -692,7 +692,7 @@ class _Run:
                     cfg.callback(step, losses[-1])
                 self.report("training", step + 1, cfg.steps, losses[-1])
             if ctx is not None:
-                ctx.checkpoint("finishing the last step", self.dev)
+                ctx.checkpoint("finishing the last step")
         finally:
             routing.close()
             trainer.close()
