@@ -223,6 +223,13 @@ def measure(spec: dict) -> dict:
 
     from ppt_fast.rowgrad import RowGrads
 
+    def plain_step():  # the arms with a plain torch optimizer (tokens, full, the PEFT peers): opt set below
+        with autocast():
+            loss = host.loss(codes, prompts)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
     handles = []
     impl = opt = None
     # ppt_fast's arm runs as tune() does: row-scoped weight gradients on unless the spec says "row_grads": false.
@@ -250,13 +257,7 @@ def measure(spec: dict) -> dict:
         prompts = ["a piece of music, <v1>"]
         opt = torch.optim.AdamW([tok], lr=5e-3)
         impl = "three identifier tokens, torch.optim.AdamW"
-
-        def step():
-            with autocast():
-                loss = host.loss(codes, prompts)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = plain_step
 
     elif phase == "train" and method == "full":  # every LM weight, dense torch AdamW (tune()'s `full` recipe)
         full = [p for n, p in lm.named_parameters() if n in set(host.trainable_names())]
@@ -264,23 +265,11 @@ def measure(spec: dict) -> dict:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(full, lr=cases.LR, weight_decay=0.0, foreach=False)
         impl = f"every LM weight ({sum(p.numel() for p in full):,} entries), torch.optim.AdamW(foreach=False) as tune()"
-
-        def step():
-            with autocast():
-                loss = host.loss(codes, prompts)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = plain_step
 
     elif phase == "train" and method in PEERS:
         opt, impl, peer = _peer_arm(host, method, sparse, indices, offsets, k)
-
-        def step():
-            with autocast():
-                loss = host.loss(codes, prompts)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = plain_step
 
     elif phase == "train":  # ppt_fast, and dreamstyler (the same optimizer over its pivots + dense rows)
         from ppt_fast.optim import SparseAdamW
