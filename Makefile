@@ -8,7 +8,7 @@ SOURCES := setup.py pyproject.toml scripts/install_audiocraft.sh $(wildcard csrc
 NVCC ?= nvcc
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: install demo test test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu gpu-check gpu-check-dry lint clean pretrain eval-default
+.PHONY: install demo test test-browser test-interpreter test-all check-cuda check-cuda-emulation bench bench-gpu gpu-check gpu-check-dry lint clean pretrain eval-default
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python $(SOURCES)
 	$(PIP) install -q torch==2.13.0 triton==3.9.0 numpy
 	$(PIP) install -q pretty_midi==0.2.11.post0 mido==1.3.3
-	$(PIP) install -q --no-build-isolation -e '.[test]'
+	$(PIP) install -q --no-build-isolation -e '.[test,app]'
 	PIP="$(PIP)" bash scripts/install_audiocraft.sh
 	# Evaluation: GM soundfont renderer + musicnn's checkpoints (its metadata pins TensorFlow, which is never needed:
 	# the taggers run in PyTorch; tinysoundfont's pyaudio is only for live playback).
@@ -37,6 +37,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The app and report.html in a real browser (tests/browser): headless Chromium from Debian's `chromium` package
+# (installed here when missing; as root, as CI is; no browser is ever downloaded) driven by Playwright; screenshots in
+# out/browser-artifacts/. Playwright with --no-deps (greenlet, its one requirement, pinned beside it), for the reason
+# above: a resolving install after audiocraft's prints pip's expected but alarming resolver errors.
+PLAYWRIGHT := playwright==1.65.2 greenlet==3.5.6
+test-browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (headless browser for the tests)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		chromium fonts-liberation fonts-dejavu-core; }
+	$(PIP) install -q --no-deps $(PLAYWRIGHT)
+	$(BIN)/python -m pytest -q -m browser tests/browser --browser-required
 
 test-interpreter: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "interpreter and not slow"

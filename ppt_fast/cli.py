@@ -4,18 +4,12 @@ Exit codes: 0 success; 2 bad input or usage: one line `ppt-fast: error: ...` on 
 traceback (`--debug` or `PPT_FAST_DEBUG=1` prints it too); 1 an unexpected failure (traceback printed, please
 report it); 130 interrupted.
 
-Bad input is: `UsageError`; every error class of the library (all `ValueError` subclasses defined in ppt_fast:
-`ConceptError`, `AudioError`, `TuneError`, `PivotError`, `ScopeError`, `CorruptFileError`, `PretrainError`,
-`NaNScoresError`, ...) and a plain `ValueError` raised by ppt_fast's own argument checks; an `OSError` about a
-path (`FileNotFoundError`, `PermissionError`, `IsADirectoryError`, `NotADirectoryError`, or any with a file
-name, a full disk, a read-only file system); an `ImportError` of a missing optional package (its message says
-what to install; not one inside ppt_fast itself). Anything else is a bug.
+What counts as bad input and what as a bug: `ppt_fast._errors` (the app shares the rule).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import sys
@@ -24,6 +18,10 @@ import traceback
 from collections.abc import Sequence
 
 from . import _env
+
+# The rule for what is bad input (exit 2) and what is a bug (exit 1) lives in ppt_fast._errors, which the app shares;
+# the names stay importable from here (ppt_fast.eval.cli and the tests use them).
+from ._errors import UsageError, is_user_error, raised_in_ppt_fast  # noqa: F401
 from ._io import UnwritablePathError, check_writable
 from .recipes import DEFAULT, MODEL_DEFAULTS, RECIPES
 
@@ -32,40 +30,8 @@ EPILOG = """examples:
   ppt-fast tune reference.wav --identifier "<v1>" --out concept.ppt
   ppt-fast generate "<v1>, funky jazz" --concept concept.ppt --out out.wav
   ppt-fast pretrain            # re-make the embedded default model (resumable)
+  ppt-fast app                 # the local web page: tune, listen, combine concepts (pip install 'ppt_fast[app]')
 """
-
-
-class UsageError(Exception):
-    """A problem with the user's input: printed as `ppt-fast: error: ...` with exit code 2."""
-
-
-_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-
-
-def raised_in_ppt_fast(e: BaseException) -> bool:
-    """The innermost Python frame of `e`'s traceback is ppt_fast code (our own check raised it)."""
-    tb = e.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    module = tb.tb_frame.f_globals.get("__name__", "")
-    return module == "ppt_fast" or module.startswith("ppt_fast.")
-
-
-def is_user_error(e: BaseException) -> bool:
-    """Whether `e` is bad input (exit 2, one line) rather than a bug (exit 1, traceback); see the module docstring."""
-    if isinstance(e, ImportError):  # a missing optional package, not a broken ppt_fast (`from .x import gone`)
-        return not (e.name or "").startswith("ppt_fast")
-    if isinstance(e, (UsageError, *_PATH_ERRORS)):
-        return True
-    if isinstance(e, OSError):
-        return e.filename is not None or e.errno in _ENV_ERRNOS
-    if isinstance(e, ValueError):
-        module = type(e).__module__
-        return module == "ppt_fast" or module.startswith("ppt_fast.") or raised_in_ppt_fast(e)
-    return False
 
 
 def debug_requested(args: argparse.Namespace | None = None) -> bool:
@@ -254,26 +220,9 @@ def _add_concept(sub) -> None:
 
 
 def _describe_concept(c, path: str) -> list[str]:
-    meta = c.meta
-    piv = c.pivots
-    lines = [f"{', '.join(c.identifiers)}: {path}"]
-    ratio = f" at ratio {meta['ratio']:g}" if meta.get("ratio") else ""
-    conv = f" (converted from {meta['converted_from']['host']})" if meta.get("converted_from") else ""
-    lines.append(f"  library {meta.get('host', 'audiocraft')}{conv}; base model {meta.get('model', '?')}; "
-                 f"recipe {meta.get('preset', '?')}{ratio}")  # fmt: skip
-    lines.append(f"  {piv.count:,} pivots in {len(piv.names)} tensors; {len(c.dense)} dense tensor(s) "
-                 f"({sum(t.numel() for t in c.dense.values()):,} entries); tokens "
-                 + ", ".join(f"{k} {tuple(v.shape)}" for k, v in c.tokens.items()) + f"; storage {c.storage_dtype}"
-                 .replace("torch.", ""))  # fmt: skip
-    for n, k in zip(piv.names, piv.counts()):
-        lines.append(f"    {n}: {k:,} pivots")
-    for n, t in c.dense.items():
-        rows = c.dense_rows.get(n)
-        lines.append(f"    {n}: dense {'all' if rows is None else f'rows [{rows[0]}:{rows[1]}]'} {tuple(t.shape)}")
-    missing = c.unverified_names()
-    fp = f"missing for {len(missing)} tensor(s): apply needs --allow-unverified" if missing else "complete"
-    lines.append(f"  fingerprint: {fp}")
-    return lines
+    from .concept import describe_concept
+
+    return describe_concept(c, path)
 
 
 def _cmd_concept_info(args) -> int:
@@ -370,6 +319,56 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _add_app(sub) -> None:
+    p = sub.add_parser(
+        "app",
+        help="a local web page to tune a concept and listen to it (needs pip install 'ppt_fast[app]')",
+        description="Start the app (Gradio) on this machine: pick or upload a reference, tune with live progress, "
+        "listen with and without the concept, load and combine concept files. Offline: nothing is fetched from the "
+        "network; the app reads and writes only its working folder.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default %(default)s: this machine only; 0.0.0.0 opens it to the "
+                   "network, where anyone who reaches it can use it)")  # fmt: skip
+    p.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    p.add_argument("--workdir", default="out/app",
+                   help="working folder: uploads, tune runs, concept library, generations (default %(default)s)")
+    p.add_argument("--max-file-size", type=float, default=50.0, metavar="MB",
+                   help="largest upload accepted, in MB (default %(default)g)")  # fmt: skip
+    p.add_argument("--model", action="append", default=[], dest="models", metavar="MODEL",
+                   help="also offer this model in the page (repeatable): a checkpoint folder, a .pt weights file or a "
+                   "hub id; the page itself may name only offered models and cached hub ids, never a path")
+    p.set_defaults(func=_cmd_app)
+
+
+def _cmd_app(args) -> int:
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in [1, 65535], got {args.port}")
+    if not args.max_file_size > 0:
+        raise UsageError(f"--max-file-size must be a positive number of MB, got {args.max_file_size:g}")
+    check_output(args.workdir, "--workdir", folder=True)
+    from .app import launch
+
+    t0 = time.perf_counter()
+    try:
+        page, url = launch(args.workdir, host=args.host, port=args.port, max_file_size_mb=args.max_file_size,
+                           models=args.models, block=False)  # fmt: skip
+    except OSError as e:
+        if "port" not in str(e):
+            raise
+        raise UsageError(f"--port {args.port} on {args.host} cannot be opened (in use by another program?): choose "
+                         "another with --port") from e  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ppt-fast app: listening on {args.host}: reachable from other machines", file=sys.stderr)
+    print(f"ppt-fast app: {url} (started in {time.perf_counter() - t0:.1f} s; working folder "
+          f"{os.path.abspath(args.workdir)}; Ctrl-C stops it)", flush=True)  # fmt: skip
+    try:
+        page.block_thread()
+    finally:
+        page.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppt-fast",
@@ -386,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_concept(sub)
     _add_pretrain(sub)
+    _add_app(sub)
     try:
         import importlib
 
@@ -592,7 +592,76 @@ def _plot_losses(
     plt.close(fig)
 
 
-_DEMO_FILES = ("reference.wav", "loss.png", "concept.ppt", "with_concept.wav", "without_concept.wav")
+_DEMO_FILES = ("reference.wav", "loss.png", "concept.ppt", "with_concept.wav", "without_concept.wav", "report.html",
+               "reference.png", "with_concept.png", "without_concept.png")  # fmt: skip
+
+
+def _demo_scores(clips, reference, sample_rate: int) -> tuple[list[str], str]:
+    """Each clip's audio alignment to the reference and copying score as table cells, and a note on what they are;
+    "n/a" cells (and the reason) where the musicnn tagger is not installed."""
+    try:
+        from .eval import metrics, musicnn
+
+        if not musicnn.is_available():
+            raise ImportError("musicnn's checkpoints are not installed: pip install --no-deps musicnn==0.1.0")
+        cells, short = [], ""
+        for c in clips:
+            aa = metrics.audio_alignment(c[None], reference, sample_rate, pad="repeat")
+            cells.append(f"{aa:.3f}" if aa == aa else "n/a (silent)")
+            try:
+                cells.append(f"{metrics.copying(c[None], reference, sample_rate):.3f}")
+            except ValueError as e:  # a clip shorter than copying's 2-s window (--duration)
+                cells.append("n/a")
+                short = f" Copying: {e}."
+        return cells, ("One clip each, so no standard error: single clips of this small model vary a lot. "
+                       "`ppt-fast eval --protocol` compares methods over many clips and prompts, with ± one standard "
+                       "error." + short)  # fmt: skip
+    except ImportError as e:
+        return ["n/a"] * (2 * len(clips)), f"Not measured: {e}."
+
+
+def _write_demo_report(out: str, *, what: str, prompt: str, result, ident: str, a, b, sample_rate: int,
+                       level: str, concept_written: bool, png_written: bool) -> str:  # fmt: skip
+    """`out/report.html` (ppt_fast.report_html): the reference, both generations with their spectrograms, their
+    scores, what the run did and the loss curve, every file referenced beside it."""
+    from .audio import read_audio
+    from .report_html import Clip, Figure, Link, Section, Table, spectrogram_png, write_report
+
+    ref, ref_sr = read_audio(os.path.join(out, "reference.wav"))
+    spectrogram_png(ref, ref_sr, os.path.join(out, "reference.png"), title="reference")
+    spectrogram_png(a[0], sample_rate, os.path.join(out, "with_concept.png"), title=f"with {ident}: {prompt}")
+    spectrogram_png(b[0], sample_rate, os.path.join(out, "without_concept.png"), title="without: a piece of music")
+    cells, note = _demo_scores([a[0], b[0]], ref, sample_rate)
+    losses = result.losses
+    tail = losses[-10:]
+    sections = [
+        Section("The reference", [Clip("reference.wav", "reference.wav", "reference.png", what)]),
+        Section("The same seed with the concept and without it", [
+            [Clip(f"with the concept: '{prompt}'", "with_concept.wav", "with_concept.png"),
+             Clip("without it: 'a piece of music' (the base model)", "without_concept.wav", "without_concept.png")],
+            f"Both written at one loudness gain ({level} over the pair), so their levels compare.",
+        ]),
+        Section("Scores", [Table(["", "with the concept", "without it"], [
+            ["audio alignment to the reference (musicnn cosine) ↑", cells[0], cells[2]],
+            ["copying (≈ 1: a verbatim copy of the reference) ↓", cells[1], cells[3]],
+        ], caption=note)]),
+        Section("What the run did", [Table([], [
+            ["model", "tiny (the embedded default)"],
+            ["identifier", ident],
+            ["tuning", _tune_summary(result, ident)],
+            ["loss", f"{losses[0]:.3f} at the first step, {sum(tail) / len(tail):.3f} over the last {len(tail)}"
+             if losses else "n/a"],
+        ])]),
+    ]  # fmt: skip
+    if png_written:
+        sections.append(Section("Training", [Figure("loss.png", "training loss per step (the MusicGen cross-entropy "
+                                                    "on the reference's codes)")]))  # fmt: skip
+    if concept_written:
+        sections.append(Section("Files", [Link("concept.ppt", "concept.ppt", "the concept file: `ppt-fast generate "
+                                               "'<v1>, ...' --concept concept.ppt`")]))  # fmt: skip
+    return write_report(out, "ppt-fast demo: a concept learned from one clip", sections,
+                        intro="Everything on this page was made on this machine by `ppt-fast demo`; the files sit "
+                        "beside it, so the folder can be zipped and shared.")  # fmt: skip
 
 
 def _cmd_demo(args) -> int:
@@ -661,6 +730,11 @@ def _cmd_demo(args) -> int:
     print(f"[4/4] generated {args.duration:g} s with the concept ('{prompt}'): {with_path}")
     print(f"      and without it ('a piece of music'): {without_path} (mean |difference| {diff:.4f})")
     print(f"      both written at one gain: {_level(report)} over the pair; {_silence_note(a, b, base.sample_rate)}")
+    page = _write_demo_report(out, what=what, prompt=prompt, result=result, ident=ident, a=wa[None], b=wb[None],
+                              sample_rate=base.sample_rate, level=_level(report),
+                              concept_written=os.path.isfile(concept_path),
+                              png_written=png == os.path.join(out, "loss.png"))  # fmt: skip
+    print(f"      a listening page with spectrograms and scores: {page}")
     print(f"done in {time.perf_counter() - t0:.1f} s; everything is in {os.path.abspath(out)}")
     return 0
 

@@ -15,11 +15,12 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # (no cycles); imports of a higher layer are not.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("ppt_fast._version", "ppt_fast._env", "ppt_fast._io", "ppt_fast._ext", "ppt_fast._backend",
-              "ppt_fast.ops._errors", "ppt_fast.assets")),
+              "ppt_fast.ops._errors", "ppt_fast._errors", "ppt_fast.assets")),
     ("pivot sets", ("ppt_fast.pivots",)),
     ("kernels", ("ppt_fast.kernels",)),
     ("ops", ("ppt_fast.ops",)),
-    ("scopes, row gradients, audio", ("ppt_fast.scope", "ppt_fast.rowgrad", "ppt_fast.audio", "ppt_fast.reference")),
+    ("scopes, row gradients, audio", ("ppt_fast.scope", "ppt_fast.rowgrad", "ppt_fast.audio", "ppt_fast.reference",
+                                      "ppt_fast.report_html")),
     ("optimizer and sensitivity", ("ppt_fast.sensitivity", "ppt_fast.optim", "ppt_fast.distributed")),
     ("concepts", ("ppt_fast.recipes", "ppt_fast.concept", "ppt_fast.identifiers", "ppt_fast.synth")),
     ("hosts", ("ppt_fast.hosts",)),
@@ -28,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tune and generate", ("ppt_fast.tuning", "ppt_fast.generation")),
     ("evaluation", ("ppt_fast.eval",)),
     ("commands and the public surface", ("ppt_fast.cli", "ppt_fast.__main__", "ppt_fast.eval.cli",
-                                         "ppt_fast.eval.default_model")),
+                                         "ppt_fast.eval.default_model", "ppt_fast.app")),
 ]
 # The package root is the public surface: it re-exports the public names lazily (PEP 562) and imports only _version
 # eagerly. The evaluation and the commands use the product through it, as a user does; nothing lower may.
@@ -39,6 +40,7 @@ LIBRARY_IMPORTS = {
     "audiocraft": ("ppt_fast.hosts.audiocraft", "ppt_fast.tiny"),
     "transformers": ("ppt_fast.hosts.transformers",),
     "peft": ("ppt_fast.eval.peers",),
+    "gradio": ("ppt_fast.app.ui",),  # the app's page; ppt_fast.app.core (its logic) never imports it
 }
 # Modules that are commands: they print what the user asked for.
 PRINTERS = ("ppt_fast.cli", "ppt_fast.eval.cli", "ppt_fast.eval.default_model")

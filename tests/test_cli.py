@@ -150,9 +150,11 @@ def test_demo_writes_everything(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "4", "--duration", "0.4", "--quiet"]) == 0
     text = capsys.readouterr().out
-    for f in ("reference.wav", "loss.png", "with_concept.wav", "without_concept.wav"):
+    for f in ("reference.wav", "loss.png", "with_concept.wav", "without_concept.wav", "report.html"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
         assert f in text
+    for f in ("reference.png", "with_concept.png", "without_concept.png"):  # the spectrograms report.html shows
+        assert f'src="{f}"' in (out / "report.html").read_text()
     import soundfile as sf
 
     a, sr = sf.read(str(out / "with_concept.wav"))

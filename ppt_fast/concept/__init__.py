@@ -45,7 +45,7 @@ from __future__ import annotations
 
 # `name as name`: re-exported besides `__all__` (the hosts, the tune loop, ppt_fast.eval and the tests import them).
 from .compose import compose
-from .concept import Concept, ConceptDelta, load_concepts, save_concepts
+from .concept import Concept, ConceptDelta, describe_concept, load_concepts, save_concepts
 from .errors import ConceptError, ConceptFileError, ConceptVersionError, FingerprintMismatch
 from .fingerprint import BaseSnapshot, fingerprint_model, snapshot_base
 from .fingerprint import state_digest as state_digest
@@ -70,6 +70,7 @@ __all__ = [
     "applied_concepts",
     "compose",
     "convert",
+    "describe_concept",
     "fingerprint_model",
     "load_concepts",
     "overlap",

@@ -590,3 +590,28 @@ def load_concepts(path: str | os.PathLike) -> list[Concept]:
         c.source = str(path)
     return concepts
 
+
+
+def describe_concept(c: Concept, path: str) -> list[str]:
+    """What a concept holds, as the lines `ppt-fast concept info` prints (and the app shows): identifiers and file,
+    library, base model, recipe and ratio, pivots per tensor, dense tensors, tokens, storage, fingerprint."""
+    meta = c.meta
+    piv = c.pivots
+    lines = [f"{', '.join(c.identifiers)}: {path}"]
+    ratio = f" at ratio {meta['ratio']:g}" if meta.get("ratio") else ""
+    conv = f" (converted from {meta['converted_from']['host']})" if meta.get("converted_from") else ""
+    lines.append(f"  library {meta.get('host', 'audiocraft')}{conv}; base model {meta.get('model', '?')}; "
+                 f"recipe {meta.get('preset', '?')}{ratio}")  # fmt: skip
+    lines.append(f"  {piv.count:,} pivots in {len(piv.names)} tensors; {len(c.dense)} dense tensor(s) "
+                 f"({sum(t.numel() for t in c.dense.values()):,} entries); tokens "
+                 + ", ".join(f"{k} {tuple(v.shape)}" for k, v in c.tokens.items()) + f"; storage {c.storage_dtype}"
+                 .replace("torch.", ""))  # fmt: skip
+    for n, k in zip(piv.names, piv.counts()):
+        lines.append(f"    {n}: {k:,} pivots")
+    for n, t in c.dense.items():
+        rows = c.dense_rows.get(n)
+        lines.append(f"    {n}: dense {'all' if rows is None else f'rows [{rows[0]}:{rows[1]}]'} {tuple(t.shape)}")
+    missing = c.unverified_names()
+    fp = f"missing for {len(missing)} tensor(s): apply needs --allow-unverified" if missing else "complete"
+    lines.append(f"  fingerprint: {fp}")
+    return lines

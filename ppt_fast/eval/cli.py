@@ -195,9 +195,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from .metrics import retrieval
-    from .protocol import REPORT_FILES, write_json
+    from .protocol import PROTOCOL_FILES, REPORT_FILES, write_json
 
-    _check_outputs(args.out, ("retrieval.json",) if args.retrieval else REPORT_FILES, "--out")
+    names = ("retrieval.json",) if args.retrieval else PROTOCOL_FILES if args.protocol else REPORT_FILES
+    _check_outputs(args.out, names, "--out")
     if args.retrieval:
         if not args.dataset:
             raise ValueError("--retrieval needs --dataset MANIFEST")
@@ -243,7 +244,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             reference_name=name,
         )  # fmt: skip
     _summary(report)
-    print(f"wrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'report.md')}")
+    listening = f", and the listening page {os.path.join(args.out, 'report.html')}" if args.protocol else ""
+    print(f"wrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'report.md')}{listening}")
     return 0
 
 

@@ -13,6 +13,7 @@ pipeline runs. Every report says which.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import platform
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ class Settings:
     allow_unverified: bool = False  # apply concept files without a base-model fingerprint (see generate())
     tune_kwargs: Mapping[str, Any] = field(default_factory=dict)
     held_in_clips: int = 2  # per held-in prompt (0: no held-in cost); see `held_in`
+    report_clips: int = 1  # clips per prompt and arm kept as WAV + spectrogram for report.html (0: none)
 
 
 def text_part(prompt: str) -> str:
@@ -125,9 +127,11 @@ def evaluate(
     identifiers: Sequence[str],
     s: Settings,
     prompts: Sequence[str] | None = None,
+    on_clips: Callable[[int, str, torch.Tensor, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate ``s.clips_per_prompt`` clips for each prompt (``{}`` -> ``', '.join(identifiers)``) with `concepts`
-    applied, and score them against `references`. Returns one dict per prompt."""
+    applied, and score them against `references`. Returns one dict per prompt. `on_clips(i, prompt, clips,
+    sample_rate)` sees each prompt's clips (the protocol keeps some for report.html)."""
     from ppt_fast import load_model
 
     sample_rate = load_model(s.model).sample_rate
@@ -135,6 +139,8 @@ def evaluate(
     for i, template in enumerate(prompts or s.prompts):
         prompt = template.format(", ".join(identifiers)) if "{}" in template else template
         clips = _generate([prompt] * s.clips_per_prompt, concepts, s, seed=s.seed * 1000 + i)
+        if on_clips is not None:
+            on_clips(i, prompt, clips, sample_rate)
         rows.append(score_clips(clips, sample_rate, prompt, references, s))
     return rows
 
@@ -176,6 +182,8 @@ def write_json(path: str, obj: Any) -> None:
 
 #: The files run_protocol and evaluate_concept_file write into their output folder.
 REPORT_FILES = ("results.json", "report.md")
+#: run_protocol also writes the listening page (and its clips, spectrograms and loss curves under clips/).
+PROTOCOL_FILES = (*REPORT_FILES, "report.html")
 
 
 def check_outputs(out_dir: str, names: Sequence[str] = REPORT_FILES) -> None:
@@ -228,7 +236,7 @@ def run_protocol(
     from .dataset import load_manifest
 
     s = settings or Settings()
-    check_outputs(out_dir)
+    check_outputs(out_dir, PROTOCOL_FILES)
     m = load_manifest(manifest_path)
     names = list(concepts) if concepts is not None else m.concepts[:2]
     for n in names:
@@ -249,6 +257,7 @@ def run_protocol(
         raise ValueError(f"pair methods need two concepts, got {pair_names}")
     os.makedirs(out_dir, exist_ok=True)
     refs = _load_refs(m, sorted(set(names) | set(pair_names)))
+    reference_clips = {n: _keep_reference(out_dir, n, *refs[n]) for n in refs} if s.report_clips else {}
     held_in, base_held = held_in_set_for(s), None
     if held_in is not None:
         base_held = _loss(held_in, [])
@@ -261,12 +270,14 @@ def run_protocol(
             t0 = time.perf_counter()
             concept_objs: list[Any] = []
             extra: dict[str, Any] = {}
+            losses: list[float] = []  # the training loss per step, for report.html's curves
             if method.peer is not None:
                 from .peers import tune_peer
 
                 tag = f"{method_name}-{'+'.join(target)}"
                 run = tune_peer(m.reference_path(target[0]), method, model=s.model, identifier=idents[0],
                                 steps=s.steps, seed=s.seed, verbose=False, n_tokens=method.n_tokens,
+                                callback=_recorder(losses),
                                 adapter_dir=os.path.join(out_dir, "adapters", tag) if "lora" in method.peer else None,
                                 **dict(s.tune_kwargs))  # fmt: skip
                 concept_objs = [run.concept]
@@ -284,7 +295,7 @@ def run_protocol(
                 )
                 tuned = tune(
                     ref_arg, model=s.model, identifier=idents[0], preset=method.preset, steps=s.steps, seed=s.seed,
-                    verbose=False, **kwargs,
+                    verbose=False, callback=_recorder(losses), **kwargs,
                 )  # fmt: skip
                 concept_objs = list(tuned) if isinstance(tuned, list) else [tuned]
             tune_s = time.perf_counter() - t0
@@ -296,7 +307,10 @@ def run_protocol(
             if not concept_objs:
                 log.info("%s: prompts keep %s for a like-for-like text; the untuned model ignores it",
                          method_name, ", ".join(idents))  # fmt: skip
-            rows = evaluate(concept_objs, target_refs, idents, s, prompts=prompts)
+            kept: list[str] = []
+            keep = functools.partial(_keep_first, out_dir, f"{method_name}-{'+'.join(target)}", s.report_clips, kept)
+            rows = evaluate(concept_objs, target_refs, idents, s, prompts=prompts,
+                            on_clips=keep if s.report_clips else None)  # fmt: skip
             summary = {
                 "method": method_name,
                 "concepts": list(target),
@@ -309,6 +323,8 @@ def run_protocol(
                 **extra,
                 "held_in_loss_rise": held,
                 "prompts": rows,
+                "losses": losses,
+                "clip_files": kept,
             }
             for key in {k for r in rows for k in r if k.startswith(("audio_alignment", "copying"))
                         and not k.endswith("_clips")} | {"text_alignment", "diversity"}:  # fmt: skip
@@ -340,9 +356,11 @@ def run_protocol(
         **_kind_keys(s.model),
         "model": str(s.model),
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()},
+        "reference_clips": reference_clips,
         "results": results,
     }
     _write_report(out_dir, report)
+    write_html_report(out_dir, report)
     return report
 
 
@@ -497,6 +515,40 @@ _METRIC_HELP = (
 )
 
 
+_SINGLE_NOTE = ("± one standard error over the clips (diversity: over the prompts); held-in cost: the teacher-forced "
+                "loss rise in nats per code on held-in clips under prompts without the identifier; file: the concept "
+                "file (LoRA: PEFT's adapter folder from save_pretrained, the concept file of its merged weights after "
+                "the slash).")  # fmt: skip
+
+
+def _single_table(singles: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the single-concept table: one row per method, means over its concepts ± standard errors."""
+    headers = ["method", "audio alignment ↑", "text alignment ↑", "diversity ↑", "copying ↓", "held-in cost ↓",
+               "trained entries", "file", "tune s"]  # fmt: skip
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for r in singles:
+        by_method.setdefault(r["method"], []).append(r)
+    rows = []
+    for name, rs in by_method.items():
+        cells = [_with_se(rs, k) for k in ("audio_alignment", "text_alignment", "diversity", "copying")]
+        rows.append([name, *cells, _fmt(_mean(rs, "held_in_loss_rise")), _count(_mean(rs, "trainable")),
+                     _file_cell(rs), _fmt(_mean(rs, "tune_seconds"))])  # fmt: skip
+    return headers, rows
+
+
+def _pair_table(pairs: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the two-concepts table."""
+    headers = ["method", "concepts", "tokens", "alignment to 1st", "alignment to 2nd", "balance (min) ↑",
+               "text alignment", "diversity", "copying 1st / 2nd"]  # fmt: skip
+    rows = []
+    for r in pairs:
+        a, b = r["concepts"]
+        rows.append([r["method"], f"{a} + {b}", str(r["n_tokens"]), _fmt(r.get(f"audio_alignment[{a}]")),
+                     _fmt(r.get(f"audio_alignment[{b}]")), _fmt(r.get("pair_balance")), _fmt(r.get("text_alignment")),
+                     _fmt(r.get("diversity")), f"{_fmt(r.get(f'copying[{a}]'))} / {_fmt(r.get(f'copying[{b}]'))}"])
+    return headers, rows
+
+
 def markdown_report(report: Mapping[str, Any]) -> str:
     """The protocol's results as a markdown page (one table for single concepts, one for pairs)."""
     lines = ["# ppt_fast evaluation", ""]
@@ -513,22 +565,10 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     pairs = [r for r in report["results"] if len(r["concepts"]) == 2]
     if singles:
         lines += ["## Single concepts (mean over concepts and prompts)", ""]
-        lines += ["| method | audio alignment ↑ | text alignment ↑ | diversity ↑ | copying ↓ | held-in cost ↓ "
-                  "| trained entries | file | tune s |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        by_method: dict[str, list[Mapping[str, Any]]] = {}
-        for r in singles:
-            by_method.setdefault(r["method"], []).append(r)
-        for name, rows in by_method.items():
-            cells = [_with_se(rows, k) for k in ("audio_alignment", "text_alignment", "diversity", "copying")]
-            lines.append(
-                f"| {name} | " + " | ".join(cells) + f" | {_fmt(_mean(rows, 'held_in_loss_rise'))} | "
-                f"{_count(_mean(rows, 'trainable'))} | {_file_cell(rows)} | {_fmt(_mean(rows, 'tune_seconds'))} |"
-            )
-        lines += ["", "± one standard error over the clips (diversity: over the prompts); held-in cost: the "
-                  "teacher-forced loss rise in nats per code on held-in clips under prompts without the identifier; "
-                  "file: the concept file (LoRA: PEFT's adapter folder from save_pretrained, the concept file of "
-                  "its merged weights after the slash)."]  # fmt: skip
+        headers, table = _single_table(singles)
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
+        lines += ["", _SINGLE_NOTE]
         lines += ["", "Per concept:", ""]
         lines += [
             "| method | concept | audio alignment | text alignment | diversity | copying |",
@@ -540,19 +580,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines.append("")
     if pairs:
         lines += ["## Two concepts together (prompts name both identifiers)", ""]
-        lines += [
-            "| method | concepts | tokens | alignment to 1st | alignment to 2nd | balance (min) ↑ | text alignment "
-            "| diversity | copying 1st / 2nd |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in pairs:
-            a, b = r["concepts"]
-            lines.append(
-                f"| {r['method']} | {a} + {b} | {r['n_tokens']} | {_fmt(r.get(f'audio_alignment[{a}]'))} | "
-                f"{_fmt(r.get(f'audio_alignment[{b}]'))} | {_fmt(r.get('pair_balance'))} | "
-                f"{_fmt(r.get('text_alignment'))} | {_fmt(r.get('diversity'))} | "
-                f"{_fmt(r.get(f'copying[{a}]'))} / {_fmt(r.get(f'copying[{b}]'))} |"
-            )
+        headers, table = _pair_table(pairs)
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in table]
         lines.append("")
     lines += ["Metrics: " + _METRIC_HELP, ""]
     env = report.get("environment", {})
@@ -613,3 +643,141 @@ def evaluate_concept_file(
     }
     _write_report(out_dir, report)
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# report.html: the listening page (ppt_fast.report_html), clips and curves under clips/
+# ---------------------------------------------------------------------------------------------------------------------
+#: Seconds of each reference kept beside report.html (the references are minutes long; the page needs a taste).
+REFERENCE_EXCERPT_SECONDS = 30.0
+CLIPS_DIR = "clips"
+
+
+def _clip_name(text: str) -> str:
+    """A file name for an arm and its concepts: "ppt-1%-violin+marimba" -> "ppt-1pct-violin+marimba"."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.replace("%", "pct")).strip("_") or "clip"
+
+
+def _keep_reference(out_dir: str, name: str, audio: torch.Tensor, sample_rate: int) -> str:
+    """The first REFERENCE_EXCERPT_SECONDS of a reference as `clips/reference-<name>.wav` (+ its spectrogram PNG),
+    written as it is; returns the WAV's path relative to `out_dir`."""
+    from ..audio import write_wav
+    from ..report_html import spectrogram_png
+
+    rel = f"{CLIPS_DIR}/reference-{_clip_name(name)}.wav"
+    excerpt = audio[..., : int(REFERENCE_EXCERPT_SECONDS * sample_rate)]
+    os.makedirs(os.path.join(out_dir, CLIPS_DIR), exist_ok=True)
+    write_wav(os.path.join(out_dir, rel), excerpt, sample_rate, normalize="peak")
+    spectrogram_png(excerpt, sample_rate, os.path.join(out_dir, rel[:-4] + ".png"), title=f"reference: {name}")
+    return rel
+
+
+def _keep_clips(out_dir: str, tag: str, prompt_index: int, clips: torch.Tensor, sample_rate: int) -> list[str]:
+    """Write `clips` `[B, C, T]` as `clips/<tag>-p<i>-<j>.wav` (each at -14 LUFS, `write_wav`'s default) with their
+    spectrogram PNGs; return the WAVs' paths relative to `out_dir`."""
+    from ..audio import write_wav
+    from ..report_html import spectrogram_png
+
+    os.makedirs(os.path.join(out_dir, CLIPS_DIR), exist_ok=True)
+    kept = []
+    for j, clip in enumerate(clips):
+        rel = f"{CLIPS_DIR}/{_clip_name(tag)}-p{prompt_index + 1}-{j + 1}.wav"
+        write_wav(os.path.join(out_dir, rel), clip, sample_rate)
+        spectrogram_png(clip, sample_rate, os.path.join(out_dir, rel[:-4] + ".png"), title=tag)
+        kept.append(rel)
+    return kept
+
+
+def _recorder(losses: list[float]) -> Callable[[int, float], None]:
+    """tune()'s callback(step, loss) that appends each step's loss to `losses`."""
+    return lambda step, loss: losses.append(float(loss))
+
+
+def _keep_first(out_dir: str, tag: str, n: int, kept: list[str], prompt_index: int, prompt: str, clips: torch.Tensor,
+                sample_rate: int) -> None:  # fmt: skip
+    """`evaluate`'s on_clips for one arm: keep the first `n` clips of each prompt (their paths appended to `kept`)."""
+    kept.extend(_keep_clips(out_dir, tag, prompt_index, clips[:n], sample_rate))
+
+
+def _clip_caption(result: Mapping[str, Any], rel: str) -> str:
+    """The prompt (and this clip's audio alignment) of a kept clip, read from its name's prompt index."""
+    m = re.search(r"-p(\d+)-(\d+)\.wav$", rel)
+    if not m:
+        return ""
+    i, j = int(m.group(1)) - 1, int(m.group(2)) - 1
+    rows = result.get("prompts") or []
+    if i >= len(rows):
+        return ""
+    row = rows[i]
+    aa = (row.get("audio_alignment_clips") or [None] * (j + 1))[j] if "audio_alignment_clips" in row else None
+    score = f"; audio alignment {aa:.3f}" if _number(aa) and math.isfinite(aa) else ""
+    return f"'{row.get('prompt', '')}'{score}"
+
+
+def _reference_caption(path: str) -> str:
+    import soundfile as sf
+
+    seconds = sf.info(path).duration if os.path.isfile(path) else 0.0
+    if seconds >= REFERENCE_EXCERPT_SECONDS - 0.01:
+        return f"the reference's first {REFERENCE_EXCERPT_SECONDS:g} s"
+    return f"the whole reference ({seconds:.0f} s)"
+
+
+def html_report_sections(out_dir: str, report: Mapping[str, Any]) -> list[Any]:
+    """The sections of the protocol's report.html: the references, every arm's kept clips with spectrograms, the
+    metrics tables with their standard errors, the loss curves (drawn here, as `clips/loss-<target>.png`)."""
+    from ..report_html import Clip, Figure, Section, Table, loss_curves_png
+
+    sections: list[Any] = []
+    refs = report.get("reference_clips") or {}
+    if refs:
+        sections.append(Section("References", [
+            [Clip(name, rel, rel[:-4] + ".png", _reference_caption(os.path.join(out_dir, rel)))
+             for name, rel in refs.items()]]))  # fmt: skip
+    singles = [r for r in report["results"] if len(r["concepts"]) == 1]
+    pairs = [r for r in report["results"] if len(r["concepts"]) == 2]
+    metrics = []
+    if singles:
+        headers, rows = _single_table(singles)
+        metrics.append(Table(headers, rows, caption="Single concepts, mean over concepts and prompts. " + _SINGLE_NOTE))
+    if pairs:
+        headers, rows = _pair_table(pairs)
+        metrics.append(Table(headers, rows, caption="Two concepts together (prompts name both identifiers)."))
+    if metrics:
+        sections.append(Section("Metrics", [*metrics, "Metrics: " + _METRIC_HELP]))
+    clips = []
+    for r in report["results"]:
+        files = [f for f in r.get("clip_files") or [] if os.path.isfile(os.path.join(out_dir, f))]
+        if files:
+            clips.append(f"{r['method']} on {' + '.join(r['concepts'])}:")
+            clips.append([Clip(f"{r['method']}, prompt {i + 1}", f, f[:-4] + ".png", _clip_caption(r, f))
+                          for i, f in enumerate(files)])  # fmt: skip
+    if clips:
+        sections.append(Section("Clips (each written at -14 LUFS)", clips))
+    figures = []
+    by_target: dict[str, dict[str, list[float]]] = {}
+    for r in report["results"]:
+        if r.get("losses"):
+            by_target.setdefault(" + ".join(r["concepts"]), {})[r["method"]] = list(r["losses"])
+    for target, curves in by_target.items():
+        rel = f"{CLIPS_DIR}/loss-{_clip_name(target)}.png"
+        os.makedirs(os.path.join(out_dir, CLIPS_DIR), exist_ok=True)
+        loss_curves_png(curves, os.path.join(out_dir, rel), title=f"training loss on {target}")
+        figures.append(Figure(rel, f"training loss per step of every arm tuned on {target}"))
+    if figures:
+        sections.append(Section("Loss curves", figures))
+    s = report.get("settings", {})
+    sections.append(Section("Run", [
+        f"Model `{s.get('model')}`, {s.get('steps') or 'default'} tuning steps, {s.get('clips_per_prompt')} clips of "
+        f"{s.get('duration')} s per prompt, embedder `{s.get('embedder')}`. Every number: results.json; the same "
+        "tables in markdown: report.md.", *_caveats(report)]))  # fmt: skip
+    return sections
+
+
+def write_html_report(out_dir: str, report: Mapping[str, Any]) -> str:
+    """`out_dir/report.html` for a protocol run (`ppt_fast.report_html`); every file it shows sits in `out_dir`."""
+    from ..report_html import write_report
+
+    return write_report(out_dir, "ppt_fast evaluation: the methods side by side", html_report_sections(out_dir, report),
+                        intro="Listen to each arm's clips beside the reference, with the metrics and their noise. "
+                        "Everything sits in this folder: zip it to share.")  # fmt: skip
