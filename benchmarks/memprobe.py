@@ -58,9 +58,9 @@ def _one(spec: dict, provider: str, inp, density) -> dict:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        base = provenance.rss_bytes()
         if not provenance.reset_peak_rss():
             return {"error": "cannot reset peak RSS (/proc/self/clear_refs not writable)"}
+        base = provenance.peak_rss_bytes()  # the mark just set: the peak read later cannot be below it
     if spec["op"] == "sparse_adamw_step":
         case = cases.step_case(inp, provider, density, pivots=pivots)
     else:

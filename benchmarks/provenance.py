@@ -192,9 +192,11 @@ def memory_mark(device: str) -> int:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         return base
-    base = rss_bytes()
-    reset_peak_rss()
-    return base
+    # The base is the high-water mark right after the reset (the RSS at that moment), so the peak read later can never
+    # be below it: reading VmRSS first and resetting after let pages freed in between put the peak 96 KiB under it.
+    if reset_peak_rss():
+        return peak_rss_bytes()
+    return rss_bytes()
 
 
 def memory_peak(device: str) -> tuple[int, str]:

@@ -113,7 +113,10 @@ def test_memory_probe_measures_every_provider_of_a_group_in_one_process():
     for by in res["by_provider"].values():
         assert sorted(by["by_density"]) == ["0.01", "0.05"]
         for m in by["by_density"].values():
-            assert m["peak_extra_bytes"] >= 0 and m["base_bytes"] > 0 and m["peak_bytes"] >= m["base_bytes"]
+            # The kernel's RSS counters are approximate (per-CPU / per-thread batches, up to ~64 pages each, folded in
+            # lazily), so a case that allocates next to nothing can read a few hundred KiB under its base.
+            slack = 1 << 20
+            assert m["peak_extra_bytes"] >= -slack and m["base_bytes"] > 0, m
 
 
 def test_memory_probes_are_shared_by_the_providers_the_session_runs(monkeypatch):
