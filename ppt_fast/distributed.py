@@ -118,6 +118,7 @@ class Context:
         self.step_bytes = 0  # bytes of the last step's all-reduce
         self.comm_seconds = 0.0  # every step's all-reduce, summed
         self.steps = 0
+        self.last_bytes, self.last_seconds = 0, 0.0  # the last all_reduce_packed
 
     @classmethod
     def current(cls) -> Context | None:
