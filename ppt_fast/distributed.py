@@ -132,7 +132,8 @@ class Context:
         return cls(*w, group=dist.group.WORLD, device=f"cuda:{torch.cuda.current_device()}" if nccl else "cpu")
 
     # ---- failures ----------------------------------------------------------------------------------------------
-    def _flags(self, failed: bool, device: Any = None) -> torch.Tensor:
+    def flags(self, failed: bool, device: Any = None) -> torch.Tensor:
+        """One failure flag per process (this process's raised when `failed`), for an all-reduce."""
         f = torch.zeros(self.world, dtype=torch.float32, device=self.device if device is None else device)
         if failed:
             f[self.rank] = 1.0
@@ -158,7 +159,7 @@ class Context:
         import torch.distributed as dist
 
         pending, self.pending = self.pending, None
-        flags = self._flags(pending is not None, device)
+        flags = self.flags(pending is not None, device)
         dist.all_reduce(flags, group=self.group)
         if pending is not None:
             raise _agreed(pending)
@@ -175,7 +176,7 @@ class Context:
             if not getattr(e, "_ppt_fast_agreed", False):
                 self.pending = None
                 with contextlib.suppress(Exception):
-                    dist.all_reduce(self._flags(True, device), group=self.group)
+                    dist.all_reduce(self.flags(True, device), group=self.group)
                 _agreed(e)
             raise
         self.checkpoint(where, device)

@@ -454,14 +454,7 @@ class _Run:
         snapshot taken before the first step) and the run's identifiers unregistered."""
         snap = getattr(getattr(self, "trainer", None), "base_snapshot", None)
         if snap is not None:
-            params = dict(self.lm.named_parameters())
-            with torch.no_grad():
-                for n, (idx, vals) in snap.values.items():
-                    flat = params[n].view(-1)
-                    if idx is None:
-                        flat.copy_(vals)
-                    else:
-                        flat[idx] = vals
+            snap.restore(self.lm)
         bank = self.host.identifier_bank()
         for ident in getattr(self, "tokens", {}):
             if bank.has(ident):
@@ -475,11 +468,12 @@ class _Run:
         if step == 0:
             self._phase_t0 = now
         eta = (now - self._phase_t0) / step * (total - step) if step else None
+        p = TuneProgress(phase, step, total, loss, now - self.t_start, eta)
         if self.dist is None:
-            self.cfg.progress(TuneProgress(phase, step, total, loss, now - self.t_start, eta))
+            self.cfg.progress(p)
             return
         try:  # raised where the other processes may be in a collective: told to them at the next one
-            self.cfg.progress(TuneProgress(phase, step, total, loss, now - self.t_start, eta))
+            self.cfg.progress(p)
         except BaseException as e:
             if self.dist.pending is None:
                 self.dist.pending = e
@@ -677,7 +671,7 @@ class _Run:
                     loss, ploss = self._exchange(trainer, token_list, loss if failed is None else None,
                                                  ploss if failed is None else None, share, failed, step)  # fmt: skip
                 if ploss is not None:
-                    prior_losses.append(float(ploss.item()) if isinstance(ploss, torch.Tensor) else float(ploss))
+                    prior_losses.append(float(ploss.item()))
                 # Gradient clipping, per kind of trained tensor: LM pivots (their gathered gradients only), dense LM
                 # tensors, and the identifier tokens (whose gradients live on another scale).
                 if cfg.max_norm:
@@ -746,7 +740,7 @@ class _Run:
             scalars[0] = loss.detach().float() * share
             if ploss is not None:
                 scalars[1] = ploss.detach().float() * share
-        flags = ctx._flags(failed is not None, dev)
+        flags = ctx.flags(failed is not None, dev)
         out = trainer.reduce(grads + [scalars, flags])
         ctx.record_step(trainer.comm_bytes, trainer.comm_seconds)
         if failed is not None:
@@ -755,7 +749,7 @@ class _Run:
         for t, g in zip(token_list, out[: len(token_list)]):
             t.grad = g.to(t.dtype)
         sc = out[-2].tolist()
-        return torch.tensor(sc[0]), (sc[1] if ploss is not None else None)
+        return torch.tensor(sc[0]), (torch.tensor(sc[1]) if ploss is not None else None)
 
 
 class Trainer:

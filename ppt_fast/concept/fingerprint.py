@@ -78,6 +78,17 @@ class BaseSnapshot:
     fingerprint: dict[str, Any]
     values: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
 
+    @torch.no_grad()
+    def restore(self, model: Any) -> None:
+        """Write the snapshot's base values back into `model`'s LM (bitwise): undo a run that did not finish."""
+        params = dict(_resolve_lm(model).named_parameters())
+        for n, (idx, vals) in self.values.items():
+            flat = params[n].view(-1)
+            if idx is None:
+                flat.copy_(vals)
+            else:
+                flat[idx] = vals
+
 
 def fingerprint_model(model: Any, names: Iterable[str] | None = None) -> dict[str, Any]:
     """Fingerprint of the LM's tensors `names` (all parameters when None): name -> shape, dtype, sha256s.
