@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -443,8 +444,6 @@ class SparseAdamW(torch.optim.Optimizer):
         process), and the `extra` tensors flattened (e.g. gradients of parameters you train with another optimizer;
         they are reduced like the pivot gradients). Returns the reduced `extra` tensors (new tensors, shaped as
         given). `comm_bytes` / `comm_seconds` hold the collective's size and time."""
-        import time
-
         import torch.distributed as dist
 
         if self.process_group is None:
@@ -463,15 +462,8 @@ class SparseAdamW(torch.optim.Optimizer):
         off = 0
         for gi, k in enumerate(ks):
             inp = self._local_input(gi) if k else None
-            if inp is not None:
-                kind, data = inp
-                lay = self._layouts[gi]
-                if kind == "pivot":
-                    flat[off : off + k].copy_(data)
-                else:  # dense p.grad: gather the pivots (the reduced input is then a pivot buffer)
-                    for ti, g in enumerate(data):
-                        lo, hi = lay.offsets[ti], lay.offsets[ti + 1]
-                        flat[off + lo : off + hi].copy_(g.reshape(-1).index_select(0, lay.indices[lo:hi]))
+            if inp is not None:  # dense p.grad: its pivots gathered (the reduced input is then a pivot buffer)
+                flat[off : off + k].copy_(inp[1] if inp[0] == "pivot" else self._pivot_grads(gi))
                 flat[total_k + gi] = 1.0
             off += k
         pos = total_k + n_groups
