@@ -568,28 +568,11 @@ def _cmd_generate(args) -> int:
 def _plot_losses(
     losses: Sequence[float], path: str, title: str = "ppt-fast demo: tuning on the reference", every: int = 1
 ) -> None:
-    """A loss-curve PNG; `every`: steps per loss value (a curve of means over `every` steps)."""
-    import matplotlib
+    """A loss-curve PNG (`report_html.loss_curves_png`); `every`: steps per loss value (means over `every` steps)."""
+    from .report_html import loss_curves_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    xs = [every * (i + 1) for i in range(len(losses))]
-    ax.plot(xs, losses, lw=1, alpha=0.5, label="loss per step" if every == 1 else f"mean of {every} steps")
-    # A centred window of 2h + 1 values: a trailing one lags a falling curve and sits above it.
-    h = max(1, len(losses) // 30)
-    if len(losses) > 2 * h:
-        smooth = [sum(losses[max(0, i - h) : i + h + 1]) / len(losses[max(0, i - h) : i + h + 1])
-                  for i in range(len(losses))]  # fmt: skip
-        ax.plot(xs, smooth, lw=2, label=f"centred mean over {(2 * h + 1) * every} steps")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (MusicGen training loss)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    loss_curves_png({"loss per step" if every == 1 else f"mean of {every} steps": losses}, path, title=title,
+                    every=every)  # fmt: skip
 
 
 _DEMO_FILES = ("reference.wav", "loss.png", "concept.ppt", "with_concept.wav", "without_concept.wav", "report.html",
